@@ -1,0 +1,56 @@
+"""Model and diffusion settings as typed dataclasses (the `model:` and `diffusion:` config sections).
+
+Kept apart from the modules that use them so that configs, the trainer and the CLIs can read and
+validate settings without building a network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class UNetConfig:
+    """SpaceTimeUNet shape. Defaults are the paper's small text-to-video model (16x64x64)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128
+    channel_mults: tuple[int, ...] = (1, 2, 4, 8)
+    num_res_blocks: int = 2
+    image_size: int = 64  # spatial side of the input; attention placement is derived from it
+    attention_resolutions: tuple[int, ...] = (32, 16, 8)  # feature-map sides (px) with attention
+    head_dim: int = 64
+    cond_dim: int = 1024  # conditioning embedding (timestep/log-SNR + pooled text)
+    text_dim: int = 1024  # width of the text encoder's token embeddings (BERT-large: 1024)
+    cross_attention: bool = True  # text cross-attention inside the attention blocks
+    dropout: float = 0.0
+    groups: int = 32  # GroupNorm groups (clipped to divide the channel count)
+    rel_pos_buckets: int = 32  # T5-style relative position buckets for temporal attention
+    rel_pos_max_distance: int = 64
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    """Continuous-time Gaussian diffusion (paper section 2)."""
+
+    prediction: Literal["eps", "v", "x"] = "eps"
+    logsnr_min: float = -20.0
+    logsnr_max: float = 20.0
+    # "eps_mse": ||eps - eps_hat||^2 (paper's default for eps-prediction);
+    # "v_mse": ||v - v_hat||^2 = (1 + SNR) ||x - x_hat||^2; "x_mse": ||x - x_hat||^2.
+    loss_weighting: Literal["eps_mse", "v_mse", "x_mse"] = "eps_mse"
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults for sampling during training and in `trainer.sample` (paper: 256 steps, gamma 0.3)."""
+
+    sampler: Literal["ancestral", "ddim", "pc"] = "ancestral"
+    steps: int = 256
+    gamma: float = 0.3
+    langevin_delta: float = 0.1
+    guidance_weight: float = 0.0
+    clip_x: bool = True

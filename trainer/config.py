@@ -1,0 +1,272 @@
+"""Typed configuration: nested dataclasses loaded from YAML, then `--set a.b=value` overrides.
+
+Why dataclasses and not free dicts: a typo in a YAML key or a CLI override must fail at start-up
+with the key's name and the valid choices, not silently train the wrong model for three days.
+The same loader serves every CLI (training, sharding, sampling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema; the message names the key."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one value against a dataclass field annotation (resolved type)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {_type_name(tp)}, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping; unknown keys are an error naming the valid ones."""
+    fields = _fields(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
+            + ", ".join(sorted(fields))
+        )
+    kwargs = {name: _coerce(value, fields[name][1], prefix + name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field missing
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain, YAML/JSON-serialisable dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
+def _parse_override_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -> dict:
+    """Apply `a.b.c=value` strings to a nested dict (values parsed as YAML scalars/lists).
+
+    With `cls`, each path is checked against the schema first so the error names the bad key.
+    """
+    data = json.loads(json.dumps(data))  # deep copy
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        path, raw = item.split("=", 1)
+        parts = path.strip().split(".")
+        if cls is not None:
+            _check_path(cls, parts)
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {path}: {p} is not a section")
+        node[parts[-1]] = _parse_override_value(raw)
+    return data
+
+
+def _check_path(cls: type, parts: list[str]) -> None:
+    cur: Any = cls
+    for i, p in enumerate(parts):
+        if not dataclasses.is_dataclass(cur):
+            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[:i])} is not a section")
+        fields = _fields(cur)
+        if p not in fields:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(
+                f"unknown config key {'.'.join(parts[: i + 1])}; valid keys in {where}: " + ", ".join(sorted(fields))
+            )
+        tp = fields[p][1]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        cur = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """YAML file (optional) + overrides → validated dataclass. The one loader every CLI uses."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [], cls)
+    return from_dict(cls, data)
+
+
+# --------------------------------------------------------------------------- the training config
+# Sections map 1:1 to YAML top-level keys in configs/*.yaml.
+
+from dataclasses import dataclass, field  # noqa: E402
+
+from model.config import DiffusionConfig, SamplingConfig, UNetConfig  # noqa: E402
+
+
+@dataclass
+class DataConfig:
+    """Where training clips come from and how batches are formed (data_pipeline.loader)."""
+
+    shards: str = ""  # directory holding shard-*.tar and index.json
+    val_shards: str = ""  # held-out shards for validation loss ("" = none)
+    batch_size: int = 1  # per rank, per micro-step
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    num_frames: int = 16  # T video frames per clip (must match the shards)
+    image_size: int = 64  # H = W (must match the shards)
+    num_image_frames: int = 0  # K independent image frames appended to each clip (paper 4.3.1)
+    encoder: str = ""  # text encoder the shards must have been made with ("" = accept any)
+    max_text_len: int = 77  # captions' token embeddings are cut to this many tokens
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    grad_accum: int = 1
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+    zero_stage: int = 2  # deepspeed only: 1, 2 or 3
+    deepspeed_config: str = ""  # optional JSON (configs/deepspeed/*.json) merged under our settings
+    offload_optimizer: bool = False  # deepspeed: ZeRO optimizer offload to CPU
+    backend: str = ""  # "" = nccl when CUDA is available, else gloo
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"  # checkpoints/, tb/, samples/ live here; rerun = resume
+    steps: int = 1000
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    seed: int = 0
+    ema_decay: float = 0.9999
+    caption_dropout: float = 0.1  # share of captions replaced by the null embedding (CFG)
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    val_every: int = 0  # 0 = never
+    val_batches: int = 4
+    sample_every: int = 0  # 0 = never
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 64  # sampling steps for the periodic TensorBoard samples
+    max_nonfinite_in_row: int = 5  # then roll back to the last checkpoint
+    text_encoder: str = ""  # encoder for sample prompts (name or local path); "" = from the shards' index
+
+
+@dataclass
+class TrainConfig:
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
