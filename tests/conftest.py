@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny local BERT and small real synthetic videos (made once per session)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """Directory of a tiny random BERT (hidden 32) with a WordPiece vocab; loadable by TextEncoder."""
+    from model.text_encoder import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), hidden_size=32)
+
+
+@pytest.fixture(scope="session")
+def synthetic_videos(tmp_path_factory) -> str:
+    """Manifest (key,path,caption) of 12 real h264 mp4s, 16 frames of 32x32 at 8 fps."""
+    from data_pipeline.synthetic import make_synthetic_videos
+
+    return make_synthetic_videos(tmp_path_factory.mktemp("synthetic"), n=12, frames=16, size=32, fps=8, seed=0)
