@@ -1,0 +1,97 @@
+"""One place that turns "N nodes x G GPUs, C CPUs, T minutes" into a submitit executor.
+
+Why a shared helper: the training launcher (`slurm.launch`) and the sharding array job
+(`data_pipeline.shard --slurm`) must agree on log layout, signal timing and requeue limits, and a
+user who learns one set of flags should find the same meaning in the other.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+# Seconds before the time limit at which SLURM warns the job (USR2 for submitit, USR1 for train.sh).
+# Long enough for a large model to finish its step and write a sharded checkpoint.
+SIGNAL_DELAY_S = 120
+# How many time-limit requeues submitit allows before it gives up (preemptions are not counted).
+MAX_NUM_TIMEOUT = 20
+
+
+def slurm_available() -> bool:
+    """True when SLURM's client tools are on PATH (submitit's own test for choosing its SLURM executor)."""
+    return shutil.which("sbatch") is not None and shutil.which("srun") is not None
+
+
+def _extra_params(extra_sbatch: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    """Accept {"qos": "high"} or ["qos=high", "--exclusive"] and give sbatch's long-option names."""
+    if not extra_sbatch:
+        return {}
+    if isinstance(extra_sbatch, dict):
+        return {str(k).lstrip("-").replace("_", "-"): v for k, v in extra_sbatch.items()}
+    out: dict[str, Any] = {}
+    for item in extra_sbatch:
+        key, sep, value = str(item).lstrip("-").partition("=")
+        if not key:
+            raise ValueError(f"extra sbatch option {item!r} must look like key=value or --flag")
+        out[key.replace("_", "-")] = value if sep else True
+    return out
+
+
+def make_executor(
+    folder: str | Path,
+    *,
+    nodes: int = 1,
+    tasks_per_node: int = 1,
+    gpus_per_node: int = 0,
+    cpus_per_task: int | None = None,
+    partition: str | None = None,
+    time_min: int = 60,
+    array_parallelism: int | None = None,
+    job_name: str = "vdm",
+    extra_sbatch: dict[str, Any] | list[str] | None = None,
+    setup: list[str] | None = None,
+    cluster: str | None = "slurm",
+) -> submitit.AutoExecutor:
+    """A submitit executor for SLURM (default) or, with cluster="local"/"debug", this machine.
+
+    `folder` may contain `%j` (job id); submitit writes the pickled call, stdout/stderr per task and
+    the result there. With cluster="slurm" and no SLURM on PATH this fails now with a clear message
+    instead of at submission time.
+    """
+    if cluster == "slurm" and not slurm_available():
+        raise RuntimeError(
+            "SLURM is not available on this machine (no sbatch/srun on PATH); "
+            "start the local test cluster with `slurm/local_cluster.sh up` or run without --slurm"
+        )
+    for name, value, low in (("nodes", nodes, 1), ("tasks_per_node", tasks_per_node, 1),
+                             ("gpus_per_node", gpus_per_node, 0), ("time_min", time_min, 1)):
+        if int(value) < low:
+            raise ValueError(f"make_executor: {name}={value} must be >= {low}")
+    Path(str(folder).split("%", 1)[0]).mkdir(parents=True, exist_ok=True)
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=MAX_NUM_TIMEOUT)
+    params: dict[str, Any] = dict(
+        name=job_name,
+        nodes=int(nodes),
+        tasks_per_node=int(tasks_per_node),
+        timeout_min=int(time_min),
+    )
+    if gpus_per_node:
+        params["gpus_per_node"] = int(gpus_per_node)
+    if cpus_per_task:
+        params["cpus_per_task"] = int(cpus_per_task)
+    if ex.cluster == "slurm":
+        params["slurm_signal_delay_s"] = SIGNAL_DELAY_S
+        if partition:
+            params["slurm_partition"] = partition
+        if array_parallelism:
+            params["slurm_array_parallelism"] = int(array_parallelism)
+        extra = _extra_params(extra_sbatch)
+        if extra:
+            params["slurm_additional_parameters"] = extra
+        if setup:
+            params["slurm_setup"] = list(setup)
+    ex.update_parameters(**params)
+    return ex
