@@ -1,0 +1,139 @@
+"""The contract between the training loop and how the model is parallelised (see STRATEGY.md).
+
+The loop only ever calls these methods, so single-process, DDP, FSDP2 and DeepSpeed training share
+one loop, one checkpoint format around the model state, and one EMA. A strategy owns the wrapped
+model, the optimizer and any loss scaler; the model module itself never learns it is wrapped.
+
+Extensions beyond STRATEGY.md (all with working defaults here, so subclasses need not override):
+- `no_sync()`: context for non-final gradient-accumulation micro-steps (DDP skips the all-reduce).
+- `skip_step()`: called instead of `optimizer_step()` when the loop rejects a step (non-finite loss
+  or grad norm); drops the gradients and lets a loss scaler back off.
+- `make_optimizer()`, `autocast_dtype()`: shared helpers for subclasses.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import importlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from trainer.config import TrainConfig
+from trainer.distributed import DistEnv
+
+STRATEGIES = {
+    "single": "trainer.strategies.single:SingleStrategy",
+    "ddp": "trainer.strategies.ddp:DDPStrategy",
+    "fsdp": "trainer.strategies.fsdp:FSDPStrategy",
+    "deepspeed": "trainer.strategies.deepspeed:DeepSpeedStrategy",
+}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast compute dtype for a `run.precision` value (None = plain fp32)."""
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW from `cfg.optim`; lr is set every step by the loop (trainer.lr), so the value here is a start."""
+    o = cfg.optim
+    kwargs = {"foreach": False} if not torch.cuda.is_available() else {}
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                             **kwargs)
+
+
+class Strategy(abc.ABC):
+    name: str = "base"
+
+    def __init__(self, cfg: TrainConfig, dist_env: DistEnv):
+        self.cfg = cfg
+        self.dist = dist_env
+        self.device = dist_env.device
+        self.model: nn.Module | None = None  # the wrapped module the loop calls through forward()
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # ------------------------------------------------------------------ building
+    @abc.abstractmethod
+    def setup(self, model: nn.Module) -> None:
+        """Wrap `model` (moved to self.device) and build the optimizer."""
+
+    # ------------------------------------------------------------------ one step
+    def forward(self, *args, **kwargs) -> Tensor:
+        return self.model(*args, **kwargs)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = autocast_dtype(self.cfg.run.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @abc.abstractmethod
+    def backward(self, loss: Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def clip_grad_norm(self, max_norm: float) -> float: ...
+
+    @abc.abstractmethod
+    def optimizer_step(self) -> None: ...
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skip_step(self) -> None:
+        self.zero_grad()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ------------------------------------------------------------------ state
+    @abc.abstractmethod
+    def local_params(self) -> list[Tensor]: ...
+
+    @abc.abstractmethod
+    def save(self, ckpt_dir: Path) -> None: ...
+
+    @abc.abstractmethod
+    def load(self, ckpt_dir: Path) -> None: ...
+
+    @abc.abstractmethod
+    def gather_full_state(self, tensors: list[Tensor] | None = None) -> dict[str, Tensor] | None: ...
+
+    @abc.abstractmethod
+    def unwrapped_model(self) -> nn.Module: ...
+
+    # ------------------------------------------------------------------ collectives (no-ops alone)
+    def _all_reduce(self, x: float, op) -> float:
+        if self.dist.world_size == 1 or not dist.is_initialized():
+            return float(x)
+        t = torch.tensor([float(x)], dtype=torch.float64,
+                         device=self.device if self.dist.backend == "nccl" else "cpu")
+        dist.all_reduce(t, op=op)
+        return float(t.item())
+
+    def all_reduce_mean(self, x: float) -> float:
+        return self._all_reduce(x, dist.ReduceOp.SUM) / self.dist.world_size
+
+    def all_reduce_max(self, x: float) -> float:
+        return self._all_reduce(x, dist.ReduceOp.MAX)
+
+    def barrier(self) -> None:
+        if self.dist.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+
+
+def build_strategy(cfg: TrainConfig, dist_env: DistEnv) -> Strategy:
+    """The strategy named by cfg.parallel.strategy; imported lazily (DeepSpeed is slow to import)."""
+    name = cfg.parallel.strategy
+    if name not in STRATEGIES:
+        raise ValueError(f"parallel.strategy {name!r} is not one of {sorted(STRATEGIES)}")
+    module_name, cls_name = STRATEGIES[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(cfg, dist_env)

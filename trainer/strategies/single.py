@@ -1,0 +1,114 @@
+"""One process holds the whole model: plain AdamW, autocast, and a GradScaler for fp16.
+
+Also the base of DDP (trainer.strategies.ddp), which differs only in wrapping the module and in
+skipping the gradient all-reduce on accumulation micro-steps; both keep full replicas, so the
+checkpoint is one model/optimizer file written by rank 0.
+
+Precision: parameters and optimizer state stay fp32; `run.precision` bf16/fp16 only sets the
+autocast dtype of forward+loss. fp16 adds dynamic loss scaling (torch.amp.GradScaler), on CUDA and on
+CPU alike (torch's CPU autocast and GradScaler both support fp16).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from trainer.strategies.base import Strategy, make_optimizer
+
+MODEL_FILE = "model.pt"
+OPTIM_FILE = "optimizer.pt"
+SCALER_FILE = "scaler.pt"
+
+
+class SingleStrategy(Strategy):
+    name = "single"
+
+    def setup(self, model: nn.Module) -> None:
+        self.module = model.to(self.device)
+        self.model = self._wrap(self.module)
+        self.optimizer = make_optimizer(self.local_params(), self.cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.run.precision == "fp16")
+        self._unscaled = False
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    # ------------------------------------------------------------------ one step
+    def backward(self, loss: Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+            self._unscaled = True
+        grads = [p.grad for p in self.local_params() if p.grad is not None]
+        if not grads:
+            return 0.0
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.local_params(), max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
+        return float(norm)
+
+    def optimizer_step(self) -> None:
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self._unscaled = False
+
+    def skip_step(self) -> None:
+        if self.scaler.is_enabled() and self._unscaled:
+            self.scaler.update()  # records the overflow: the scale backs off
+        self._unscaled = False
+        self.zero_grad()
+
+    # ------------------------------------------------------------------ state
+    def local_params(self) -> list[Tensor]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def unwrapped_model(self) -> nn.Module:
+        return self.module
+
+    def save(self, ckpt_dir: Path) -> None:
+        ckpt_dir = Path(ckpt_dir)
+        if self.dist.rank == 0:
+            torch.save(self.module.state_dict(), ckpt_dir / MODEL_FILE)
+            torch.save(self.optimizer.state_dict(), ckpt_dir / OPTIM_FILE)
+            torch.save(self.scaler.state_dict(), ckpt_dir / SCALER_FILE)
+        self.barrier()
+
+    def load(self, ckpt_dir: Path) -> None:
+        ckpt_dir = Path(ckpt_dir)
+        self.module.load_state_dict(torch.load(ckpt_dir / MODEL_FILE, map_location=self.device, weights_only=True))
+        self.optimizer.load_state_dict(torch.load(ckpt_dir / OPTIM_FILE, map_location=self.device,
+                                                  weights_only=True))
+        scaler_path = ckpt_dir / SCALER_FILE
+        if scaler_path.exists():
+            state = torch.load(scaler_path, weights_only=True)
+            if state:  # a disabled scaler saves {}
+                self.scaler.load_state_dict(state)
+        self.barrier()
+
+    def gather_full_state(self, tensors: list[Tensor] | None = None) -> dict[str, Tensor] | None:
+        if self.dist.rank != 0:
+            return None
+        return full_state(self.module, tensors)
+
+
+def full_state(module: nn.Module, tensors: list[Tensor] | None = None) -> dict[str, Tensor]:
+    """fp32 CPU state dict of an unsharded module; `tensors` (parallel to its trainable parameters)
+    replaces the parameter values, e.g. with EMA weights. Buffers are kept as they are."""
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+             for k, v in module.state_dict().items()}
+    if tensors is not None:
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        if len(names) != len(tensors):
+            raise ValueError(f"gather_full_state: got {len(tensors)} tensors for {len(names)} parameters")
+        for name, t in zip(names, tensors):
+            state[name] = t.detach().float().cpu().clone()
+    return state
