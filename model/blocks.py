@@ -1,0 +1,127 @@
+"""Building blocks of the space-time factorised U-Net (paper section 3): space-only convolutions,
+per-frame group norm, FiLM residual blocks, spatial down/upsampling and the log-SNR embedding.
+
+Everything here treats the frame axis as a batch-like axis: no block in this module mixes
+information across frames. That is what lets frames beyond `num_video_frames` be independent images
+(joint image+video training); only the temporal attention in `model.attention` mixes frames.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def divisor_groups(channels: int, groups: int) -> int:
+    """Largest group count <= `groups` that divides `channels` (GroupNorm needs an exact split)."""
+    g = max(1, min(groups, channels))
+    while channels % g:
+        g -= 1
+    return g
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics are taken per frame, never across frames.
+
+    nn.GroupNorm on [B, C, F, H, W] would pool statistics over all frames, so an image frame's
+    output would depend on the other frames in its row and joint training would leak information.
+    """
+
+    def __init__(self, channels: int, groups: int, eps: float = 1e-6):
+        super().__init__(divisor_groups(channels, groups), channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = x.shape
+        y = x.transpose(1, 2).reshape(b * f, c, h, w)
+        y = super().forward(y)
+        return y.reshape(b, f, c, h, w).transpose(1, 2)
+
+
+def space_conv(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv3d:
+    """A 2D 3x3 conv of the image U-Net, turned into a 3D conv that never looks across frames."""
+    return nn.Conv3d(in_ch, out_ch, kernel_size=(1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1))
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a layer that ends a residual branch, so each block starts as the identity (DDPM/ADM)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """DDPM residual block with FiLM conditioning: the log-SNR + pooled-text embedding scales and
+    shifts the normalised activations, so every block can adapt to the noise level and caption."""
+
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = FrameGroupNorm(in_ch, groups)
+        self.conv1 = space_conv(in_ch, out_ch)
+        self.film = nn.Linear(cond_dim, 2 * out_ch)
+        self.norm2 = FrameGroupNorm(out_ch, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(space_conv(out_ch, out_ch))
+        self.skip = nn.Conv3d(in_ch, out_ch, kernel_size=1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(F.silu(cond)).chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a strided space-only conv; the frame count is never reduced."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = space_conv(ch, ch, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W (nearest) then smooth with a space-only conv; frames untouched."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = space_conv(ch, ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+
+
+def logsnr_to_time(logsnr: torch.Tensor) -> torch.Tensor:
+    """Map log-SNR in (-inf, inf) to t in (0, 1) by inverting the cosine schedule (as in the authors'
+    diffusion_distillation U-Net). The embedding then sees well-spread values instead of a range of
+    [-20, 20] whose ends are nearly indistinguishable for the network."""
+    return torch.atan(torch.exp(-0.5 * logsnr.float().clamp(-20.0, 20.0))) / (0.5 * math.pi)
+
+
+def sinusoidal_embedding(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Transformer/DDPM sinusoidal features of a scalar per row: [B] -> [B, dim] (fp32)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = x.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class LogSNREmbedding(nn.Module):
+    """log-SNR -> conditioning vector [B, cond_dim] (sinusoidal features of 1000 t, then an MLP)."""
+
+    def __init__(self, feature_dim: int, cond_dim: int):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.mlp = nn.Sequential(nn.Linear(feature_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, logsnr: torch.Tensor) -> torch.Tensor:
+        feats = sinusoidal_embedding(1000.0 * logsnr_to_time(logsnr), self.feature_dim)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))

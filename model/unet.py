@@ -1,0 +1,207 @@
+"""SpaceTimeUNet: the space-time factorised 3D U-Net of "Video Diffusion Models" (paper section 3).
+
+A DDPM-style image U-Net where every 2D conv is a 1x3x3 3D conv, down/upsampling happen in space
+only, and each attention resolution gets spatial attention, temporal attention (with a relative
+position bias over frame offsets) and optional cross-attention to caption tokens. Conditioning on
+the noise level (log-SNR) and the pooled caption goes into every residual block by FiLM.
+
+The model knows nothing about how it is parallelised: strategies wrap the modules returned by
+`SpaceTimeUNet.blocks()` one by one (FSDP2 `fully_shard`, DeepSpeed, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import AttentionPool, SpaceTimeAttention, temporal_attention_mask
+from model.blocks import (
+    Downsample,
+    FrameGroupNorm,
+    LogSNREmbedding,
+    ResBlock,
+    Upsample,
+    space_conv,
+    zero_module,
+)
+from model.config import UNetConfig
+
+
+def validate_config(cfg: UNetConfig) -> None:
+    """Fail at build time, with the field's name, on shapes the U-Net cannot realise."""
+    levels = len(cfg.channel_mults)
+    if levels < 1:
+        raise ValueError("model.channel_mults must list at least one level")
+    for name in ("in_channels", "out_channels", "base_channels", "head_dim", "cond_dim", "text_dim", "groups"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"model.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.num_res_blocks < 1:
+        raise ValueError(f"model.num_res_blocks must be >= 1, got {cfg.num_res_blocks}")
+    if any(m < 1 for m in cfg.channel_mults):
+        raise ValueError(f"model.channel_mults must be positive, got {list(cfg.channel_mults)}")
+    if cfg.image_size % (2 ** (levels - 1)):
+        raise ValueError(
+            f"model.image_size={cfg.image_size} must be divisible by 2**(levels-1)={2 ** (levels - 1)} "
+            f"for channel_mults={list(cfg.channel_mults)}"
+        )
+    if cfg.rel_pos_buckets < 2:
+        raise ValueError(f"model.rel_pos_buckets must be >= 2, got {cfg.rel_pos_buckets}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
+
+
+class _Stage(nn.Module):
+    """One U-Net step at a fixed resolution: a residual block, then attention where configured."""
+
+    def __init__(self, res: ResBlock, attn: SpaceTimeAttention | None):
+        super().__init__()
+        self.res = res
+        self.attn = attn
+
+
+class SpaceTimeUNet(nn.Module):
+    """forward(z [B,C,F,H,W], logsnr [B], text_emb [B,L,D] | None, text_mask [B,L] | None,
+    num_video_frames) -> prediction [B, out_channels, F, H, W]."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        validate_config(cfg)
+        self.cfg = cfg
+        ch0 = cfg.base_channels
+        ctx_dim = cfg.cond_dim if cfg.cross_attention else None
+
+        def attention(ch: int) -> SpaceTimeAttention:
+            return SpaceTimeAttention(ch, cfg.head_dim, cfg.groups, ctx_dim, cfg.rel_pos_buckets,
+                                      cfg.rel_pos_max_distance)
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, cfg.cond_dim, cfg.groups, cfg.dropout)
+
+        # conditioning: log-SNR embedding + attention-pooled caption; a learned null token stands
+        # for "no caption" (classifier-free guidance's unconditional branch)
+        self.logsnr_embed = LogSNREmbedding(ch0, cfg.cond_dim)
+        self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) * 0.02)
+        self.text_norm = nn.LayerNorm(cfg.text_dim)
+        self.text_pool = AttentionPool(cfg.text_dim, cfg.cond_dim, cfg.head_dim)
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.cond_dim) if cfg.cross_attention else None
+
+        self.conv_in = space_conv(cfg.in_channels, ch0)
+        self.down = nn.ModuleList()
+        skip_channels = [ch0]
+        ch = ch0
+        levels = len(cfg.channel_mults)
+        for level, mult in enumerate(cfg.channel_mults):
+            side = cfg.image_size // 2**level
+            for _ in range(cfg.num_res_blocks):
+                block = res(ch, ch0 * mult)
+                ch = ch0 * mult
+                self.down.append(_Stage(block, attention(ch) if side in cfg.attention_resolutions else None))
+                skip_channels.append(ch)
+            if level != levels - 1:
+                self.down.append(Downsample(ch))
+                skip_channels.append(ch)
+
+        # the middle always has attention (as in DDPM): it is the cheapest place to mix globally
+        self.mid = nn.ModuleList([_Stage(res(ch, ch), attention(ch)), _Stage(res(ch, ch), None)])
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(levels)):
+            side = cfg.image_size // 2**level
+            mult = cfg.channel_mults[level]
+            for _ in range(cfg.num_res_blocks + 1):
+                block = res(ch + skip_channels.pop(), ch0 * mult)
+                ch = ch0 * mult
+                self.up.append(_Stage(block, attention(ch) if side in cfg.attention_resolutions else None))
+            if level != 0:
+                self.up.append(Upsample(ch))
+
+        self.norm_out = FrameGroupNorm(ch, cfg.groups)
+        self.conv_out = zero_module(space_conv(ch, cfg.out_channels))
+
+    # ------------------------------------------------------------------ for parallelism strategies
+    def blocks(self) -> list[nn.Module]:
+        """The residual and attention blocks, in forward order: the units a strategy shards
+        (FSDP2 `fully_shard` per block) and the units of gradient checkpointing."""
+        return [m for m in self.modules() if isinstance(m, (ResBlock, SpaceTimeAttention))]
+
+    # ------------------------------------------------------------------ forward
+    def _run(self, block: nn.Module, *args):
+        if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _stage(self, stage: _Stage, h, cond, context, context_mask, frame_mask):
+        h = self._run(stage.res, h, cond)
+        if stage.attn is not None:
+            h = self._run(stage.attn, h, context, context_mask, frame_mask)
+        return h
+
+    def encode_text(self, text_emb: torch.Tensor | None, text_mask: torch.Tensor | None, batch: int):
+        """-> (pooled [B, cond_dim], context [B, L', cond_dim] | None, context_mask [B, L'] bool).
+
+        The null token is appended to every caption and unmasked only in rows without a real token,
+        so a dropped caption (all-False mask) and text_emb=None give the same conditioning.
+        """
+        d = self.cfg.text_dim
+        null = self.null_text[None].expand(batch, 1, d)
+        if text_emb is None:
+            tokens = null
+            mask = torch.ones(batch, 1, dtype=torch.bool, device=null.device)
+        else:
+            if text_emb.ndim != 3 or text_emb.shape[0] != batch or text_emb.shape[2] != d:
+                raise ValueError(f"text_emb must be [B={batch}, L, D={d}], got {list(text_emb.shape)}")
+            if text_mask is None:
+                text_mask = torch.ones(text_emb.shape[:2], dtype=torch.bool, device=text_emb.device)
+            if text_mask.shape != text_emb.shape[:2]:
+                raise ValueError(f"text_mask must be {list(text_emb.shape[:2])}, got {list(text_mask.shape)}")
+            text_mask = text_mask.bool()
+            dropped = ~text_mask.any(dim=1, keepdim=True)
+            tokens = torch.cat([text_emb.to(null.dtype), null], dim=1)
+            mask = torch.cat([text_mask, dropped], dim=1)
+        tokens = self.text_norm(tokens)
+        pooled = self.text_pool(tokens, mask)
+        context = self.text_proj(tokens) if self.text_proj is not None else None
+        return pooled, context, mask
+
+    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, text_emb: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, num_video_frames: int | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        if z.ndim != 5 or z.shape[1] != cfg.in_channels:
+            raise ValueError(f"z must be [B, C={cfg.in_channels}, F, H, W], got {list(z.shape)}")
+        b, _, f, h, w = z.shape
+        factor = 2 ** (len(cfg.channel_mults) - 1)
+        if h % factor or w % factor:
+            raise ValueError(f"H, W = {h}, {w} must be divisible by {factor} (the U-Net's downsampling)")
+        if num_video_frames is not None and not 0 <= num_video_frames <= f:
+            raise ValueError(f"num_video_frames={num_video_frames} must be in [0, F={f}]")
+        logsnr = torch.as_tensor(logsnr, device=z.device)
+        if logsnr.ndim == 0:
+            logsnr = logsnr.expand(b)
+        if logsnr.shape != (b,):
+            raise ValueError(f"logsnr must be [B={b}], got {list(logsnr.shape)}")
+
+        pooled, context, context_mask = self.encode_text(text_emb, text_mask, b)
+        cond = self.logsnr_embed(logsnr) + pooled
+        frame_mask = temporal_attention_mask(f, num_video_frames, device=z.device)
+        args = (cond, context, context_mask, frame_mask)
+
+        hid = self.conv_in(z)
+        skips = [hid]
+        for layer in self.down:
+            hid = layer(hid) if isinstance(layer, Downsample) else self._stage(layer, hid, *args)
+            skips.append(hid)
+        for stage in self.mid:
+            hid = self._stage(stage, hid, *args)
+        for layer in self.up:
+            if isinstance(layer, Upsample):
+                hid = layer(hid)
+            else:
+                hid = self._stage(layer, torch.cat([hid, skips.pop().to(hid.dtype)], dim=1), *args)
+        return self.conv_out(F.silu(self.norm_out(hid)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total parameter count (works on meta-device models: only shapes are read)."""
+    return sum(p.numel() for p in model.parameters())
