@@ -121,29 +121,31 @@ class SpaceTimeAttention(nn.Module):
         else:
             self.norm_cross = self.attn_cross = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, frames: int, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, F, H, W]; context [B, L, Dc] with context_mask [B, L] (True = real token);
-        frame_mask [F, F] bool from `temporal_attention_mask` (None = all frames are one video)."""
-        b, c, f, h, w = x.shape
+        """x [(B F), C, H, W] (frames folded into the batch, F = `frames`); context [B, L, Dc] with
+        context_mask [B, L] (True = real token); frame_mask [F, F] bool from
+        `temporal_attention_mask` (None = all frames are one video)."""
+        f = frames
+        h, w = x.shape[2:]
 
-        y = rearrange(self.norm_space(x), "b c f h w -> (b f) (h w) c")
+        y = rearrange(self.norm_space(x), "n c h w -> n (h w) c")
         y = self.attn_space(y)
-        x = x + rearrange(y, "(b f) (h w) c -> b c f h w", b=b, h=h)
+        x = x + rearrange(y, "n (h w) c -> n c h w", h=h)
 
         bias = self.rel_pos(f)  # [heads, F, F]
         if frame_mask is not None:
             bias = bias.masked_fill(~frame_mask, float("-inf"))
-        y = rearrange(self.norm_time(x), "b c f h w -> (b h w) f c")
+        y = rearrange(self.norm_time(x), "(b f) c h w -> (b h w) f c", f=f)
         y = self.attn_time(y, attn_mask=bias[None])
-        x = x + rearrange(y, "(b h w) f c -> b c f h w", b=b, h=h)
+        x = x + rearrange(y, "(b h w) f c -> (b f) c h w", f=f, h=h, w=w)
 
         if self.attn_cross is not None and context is not None:
             ctx = context.repeat_interleave(f, dim=0)  # [(b f), L, Dc]
             mask = None if context_mask is None else context_mask.repeat_interleave(f, dim=0)[:, None, None, :]
-            y = rearrange(self.norm_cross(x), "b c f h w -> (b f) (h w) c")
+            y = rearrange(self.norm_cross(x), "n c h w -> n (h w) c")
             y = self.attn_cross(y, context=ctx, attn_mask=mask)
-            x = x + rearrange(y, "(b f) (h w) c -> b c f h w", b=b, h=h)
+            x = x + rearrange(y, "n (h w) c -> n c h w", h=h)
         return x
 
 

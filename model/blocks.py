@@ -1,8 +1,8 @@
 """Building blocks of the space-time factorised U-Net (paper section 3): space-only convolutions,
 per-frame group norm, FiLM residual blocks, spatial down/upsampling and the log-SNR embedding.
 
-Everything here treats the frame axis as a batch-like axis: no block in this module mixes
-information across frames. That is what lets frames beyond `num_video_frames` be independent images
+Inside the U-Net activations live in the frames-folded layout [(B F), C, H, W]: the frame axis is a
+batch axis, so no block in this module can mix information across frames. That is what lets frames beyond `num_video_frames` be independent images
 (joint image+video training); only the temporal attention in `model.attention` mixes frames.
 """
 
@@ -24,7 +24,7 @@ def divisor_groups(channels: int, groups: int) -> int:
 
 
 class FrameGroupNorm(nn.GroupNorm):
-    """GroupNorm whose statistics are taken per frame, never across frames.
+    """GroupNorm on the frames-folded layout [(B F), C, H, W], so statistics are per frame.
 
     nn.GroupNorm on [B, C, F, H, W] would pool statistics over all frames, so an image frame's
     output would depend on the other frames in its row and joint training would leak information.
@@ -33,16 +33,26 @@ class FrameGroupNorm(nn.GroupNorm):
     def __init__(self, channels: int, groups: int, eps: float = 1e-6):
         super().__init__(divisor_groups(channels, groups), channels, eps=eps)
 
+
+class SpaceConv(nn.Conv3d):
+    """A 2D conv of the image U-Net as a space-only 3D conv: kernel 1 x k x k, padding 0 x p x p.
+
+    The parameters are those of the 1xkxk nn.Conv3d the paper describes, but it runs on the
+    frames-folded layout [(B F), C, H, W] with conv2d: the same arithmetic, and on CPU about 1.5x
+    faster than conv3d (PyTorch has no oneDNN path for conv3d there and falls back to slow_conv3d).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1):
+        super().__init__(in_ch, out_ch, kernel_size=(1, kernel, kernel), stride=(1, stride, stride),
+                         padding=(0, kernel // 2, kernel // 2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, f, h, w = x.shape
-        y = x.transpose(1, 2).reshape(b * f, c, h, w)
-        y = super().forward(y)
-        return y.reshape(b, f, c, h, w).transpose(1, 2)
+        return F.conv2d(x, self.weight[:, :, 0], self.bias, stride=self.stride[1:], padding=self.padding[1:])
 
 
-def space_conv(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv3d:
-    """A 2D 3x3 conv of the image U-Net, turned into a 3D conv that never looks across frames."""
-    return nn.Conv3d(in_ch, out_ch, kernel_size=(1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1))
+def space_conv(in_ch: int, out_ch: int, stride: int = 1) -> SpaceConv:
+    """A 3x3 conv of the image U-Net, turned into a conv that never looks across frames."""
+    return SpaceConv(in_ch, out_ch, 3, stride)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -64,12 +74,14 @@ class ResBlock(nn.Module):
         self.norm2 = FrameGroupNorm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(space_conv(out_ch, out_ch))
-        self.skip = nn.Conv3d(in_ch, out_ch, kernel_size=1) if in_ch != out_ch else nn.Identity()
+        self.skip = SpaceConv(in_ch, out_ch, kernel=1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x [(B F), C, H, W] (frames folded into the batch); cond [B, cond_dim]."""
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(F.silu(cond)).chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
+        film = self.film(F.silu(cond)).repeat_interleave(x.shape[0] // cond.shape[0], dim=0)
+        scale, shift = film[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -93,7 +105,7 @@ class Upsample(nn.Module):
         self.conv = space_conv(ch, ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def logsnr_to_time(logsnr: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -132,10 +133,10 @@ class SpaceTimeUNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _stage(self, stage: _Stage, h, cond, context, context_mask, frame_mask):
+    def _stage(self, stage: _Stage, h, cond, frames, context, context_mask, frame_mask):
         h = self._run(stage.res, h, cond)
         if stage.attn is not None:
-            h = self._run(stage.attn, h, context, context_mask, frame_mask)
+            h = self._run(stage.attn, h, frames, context, context_mask, frame_mask)
         return h
 
     def encode_text(self, text_emb: torch.Tensor | None, text_mask: torch.Tensor | None, batch: int):
@@ -185,9 +186,10 @@ class SpaceTimeUNet(nn.Module):
         pooled, context, context_mask = self.encode_text(text_emb, text_mask, b)
         cond = self.logsnr_embed(logsnr) + pooled
         frame_mask = temporal_attention_mask(f, num_video_frames, device=z.device)
-        args = (cond, context, context_mask, frame_mask)
+        args = (cond, f, context, context_mask, frame_mask)
 
-        hid = self.conv_in(z)
+        # frames folded into the batch: convs and norms are per frame by construction
+        hid = self.conv_in(rearrange(z, "b c f h w -> (b f) c h w"))
         skips = [hid]
         for layer in self.down:
             hid = layer(hid) if isinstance(layer, Downsample) else self._stage(layer, hid, *args)
@@ -199,7 +201,8 @@ class SpaceTimeUNet(nn.Module):
                 hid = layer(hid)
             else:
                 hid = self._stage(layer, torch.cat([hid, skips.pop().to(hid.dtype)], dim=1), *args)
-        return self.conv_out(F.silu(self.norm_out(hid)))
+        out = self.conv_out(F.silu(self.norm_out(hid)))
+        return rearrange(out, "(b f) c h w -> b c f h w", b=b)
 
 
 def count_parameters(model: nn.Module) -> int:
