@@ -32,7 +32,7 @@ def encode_mp4(frames: np.ndarray, fps: float, *, codec: str = "libx264", crf: i
     t, h, w, _ = frames.shape
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:
-        out.flags |= av.container.Flags.bitexact
+        out.flags |= av.container.Flags.bitexact.value
         stream = out.add_stream(codec, rate=_rational_fps(fps))
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         stream.codec_context.flags |= av.codec.context.Flags.bitexact

@@ -1,0 +1,252 @@
+"""Manifest → WebDataset tar shards with clips, captions and BERT token embeddings.
+
+    python -m data_pipeline.shard --config configs/shard/demo.yaml [--set clip.frames=16] \
+        [--manifest m.csv --out shards/ --workers 8] [--slurm --partition gpu --nodes 16 --time 240]
+
+Shard N always holds manifest rows N*S .. (N+1)*S-1. Finished shards (tar + matching JSON) are
+skipped, so rerunning the same command after a crash, a SIGKILL or a SLURM preemption finishes
+the dataset with every readable video exactly once. Exit status: 0 done; 1 failure ratio above
+--max-failure-ratio; 2 shards left unfinished (worker crash) — the summary says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import logging
+import multiprocessing as mp
+import os
+import sys
+import threading
+from pathlib import Path
+
+from data_pipeline.config import ShardConfig, config_hash
+from data_pipeline.manifest import Manifest, ManifestError
+from data_pipeline.stats import Summary, merge_index, shard_done
+from data_pipeline.writer import remove_temp_files, write_json_atomic
+from trainer.config import ConfigError, load_config, to_dict
+
+log = logging.getLogger("data_pipeline.shard")
+
+
+# ---------------------------------------------------------------------------- worker side
+_PROCESSOR = None
+_QUEUE = None
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the parent dies, so no orphan keeps writing after a kill."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _init_worker(cfg_dict: dict, queue, log_level: int) -> None:
+    """Runs once per spawned worker: manifest + text encoder are loaded here, not per shard."""
+    global _PROCESSOR, _QUEUE
+    _die_with_parent()
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    from data_pipeline.worker import ShardProcessor
+    from trainer.config import from_dict
+
+    _PROCESSOR = ShardProcessor(from_dict(ShardConfig, cfg_dict))
+    _QUEUE = queue
+
+
+def _report(ok: int, failed: int) -> None:
+    _QUEUE.put((ok, failed))
+
+
+def _run_in_worker(shard: int) -> dict:
+    return _PROCESSOR.run_shard(shard, progress=_report)
+
+
+def run_shard_group(cfg_dict: dict, shards: list[int]) -> list[int]:
+    """One SLURM array task: its shards, skipping any a previous attempt already finished."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from data_pipeline.worker import ShardProcessor
+    from trainer.config import from_dict
+
+    cfg = from_dict(ShardConfig, cfg_dict)
+    todo = [s for s in shards if not shard_done(cfg.out_dir, s, config_hash(cfg))]
+    if todo:
+        processor = ShardProcessor(cfg)
+        for s in todo:
+            st = processor.run_shard(s)
+            log.info("shard %d: %d ok, %d failed", s, st["ok"], st["failed"])
+    return todo
+
+
+# ---------------------------------------------------------------------------- parent side
+class _ProgressBar:
+    """tqdm over videos (rate = videos/s, postfix = failures); fed by workers through a queue."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="video", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
+        self.failed = 0
+
+    def update(self, ok: int, failed: int) -> None:
+        self.failed += failed
+        self.bar.update(ok + failed)
+        if failed:
+            self.bar.set_postfix(failed=self.failed, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _pending_shards(cfg: ShardConfig, num_shards: int) -> list[int]:
+    h = config_hash(cfg)
+    return [s for s in range(num_shards) if not shard_done(cfg.out_dir, s, h)]
+
+
+def _rows_in(shards: list[int], cfg: ShardConfig, total_rows: int) -> int:
+    S = cfg.samples_per_shard
+    return sum(min(S, total_rows - s * S) for s in shards)
+
+
+def run_local(cfg: ShardConfig, todo: list[int], manifest: Manifest, progress: bool) -> None:
+    bar = _ProgressBar(_rows_in(todo, cfg, len(manifest)), progress)
+    try:
+        if cfg.workers <= 1:
+            from data_pipeline.worker import ShardProcessor
+
+            processor = ShardProcessor(cfg, manifest)
+            for s in todo:
+                processor.run_shard(s, progress=bar.update)
+            return
+        ctx = mp.get_context("spawn")  # PyAV + fork can hang (DESIGN.md); spawn starts clean
+        queue = ctx.Queue()
+        stop = threading.Event()
+
+        def drain() -> None:
+            while not stop.is_set():
+                try:
+                    bar.update(*queue.get(timeout=0.2))
+                except Exception:  # queue.Empty, or a closed queue at shutdown
+                    continue
+
+        t = threading.Thread(target=drain, daemon=True)
+        t.start()
+        with cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
+                                    initargs=(to_dict(cfg), queue, logging.getLogger().level)) as pool:
+            futures = {pool.submit(_run_in_worker, s): s for s in todo}
+            for fut in cf.as_completed(futures):
+                try:
+                    fut.result()
+                except cf.process.BrokenProcessPool as e:
+                    log.error("a worker process died (%s); unfinished shards stay for the rerun", e)
+                    break
+                except Exception as e:
+                    log.error("shard %d failed: %s: %s (rerun to retry it)", futures[fut], type(e).__name__, e)
+        stop.set()
+        t.join(timeout=2)
+        while not queue.empty():
+            bar.update(*queue.get_nowait())
+    finally:
+        bar.close()
+
+
+def run_slurm(cfg: ShardConfig, todo: list[int]) -> None:
+    from slurm.executor import make_executor
+
+    sc = cfg.slurm
+    per_task = sc.shards_per_task or max(1, -(-len(todo) // max(1, sc.array_tasks)))
+    groups = [todo[i:i + per_task] for i in range(0, len(todo), per_task)]
+    ex = make_executor(Path(cfg.out_dir) / "slurm_logs" / "%j", nodes=1, tasks_per_node=1,
+                       gpus_per_node=sc.gpus_per_node, cpus_per_task=sc.cpus_per_task, partition=sc.partition,
+                       time_min=sc.time_min, array_parallelism=sc.nodes, job_name="vdm-shard", cluster=sc.cluster)
+    cfg_dict = to_dict(cfg)
+    jobs = ex.map_array(run_shard_group, [cfg_dict] * len(groups), groups)
+    print(f"submitted {len(jobs)} array tasks for {len(todo)} shards: job {jobs[0].job_id.split('_')[0]}",
+          file=sys.stderr)
+    for job, group in zip(jobs, groups):
+        try:
+            job.result()
+        except Exception as e:
+            log.error("array task %s (shards %s..%s) failed: %s", job.job_id, group[0], group[-1], e)
+
+
+def run(cfg: ShardConfig, *, slurm: bool = False, progress: bool = True) -> Summary:
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(cfg.manifest, cfg.manifest_format, cfg.columns)
+    num_shards = manifest.num_shards(cfg.samples_per_shard)
+    todo = _pending_shards(cfg, num_shards)
+    removed = remove_temp_files(out)
+    write_json_atomic(out / "shard_config.json", {"config": to_dict(cfg), "config_hash": config_hash(cfg)})
+    print(f"{len(manifest)} rows ({manifest.format}, columns {manifest.columns}) → {num_shards} shards; "
+          f"{num_shards - len(todo)} already finished, {len(todo)} to do"
+          + (f"; removed {removed} temp files of an interrupted run" if removed else ""), file=sys.stderr)
+    if todo:
+        (run_slurm if slurm else lambda c, t: run_local(c, t, manifest, progress))(cfg, todo)
+    c = cfg.clip
+    clip = {"frames": c.frames, "height": c.height, "width": c.width, "fps": c.fps, "stride": c.stride}
+    return merge_index(out, num_shards, config_hash(cfg), clip, cfg.storage.format)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.shard", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML (configs/shard/*.yaml); fields of data_pipeline.config.ShardConfig")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set clip.frames=16 (repeatable)")
+    p.add_argument("--manifest", help="manifest path (csv/parquet/jsonl)")
+    p.add_argument("--out", help="output directory (= out_dir)")
+    p.add_argument("--workers", type=int, help="local worker processes")
+    p.add_argument("--encoder", help="text encoder name or path (= encoder.name_or_path)")
+    p.add_argument("--samples-per-shard", type=int)
+    p.add_argument("--max-failure-ratio", type=float)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    s = p.add_argument_group("SLURM (submitit array job; one task per group of shards)")
+    s.add_argument("--slurm", action="store_true")
+    s.add_argument("--partition")
+    s.add_argument("--nodes", type=int, help="array tasks running at once (one node each)")
+    s.add_argument("--time", type=int, help="minutes per array task")
+    s.add_argument("--cpus-per-task", type=int)
+    s.add_argument("--gpus-per-node", type=int)
+    s.add_argument("--array-tasks", type=int, help="split the shards over this many array tasks")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ShardConfig:
+    flags = {"manifest": args.manifest, "out_dir": args.out, "workers": args.workers,
+             "encoder.name_or_path": args.encoder, "samples_per_shard": args.samples_per_shard,
+             "max_failure_ratio": args.max_failure_ratio, "slurm.partition": args.partition,
+             "slurm.nodes": args.nodes, "slurm.time_min": args.time, "slurm.cpus_per_task": args.cpus_per_task,
+             "slurm.gpus_per_node": args.gpus_per_node, "slurm.array_tasks": args.array_tasks}
+    overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    return load_config(ShardConfig, args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = config_from_args(args).validate()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(cfg, slurm=args.slurm, progress=not args.no_progress)
+    except ManifestError as e:
+        print(f"manifest error: {e}", file=sys.stderr)
+        return 2
+    print(summary.text(cfg.max_failure_ratio))
+    if summary.missing_shards:
+        return 2
+    return 1 if summary.failure_ratio > cfg.max_failure_ratio else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

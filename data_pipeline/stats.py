@@ -1,0 +1,116 @@
+"""Per-shard stats, the "is this shard finished?" test, the index merge and the run summary.
+
+The shard JSON is the source of truth for resumption: a shard counts as finished only when its
+JSON and tar both exist, the tar has the size the JSON recorded, and it was made with the same
+content settings (config hash). The index is always rebuilt from the shard JSONs, so local
+workers and SLURM array tasks need no coordination beyond the file system.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_pipeline.writer import shard_name, stats_name, write_json_atomic
+
+INDEX_VERSION = 1
+
+
+@dataclass
+class ShardStats:
+    shard: int
+    rows: tuple[int, int]  # [start, end) manifest rows
+    config_hash: str
+    ok: int = 0  # videos with at least one clip written
+    samples: int = 0  # clips written (= tar samples)
+    failures: list[dict] = field(default_factory=list)  # {"key", "row", "reason", "detail"}
+    tar_bytes: int = 0
+    seconds: float = 0.0
+    encoder: dict = field(default_factory=dict)
+
+    def fail(self, row: int, key: str, reason: str, detail: str = "") -> None:
+        self.failures.append({"row": row, "key": key, "reason": reason, "detail": detail[:500]})
+
+    def to_json(self) -> dict:
+        return {
+            "version": INDEX_VERSION, "shard": self.shard, "name": shard_name(self.shard),
+            "rows": list(self.rows), "config_hash": self.config_hash, "ok": self.ok, "samples": self.samples,
+            "failed": len(self.failures), "by_reason": dict(sorted(Counter(f["reason"] for f in self.failures).items())),
+            "failures": self.failures, "tar_bytes": self.tar_bytes, "seconds": round(self.seconds, 3),
+            "encoder": self.encoder,
+        }
+
+
+def read_stats(out_dir: str | Path, shard: int) -> dict | None:
+    try:
+        return json.loads((Path(out_dir) / stats_name(shard)).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def shard_done(out_dir: str | Path, shard: int, config_hash: str) -> bool:
+    st = read_stats(out_dir, shard)
+    if not st or st.get("config_hash") != config_hash:
+        return False
+    tar = Path(out_dir) / shard_name(shard)
+    return tar.exists() and tar.stat().st_size == st.get("tar_bytes")
+
+
+def write_stats(out_dir: str | Path, stats: ShardStats) -> None:
+    write_json_atomic(Path(out_dir) / stats_name(stats.shard), stats.to_json())
+
+
+@dataclass
+class Summary:
+    rows: int
+    ok: int
+    samples: int
+    failed: int
+    by_reason: dict[str, int]
+    shards: int
+    missing_shards: list[int]
+
+    @property
+    def failure_ratio(self) -> float:
+        return self.failed / self.rows if self.rows else 0.0
+
+    def text(self, max_ratio: float) -> str:
+        lines = [f"{self.rows} rows → {self.ok} videos ok, {self.samples} clips in {self.shards} shards; "
+                 f"{self.failed} failed ({self.failure_ratio:.1%})"]
+        for reason, n in sorted(self.by_reason.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {reason}: {n}")
+        if self.missing_shards:
+            lines.append(f"UNFINISHED shards: {self.missing_shards[:20]}{' ...' if len(self.missing_shards) > 20 else ''}"
+                         " (rerun the same command to finish them)")
+        if self.failure_ratio > max_ratio:
+            lines.append(f"FAILED: failure ratio {self.failure_ratio:.1%} > --max-failure-ratio {max_ratio:.1%}")
+        return "\n".join(lines)
+
+
+def merge_index(out_dir: str | Path, num_shards: int, config_hash: str, clip: dict, fmt: str) -> Summary:
+    """Write index.json from the finished shards' stats; returns the run summary."""
+    out_dir = Path(out_dir)
+    entries, reasons = [], Counter()
+    ok = samples = failed = rows = 0
+    missing, encoder = [], {}
+    for n in range(num_shards):
+        st = read_stats(out_dir, n) if shard_done(out_dir, n, config_hash) else None
+        if st is None:
+            missing.append(n)
+            continue
+        entries.append({"name": shard_name(n), "count": st["samples"]})
+        ok, samples, failed = ok + st["ok"], samples + st["samples"], failed + st["failed"]
+        rows += st["rows"][1] - st["rows"][0]
+        reasons.update(st["by_reason"])
+        encoder = encoder or st.get("encoder", {})
+    index = {
+        "version": INDEX_VERSION, "shards": entries, "total": samples,
+        "encoder": {"name": encoder.get("name", ""), "dim": encoder.get("dim", 0)},
+        "clip": clip, "format": fmt, "config_hash": config_hash,
+        "videos_ok": ok, "failed": failed, "complete": not missing,
+    }
+    write_json_atomic(out_dir / "index.json", index)
+    return Summary(rows=rows, ok=ok, samples=samples, failed=failed, by_reason=dict(reasons),
+                   shards=len(entries), missing_shards=missing)

@@ -1,0 +1,305 @@
+"""Video file or bytes → up to `clips_per_video` clips of T frames, resized + center-cropped to HxW.
+
+Decoding is the cost floor of sharding, so this module only decodes what a clip needs: it seeks
+to each clip's start (landing on the keyframe before it), stops as soon as the clip is full, and
+converts only the frames it keeps. Resizing goes through ONE `VideoReformatter` per stream (a
+per-frame `to_ndarray(width=, height=)` builds a new swscale context each time, ~10x slower).
+Frames are picked by timestamp (nearest frame to each target time), so variable-frame-rate
+sources give evenly timed clips. Every refusal is a DecodeError with a stable reason.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+import av
+import av.video.reformatter
+import numpy as np
+
+from data_pipeline.config import ClipConfig
+
+_MAX_BAD_PACKETS = 50  # consecutive undecodable packets before we call the file corrupt
+
+
+class DecodeError(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class VideoInfo:
+    width: int
+    height: int
+    fps: float | None
+    duration_s: float | None
+    codec: str
+    container: str
+    rotation: int = 0  # degrees counter-clockwise applied to display the video
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    index: int
+    start_s: float
+    fps: float  # frame rate of the clip as stored
+    padded: int = 0  # trailing frames repeated to reach T (too_short: pad)
+    times: list[float] = field(default_factory=list)  # source timestamps of the kept frames
+
+
+def _parse_rotation_tag(metadata: dict) -> int | None:
+    """Legacy `rotate` tag (clockwise degrees) → counter-clockwise degrees; raises on nonsense."""
+    for k, v in metadata.items():
+        if k.lower() == "rotate":
+            try:
+                angle = float(v)
+            except (TypeError, ValueError):
+                raise DecodeError("bad_rotation", f"rotate tag {v!r} is not a number") from None
+            return _normalise_rotation(-angle)
+    return None
+
+
+def _normalise_rotation(angle: float) -> int:
+    if not math.isfinite(angle):
+        raise DecodeError("bad_rotation", f"rotation {angle} is not finite")
+    quarter = round(angle / 90.0)
+    if abs(angle - 90.0 * quarter) > 1.0:
+        raise DecodeError("bad_rotation", f"rotation {angle:g} degrees is not a multiple of 90")
+    return int(quarter % 4) * 90
+
+
+class _FrameConverter:
+    """Frame → uint8 [H, W, 3] in display orientation: resize short side, rotate, center crop."""
+
+    def __init__(self, height: int, width: int, rotation: int, sar: float):
+        self.height, self.width, self.rotation, self.sar = height, width, rotation, sar
+        self.reformatter = av.video.reformatter.VideoReformatter()
+        self._geometry: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+
+    def _plan(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """(coded width, coded height) to scale to, and (display width, display height) after rotation."""
+        dw, dh = w * self.sar, float(h)
+        if self.rotation in (90, 270):
+            dw, dh = dh, dw
+        scale = max(self.width / dw, self.height / dh)
+        nw, nh = max(self.width, round(dw * scale)), max(self.height, round(dh * scale))
+        cw, ch = (nh, nw) if self.rotation in (90, 270) else (nw, nh)
+        return cw, ch, nw, nh
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        key = (frame.width, frame.height)
+        if key not in self._geometry:
+            self._geometry[key] = self._plan(*key)
+        cw, ch, nw, nh = self._geometry[key]
+        rgb = self.reformatter.reformat(frame, width=cw, height=ch, format="rgb24", interpolation="AREA",
+                                        threads=1)
+        arr = rgb.to_ndarray()
+        if self.rotation:
+            arr = np.rot90(arr, k=self.rotation // 90)
+        y0, x0 = (nh - self.height) // 2, (nw - self.width) // 2
+        return np.ascontiguousarray(arr[y0:y0 + self.height, x0:x0 + self.width])
+
+
+def _open(src: str | bytes):
+    try:
+        return av.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src, mode="r",
+                       metadata_errors="ignore")
+    except av.error.FFmpegError as e:
+        raise DecodeError("unreadable_container", f"{type(e).__name__}: {e}") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise DecodeError("unreadable_container", str(e)) from None
+
+
+def decode_clips(src: str | bytes, cfg: ClipConfig, decode_threads: int = 1) -> tuple[VideoInfo, list[Clip]]:
+    """Decode the clips of one video (path or bytes). Raises DecodeError with a reason."""
+    container = _open(src)
+    try:
+        return _decode(container, cfg, decode_threads)
+    except av.error.FFmpegError as e:
+        raise DecodeError("decode_error", f"{type(e).__name__}: {e}") from None
+    finally:
+        container.close()
+
+
+def _decode(container, cfg: ClipConfig, decode_threads: int) -> tuple[VideoInfo, list[Clip]]:
+    if not container.streams.video:
+        raise DecodeError("no_video_stream", f"streams: {[s.type for s in container.streams]}")
+    stream = container.streams.video[0]
+    cc = stream.codec_context
+    w, h = int(cc.width or 0), int(cc.height or 0)
+    if w <= 0 or h <= 0:
+        raise DecodeError("unreadable_container", f"video stream has no size ({w}x{h})")
+    if max(w, h) > cfg.max_side:
+        raise DecodeError("resolution_too_large", f"{w}x{h} > clip.max_side={cfg.max_side}")
+    tag_rotation = _parse_rotation_tag(dict(stream.metadata))
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    src_fps = float(rate) if rate and float(rate) > 0 else None
+    tb = float(stream.time_base) if stream.time_base else None
+    t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None and tb else 0.0
+    if stream.duration and tb:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration:
+        duration = container.duration / 1e6
+    else:
+        duration = None
+    if duration is not None and duration > cfg.max_duration_s:
+        raise DecodeError("too_long", f"{duration:.0f}s > clip.max_duration_s={cfg.max_duration_s:g}")
+    info = VideoInfo(width=w, height=h, fps=src_fps, duration_s=duration, codec=cc.name,
+                     container=container.format.name, rotation=tag_rotation or 0)
+    stream.thread_type = "AUTO"
+    stream.thread_count = max(0, int(decode_threads))
+
+    if cfg.stride is not None:
+        out_fps = (src_fps or 25.0) / cfg.stride
+        span = cfg.frames * cfg.stride / (src_fps or 25.0)
+    else:
+        out_fps = float(cfg.fps)
+        span = cfg.frames / out_fps
+    n = 1
+    if duration is not None and cfg.clips_per_video > 1:
+        n = max(1, min(cfg.clips_per_video, int(duration // span)))
+    starts = [0.0] if n == 1 else [i * (duration - span) / (n - 1) for i in range(n)]
+    sar = float(stream.sample_aspect_ratio) if stream.sample_aspect_ratio else 1.0
+    sar = sar if 0.1 < sar < 10 else 1.0
+
+    reader = _FrameReader(container, stream, t0, src_fps)
+    converter: _FrameConverter | None = None
+    clips: list[Clip] = []
+    for ci, start in enumerate(starts):
+        if start > reader.position + 1.0:  # far ahead: seeking beats decoding the gap
+            reader.seek(start)
+        picked = _pick_by_stride(reader, start, cfg) if cfg.stride is not None else _pick_by_time(reader, start, cfg)
+        if not picked:
+            if ci == 0:
+                raise reader.failure("no_frames", "no decodable frame at the clip start")
+            break
+        if converter is None:
+            rotation = _frame_rotation(picked[0][1]) if tag_rotation is None else tag_rotation
+            info.rotation = rotation
+            converter = _FrameConverter(cfg.height, cfg.width, rotation, sar)
+        cache: dict[int, np.ndarray] = {}
+        frames = []
+        for _t, frame in picked:
+            if id(frame) not in cache:
+                cache[id(frame)] = converter(frame)
+            frames.append(cache[id(frame)])
+        padded = cfg.frames - len(frames)
+        if padded:
+            if ci > 0:
+                break
+            if cfg.too_short == "skip" or not frames:
+                raise reader.failure("too_short", f"{len(frames)} of {cfg.frames} frames "
+                                     f"(duration {duration if duration is None else round(duration, 3)}s)")
+            frames += [frames[-1]] * padded
+        clips.append(Clip(frames=np.stack(frames), index=ci, start_s=round(start, 6), fps=out_fps,
+                          padded=padded, times=[round(t, 6) for t, _ in picked]))
+    return info, clips
+
+
+def _frame_rotation(frame: av.VideoFrame) -> int:
+    try:
+        angle = frame.rotation
+    except Exception as e:  # a malformed display matrix
+        raise DecodeError("bad_rotation", f"display matrix unreadable: {e}") from None
+    return _normalise_rotation(float(angle or 0))
+
+
+class _FrameReader:
+    """Sequential decoded frames with their times (seconds from stream start); tolerant of bad packets."""
+
+    def __init__(self, container, stream, t0: float, src_fps: float | None):
+        self.container, self.stream, self.t0 = container, stream, t0
+        self.frame_dur = 1.0 / src_fps if src_fps else 0.04
+        self.position = 0.0  # time of the last frame handed out
+        self.bad_packets = 0
+        self.errors: list[str] = []
+        self._count = 0
+        self._iter = self._frames()
+        self._pushback: list[tuple[float, av.VideoFrame]] = []
+
+    def _frames(self):
+        consecutive_bad = 0
+        for packet in self.container.demux(self.stream):
+            try:
+                decoded = packet.decode()
+                consecutive_bad = 0
+            except av.error.FFmpegError as e:  # corrupt packet: skip it, give up after many
+                self.bad_packets += 1
+                consecutive_bad += 1
+                self.errors.append(str(e))
+                if consecutive_bad > _MAX_BAD_PACKETS:
+                    return
+                continue
+            yield from decoded
+
+    def seek(self, start: float) -> None:
+        try:
+            self.container.seek(int((start + self.t0) / float(self.stream.time_base)), stream=self.stream,
+                                backward=True, any_frame=False)
+        except av.error.FFmpegError:
+            return  # keep decoding sequentially from where we are
+        self._iter = self._frames()
+        self._pushback.clear()
+
+    def next(self) -> tuple[float, av.VideoFrame] | None:
+        if self._pushback:
+            return self._pushback.pop()
+        frame = next(self._iter, None)
+        if frame is None:
+            return None
+        t = frame.time
+        t = (t - self.t0) if t is not None else self._count * self.frame_dur
+        self._count += 1
+        self.position = t
+        return t, frame
+
+    def push(self, item: tuple[float, av.VideoFrame]) -> None:
+        self._pushback.append(item)
+
+    def failure(self, reason: str, detail: str) -> DecodeError:
+        if self.bad_packets and reason in ("no_frames", "too_short"):
+            return DecodeError("decode_error", f"{detail}; {self.bad_packets} undecodable packets, "
+                               f"last: {self.errors[-1][:200]}")
+        return DecodeError(reason, detail)
+
+
+def _pick_by_time(reader: _FrameReader, start: float, cfg: ClipConfig) -> list[tuple[float, av.VideoFrame]]:
+    """Nearest source frame to each target time start + k/fps (sample-and-hold across VFR gaps)."""
+    targets = [start + k / cfg.fps for k in range(cfg.frames)]
+    picked: list[tuple[float, av.VideoFrame]] = []
+    prev: tuple[float, av.VideoFrame] | None = None
+    while len(picked) < len(targets):
+        item = reader.next()
+        if item is None:  # end of stream: the last frame covers one frame duration after it
+            while prev is not None and len(picked) < len(targets) and \
+                    targets[len(picked)] <= prev[0] + reader.frame_dur * 0.999:
+                picked.append(prev)
+            break
+        if prev is not None:
+            mid = (prev[0] + item[0]) / 2
+            while len(picked) < len(targets) and targets[len(picked)] < mid:
+                picked.append(prev)
+        prev = item
+    if prev is not None and len(picked) == len(targets):
+        reader.push(prev)  # the next clip may start at this very frame
+    return picked
+
+
+def _pick_by_stride(reader: _FrameReader, start: float, cfg: ClipConfig) -> list[tuple[float, av.VideoFrame]]:
+    """Every stride-th decoded frame from the first one at or after `start`."""
+    picked: list[tuple[float, av.VideoFrame]] = []
+    eps = reader.frame_dur / 2
+    i = 0
+    while len(picked) < cfg.frames:
+        item = reader.next()
+        if item is None:
+            break
+        if item[0] < start - eps:
+            continue
+        if i % cfg.stride == 0:
+            picked.append(item)
+        i += 1
+    return picked

@@ -1,0 +1,137 @@
+"""One shard from manifest rows to a finished tar: fetch → decode → encode clip → embed → write.
+
+A `ShardProcessor` lives for a whole worker process (or SLURM array task): it loads the manifest
+and the text encoder once and then makes any number of shards. Captions are embedded in batches
+of `encoder.batch_size` videos (the expensive part at BERT-large scale); batch boundaries depend
+only on the shard's rows, so every run embeds exactly the same batches (bit-identical output).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.config import ShardConfig, config_hash
+from data_pipeline.fetch import FetchError, fetch
+from data_pipeline.manifest import Manifest, Row
+from data_pipeline.mp4 import encode_mp4
+from data_pipeline.stats import ShardStats, write_stats
+from data_pipeline.video import Clip, DecodeError, VideoInfo, decode_clips
+from data_pipeline.writer import ShardWriter, remove_temp_files, shard_name
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (videos ok, videos failed) increments
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+class ShardProcessor:
+    def __init__(self, cfg: ShardConfig, manifest: Manifest | None = None):
+        from transformers.utils import logging as hf_logging
+
+        from model.text_encoder import TextEncoder
+
+        hf_logging.disable_progress_bar()  # one bar per run (ours), not one per worker's weight load
+        self.cfg = cfg
+        self.hash = config_hash(cfg)
+        self.manifest = manifest or Manifest(cfg.manifest, cfg.manifest_format, cfg.columns)
+        e = cfg.encoder
+        self.encoder = TextEncoder(e.name_or_path, device=e.device, dtype=e.dtype, max_length=e.max_length)
+        self.out_dir = Path(cfg.out_dir)
+
+    # ------------------------------------------------------------------ per video
+    def _media(self, clip: Clip) -> tuple[str, bytes]:
+        s = self.cfg.storage
+        if s.format == "npy":
+            return "frames.npy", npy_bytes(clip.frames)
+        return "mp4", encode_mp4(clip.frames, clip.fps, crf=s.crf, preset=s.preset)
+
+    def _video(self, row: Row) -> tuple[VideoInfo, list[Clip]]:
+        fetched = fetch(row.source, self.cfg.fetch)
+        return decode_clips(fetched.path if fetched.path is not None else fetched.data, self.cfg.clip,
+                            self.cfg.decode_threads)
+
+    def _metadata(self, row: Row, info: VideoInfo, clip: Clip) -> bytes:
+        meta = {
+            "key": row.key, "raw_key": row.raw_key, "row": row.index, "source": row.source,
+            "clip_index": clip.index, "clip_start_s": clip.start_s, "fps": clip.fps, "padded": clip.padded,
+            "frames": int(clip.frames.shape[0]), "height": int(clip.frames.shape[1]),
+            "width": int(clip.frames.shape[2]), "orig_width": info.width, "orig_height": info.height,
+            "orig_fps": info.fps, "duration_s": info.duration_s, "codec": info.codec,
+            "container": info.container, "rotation": info.rotation, "encoder": self.encoder.name,
+        }
+        return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+    # ------------------------------------------------------------------ per shard
+    def run_shard(self, shard: int, progress: Progress | None = None) -> dict:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        rows = self.manifest.shard_rows(shard, cfg.samples_per_shard)
+        start = shard * cfg.samples_per_shard
+        stats = ShardStats(shard=shard, rows=(start, start + len(rows)), config_hash=self.hash,
+                           encoder={"name": self.encoder.name, "dim": self.encoder.dim})
+        remove_temp_files(self.out_dir, shard)
+        writer = ShardWriter(self.out_dir / shard_name(shard))
+        pending: list[tuple[Row, list[tuple[str, dict[str, bytes]]]]] = []
+        try:
+            for row in rows:
+                ok = self._one(row, stats, pending)
+                if progress:
+                    progress(int(ok), int(not ok))
+                if len(pending) >= cfg.encoder.batch_size:
+                    self._flush(pending, writer, stats)
+            self._flush(pending, writer, stats)
+            stats.tar_bytes = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        stats.seconds = time.perf_counter() - t_start
+        write_stats(self.out_dir, stats)
+        return stats.to_json()
+
+    def _one(self, row: Row, stats: ShardStats, pending: list) -> bool:
+        if row.reject:
+            stats.fail(row.index, row.raw_key, row.reject, f"source {row.source!r}")
+            log.warning("row %d key %r: %s", row.index, row.raw_key, row.reject)
+            return False
+        try:
+            info, clips = self._video(row)
+            samples = []
+            for clip in clips:
+                key = row.key if self.cfg.clip.clips_per_video == 1 else f"{row.key}_{clip.index:03d}"
+                ext, media = self._media(clip)
+                samples.append((key, {ext: media, "json": self._metadata(row, info, clip)}))
+        except (FetchError, DecodeError) as e:
+            stats.fail(row.index, row.raw_key, e.reason, e.detail)
+            log.warning("row %d key %r (%s): %s %s", row.index, row.raw_key, row.source, e.reason, e.detail)
+            return False
+        except Exception as e:  # an unforeseen decoder/encoder failure must not end the run
+            stats.fail(row.index, row.raw_key, "internal_error", f"{type(e).__name__}: {e}")
+            log.exception("row %d key %r (%s): internal_error", row.index, row.raw_key, row.source)
+            return False
+        pending.append((row, samples))
+        return True
+
+    def _flush(self, pending: list, writer: ShardWriter, stats: ShardStats) -> None:
+        if not pending:
+            return
+        embeddings = self.encoder.encode([row.caption for row, _ in pending])
+        for (row, samples), emb in zip(pending, embeddings):
+            emb_bytes, txt = npy_bytes(emb), row.caption.encode("utf-8")
+            for key, members in samples:
+                writer.add(key, {"txt": txt, "emb.npy": emb_bytes, **members})
+                stats.samples += 1
+            stats.ok += 1
+        pending.clear()
+

@@ -1,0 +1,183 @@
+"""Helpers for the sharding tests: real bad/odd video files and a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import threading
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+from data_pipeline.mp4 import write_video
+from data_pipeline.synthetic import render_clip
+
+
+def frames(t: int = 12, h: int = 32, w: int = 32, seed: int = 0) -> np.ndarray:
+    return render_clip(("square", "circle", "triangle")[seed % 3], "red", "right", t, h, w, (h / 2, w / 3))
+
+
+def make_h264(path: Path, t: int = 12, h: int = 32, w: int = 32, fps: float = 8, **kw) -> Path:
+    write_video(path, frames(t, h, w), fps, codec="libx264", **kw)
+    return path
+
+
+def make_rotated_mp4(path: Path, rotation: float) -> Path:
+    """48x32 h264 with a display matrix (counter-clockwise degrees) and a white top-left marker."""
+    data = np.zeros((8, 32, 48, 3), np.uint8)
+    data[:, :8, :8] = 255
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        s.set_display_rotation(rotation)
+        for i, a in enumerate(data):
+            f = av.VideoFrame.from_ndarray(a, format="rgb24")
+            f.pts = i
+            out.mux(s.encode(f))
+        out.mux(s.encode(None))
+    return path
+
+
+def make_rotate_tag_mkv(path: Path, tag: str) -> Path:
+    """mpeg4 in Matroska with a legacy `rotate` stream tag (which may be nonsense)."""
+    with av.open(str(path), "w", format="matroska") as out:
+        s = out.add_stream("mpeg4", rate=8)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        s.metadata["rotate"] = tag
+        for i, a in enumerate(frames(12)):
+            f = av.VideoFrame.from_ndarray(a, format="rgb24")
+            f.pts = i
+            out.mux(s.encode(f))
+        out.mux(s.encode(None))
+    return path
+
+
+def make_vfr_mp4(path: Path, times: list[float]) -> Path:
+    """h264 whose frame i shows a grey level 10*i and is stamped at times[i] seconds (variable rate)."""
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=1000)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        s.codec_context.time_base = av.time_base and __import__("fractions").Fraction(1, 1000)
+        for i, t in enumerate(times):
+            f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 10 * i, np.uint8), format="rgb24")
+            f.pts = round(t * 1000)
+            f.time_base = __import__("fractions").Fraction(1, 1000)
+            out.mux(s.encode(f))
+        out.mux(s.encode(None))
+    return path
+
+
+def make_audio_only(path: Path) -> Path:
+    with av.open(str(path), "w", format="wav") as out:
+        s = out.add_stream("pcm_s16le", rate=8000)
+        s.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        out.mux(s.encode(frame))
+        out.mux(s.encode(None))
+    return path
+
+
+def make_bad_files(d: Path) -> dict[str, Path]:
+    """One file per kind of bad input, named by the reason the sharder must give."""
+    d.mkdir(parents=True, exist_ok=True)
+    good = make_h264(d / "good_for_truncation.mp4", t=16)
+    out = {}
+    (d / "zero.mp4").write_bytes(b"")
+    out["empty_file"] = d / "zero.mp4"
+    (d / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    out["unreadable_container"] = d / "truncated.mp4"
+    (d / "text.mp4").write_bytes(b"this is not a video, just some bytes\n" * 50)
+    out["unreadable_container_text"] = d / "text.mp4"
+    out["no_video_stream"] = make_audio_only(d / "audio.wav")
+    out["too_short"] = make_h264(d / "short.mp4", t=3)
+    out["bad_rotation"] = make_rotate_tag_mkv(d / "rot.mkv", "sideways")
+    write_video(d / "huge.mp4", np.zeros((1, 16, 4200, 3), np.uint8), 8, codec="mpeg4")
+    out["resolution_too_large"] = d / "huge.mp4"
+    out["not_found"] = d / "does_not_exist.mp4"
+    return out
+
+
+def write_manifest(path: Path, rows: list[tuple[str, str, str]], header=("key", "path", "caption")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    hits: dict[str, int] = {}
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        self.hits[path] = self.hits.get(path, 0) + 1
+        if path == "/500":
+            self.send_error(500, "boom")
+        elif path == "/flaky":  # 503 twice, then the file: retries with backoff must get it
+            if self.hits[path] <= 2:
+                self.send_error(503, "busy")
+            else:
+                self._send(self.files["/ok.mp4"])
+        elif path == "/hang":  # accept, then never answer
+            time.sleep(5)
+        elif path == "/big":
+            self.send_response(200)
+            self.send_header("Content-Length", str(10 * 1024 * 1024))
+            self.end_headers()
+        elif path == "/big-no-length":  # no Content-Length: the cap must hold while streaming
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(64):
+                    self.wfile.write(b"\0" * 65536)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        elif path == "/redirect-file":
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd")
+            self.end_headers()
+        elif path == "/redirect-ok":
+            self.send_response(302)
+            self.send_header("Location", "/ok.mp4")
+            self.end_headers()
+        elif path in self.files:
+            self._send(self.files[path])
+        else:
+            self.send_error(404, "nope")
+
+    def _send(self, data: bytes):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class VideoServer:
+    """http.server on 127.0.0.1 in a thread; `files` maps URL paths to bytes."""
+
+    def __init__(self, files: dict[str, bytes]):
+        handler = type("H", (_Handler,), {"files": dict(files), "hits": {}})
+        self.handler = handler
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> VideoServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    @property
+    def hits(self) -> dict[str, int]:
+        return self.handler.hits
