@@ -1,0 +1,196 @@
+"""Checkpoints that survive preemption: atomic, self-describing, and enough for bitwise-exact resume.
+
+Layout (out_dir/checkpoints/):
+    step-000100/            whatever strategy.save writes (model, optimizer, scaler, engine state)
+        trainer_state.json  step, counters, loader state of every rank, resolved config; written
+                            LAST, so its presence marks a complete checkpoint
+        rng-rank{r}.pt      torch CPU/CUDA, numpy and python RNG states of rank r
+        ema-rank{r}.pt      EMA of rank r's local parameters (shards under FSDP2/ZeRO-3)
+        loader-rank{r}.json the data loader position of rank r
+    latest                  text file naming the last complete checkpoint directory
+
+A checkpoint is written into `step-000100.tmp-<pid>` and renamed only when every rank has finished,
+so a kill at any moment leaves the previous checkpoint and `latest` intact; stale temp directories
+are removed by the next save. Everything loads with `torch.load(weights_only=True)` / JSON: RNG states
+are stored as tensors and plain lists, never pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------ find
+def is_complete(ckpt_dir: Path) -> bool:
+    return ckpt_dir.is_dir() and (ckpt_dir / STATE_FILE).is_file()
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def find_latest(out_dir: str | Path) -> Path | None:
+    """The checkpoint named by `latest`, else the newest complete one (the pointer may be missing if a
+    kill hit between rename and pointer update)."""
+    root = checkpoint_root(out_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if is_complete(cand):
+            return cand
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, a `checkpoints/` root or a run's out_dir → one complete checkpoint dir."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    for out_dir in (path, path.parent):
+        found = find_latest(out_dir) if (out_dir / "checkpoints").is_dir() else None
+        if found is not None:
+            return found
+    if path.name == "checkpoints":
+        found = find_latest(path.parent)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{path}: no complete checkpoint (a step-* directory with {STATE_FILE})")
+
+
+def read_state(ckpt_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+
+
+# ------------------------------------------------------------------------------------------ save / load
+def _test_pause_in_save() -> None:
+    """Test hook: VDM_TEST_SLEEP_IN_SAVE=seconds pauses mid-write so a test can SIGKILL us there."""
+    pause = float(os.environ.get("VDM_TEST_SLEEP_IN_SAVE", "0") or 0)
+    if pause > 0:
+        print("CHECKPOINT-WRITE-IN-PROGRESS", flush=True)
+        sys.stdout.flush()
+        time.sleep(pause)
+
+
+def save_checkpoint(strategy, out_dir: str | Path, step: int, *, ema, loader_state: dict | None,
+                    state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    rank, world = strategy.dist.rank, strategy.dist.world_size
+    root = checkpoint_root(out_dir)
+    final = root / step_dir_name(step)
+    # every rank must write into the same temp dir: rank 0's pid names it
+    pid = int(strategy.all_reduce_max(float(os.getpid()) if rank == 0 else 0.0))
+    tmp = root / f"{final.name}.tmp-{pid}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("step-*.tmp-*"):
+            if stale != tmp:
+                shutil.rmtree(stale, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    strategy.barrier()
+
+    strategy.save(tmp)
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    torch.save(ema.state_dict() if ema is not None else [], tmp / f"ema-rank{rank}.pt")
+    (tmp / f"loader-rank{rank}.json").write_text(json.dumps(loader_state))
+    _test_pause_in_save()
+    strategy.barrier()
+
+    if rank == 0:
+        loaders = [json.loads((tmp / f"loader-rank{r}.json").read_text()) for r in range(world)]
+        full_state = dict(state, step=step, world_size=world, strategy=strategy.name, loader=loaders)
+        _write_atomic(tmp / STATE_FILE, json.dumps(full_state, indent=1))
+        if final.exists():  # same step saved again (signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / LATEST, final.name + "\n")
+        for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    strategy.barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(strategy, ckpt_dir: str | Path, *, ema, restore_rng: bool = True) -> dict[str, Any]:
+    """Collective inverse of save_checkpoint. Returns trainer_state with `loader` = this rank's state."""
+    ckpt_dir = Path(ckpt_dir)
+    state = read_state(ckpt_dir)
+    rank, world = strategy.dist.rank, strategy.dist.world_size
+    if state.get("world_size", world) != world:
+        raise RuntimeError(
+            f"{ckpt_dir} was written by {state['world_size']} processes, this run has {world}: resume with "
+            f"the same number of processes (data order and sharded state are per rank)")
+    if state.get("strategy", strategy.name) != strategy.name:
+        raise RuntimeError(f"{ckpt_dir} was written by strategy {state['strategy']!r}, this run uses "
+                           f"{strategy.name!r}")
+    strategy.load(ckpt_dir)
+    if ema is not None:
+        ema.load_state_dict(torch.load(ckpt_dir / f"ema-rank{rank}.pt", weights_only=True))
+    if restore_rng:
+        set_rng_state(torch.load(ckpt_dir / f"rng-rank{rank}.pt", weights_only=True))
+    state["loader"] = state["loader"][rank]
+    return state

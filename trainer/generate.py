@@ -1,0 +1,62 @@
+"""Text → video with a trained model: prompt embedding, CFG sampling, optional extension.
+
+Shared by the periodic TensorBoard samples in the training loop and by the `trainer.sample` CLI, so
+what you see during training is exactly what the CLI produces for the same weights and seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.diffusion import GaussianDiffusion
+from model.sampling import extend, sample
+
+
+def encode_prompts(encoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 [B, L, D], bool [B, L]), rounded through float16 like the embeddings stored in shards."""
+    emb, mask = encoder.encode_padded(list(prompts))
+    return emb.to(torch.float16).to(torch.float32), mask
+
+
+def load_text_encoder(name: str, max_length: int = 77):
+    from model.text_encoder import TextEncoder
+
+    return TextEncoder(name, device="cpu", dtype="fp32", max_length=max_length)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, diffusion: GaussianDiffusion, text_emb: torch.Tensor, text_mask: torch.Tensor, *,
+             frames: int, height: int, width: int, channels: int = 3, sampler: str = "ancestral", steps: int = 64,
+             gamma: float = 0.3, langevin_delta: float = 0.1, guidance_weight: float = 0.0, clip_x: bool = True,
+             seed: int = 0, extend_to: int | None = None, guide_weight: float = 4.0,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """Videos [B, C, T, H, W] in [-1, 1], one per prompt row; deterministic for a given seed.
+
+    extend_to > frames samples longer videos window by window with reconstruction guidance (paper
+    section 3.1) on the frames generated so far.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    b = text_emb.shape[0]
+    cond = {"text_emb": text_emb.to(device), "text_mask": text_mask.to(device)}
+    uncond = {"text_emb": None, "text_mask": None}
+
+    def denoiser(z, logsnr, **c):
+        return model(z, logsnr, **c).float()
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    kwargs = dict(steps=steps, sampler=sampler, gamma=gamma, langevin_delta=langevin_delta,
+                  guidance_weight=guidance_weight, cond=cond, uncond=uncond, generator=generator,
+                  clip_x=clip_x, device=device)
+    shape = (b, channels, frames, height, width)
+    try:
+        if extend_to is not None and extend_to > frames:
+            out = extend(denoiser, diffusion, shape, extend_to, guidance="reconstruction",
+                         guide_weight=guide_weight, **kwargs)
+        else:
+            out = sample(denoiser, diffusion, shape, **kwargs)
+    finally:
+        model.train(was_training)
+    return out.clamp(-1, 1)

@@ -1,0 +1,474 @@
+"""The training loop: one loop for every strategy, with exact resume, EMA, NaN guard and monitoring.
+
+What it guarantees (tests/test_trainer_*.py check each):
+- Resume is automatic and exact: a run whose out_dir holds a checkpoint continues from it, and on CPU
+  its per-step losses are bitwise those of an uninterrupted run (data position, RNG of every rank,
+  optimizer/scaler state and EMA are restored; the LR is a pure function of the step).
+- SIGUSR1/SIGTERM: the current step finishes, a checkpoint is written, and `train()` returns
+  EXIT_REQUEUE (124) so a scheduler wrapper knows to requeue the job.
+- A step whose loss or gradient norm is non-finite is skipped (no optimizer/EMA update) and counted;
+  after `run.max_nonfinite_in_row` such steps in a row the run rolls back to the last checkpoint.
+
+Test hooks (environment variables, read once at start; harmless when unset):
+  VDM_TEST_NAN_STEPS="5,6"   replace the batch of these (0-based) steps with NaNs, once each
+  VDM_TEST_KILL_AT_STEP=N    SIGKILL this process when step N (0-based) is about to start
+  VDM_TEST_SLEEP_IN_SAVE=S   sleep S seconds inside a checkpoint write (trainer.checkpoint)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from trainer import checkpoint as ckpt
+from trainer.config import TrainConfig, to_dict
+from trainer.distributed import DistEnv, init_distributed
+from trainer.ema import EMA
+from trainer.lr import lr_from_config
+from trainer.metrics import (
+    BandAccumulator,
+    Metrics,
+    band_centers,
+    band_edges,
+    band_labels,
+    peak_memory_gb,
+    progress_line,
+)
+from trainer.strategies.base import build_strategy
+
+EXIT_OK = 0
+EXIT_REQUEUE = 124  # "checkpoint saved, please requeue me" (SIGUSR1/SIGTERM)
+MAX_ROLLBACKS_PER_CHECKPOINT = 3
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Validation and sampling must not shift the training RNG streams (exact resume)."""
+    state = ckpt.rng_state()
+    try:
+        yield
+    finally:
+        ckpt.set_rng_state(state)
+
+
+def _env_steps(name: str) -> set[int]:
+    raw = os.environ.get(name, "")
+    return {int(s) for s in raw.replace(" ", "").split(",") if s}
+
+
+def shard_encoder_name(shards_dir: str) -> str | None:
+    """The text encoder named in a shard directory's index.json (None if there is none)."""
+    index = Path(shards_dir) / "index.json" if shards_dir else None
+    if index is None or not index.is_file():
+        return None
+    return (json.loads(index.read_text()).get("encoder") or {}).get("name")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dist_env: DistEnv | None = None, loader_factory=None):
+        """loader_factory(cfg.data, rank=, world_size=, train=) defaults to data_pipeline.loader.build_loader."""
+        self.cfg = cfg
+        self._loader_factory = loader_factory
+        self.dist = dist_env or init_distributed(cfg.parallel.backend)
+        self.rank, self.world = self.dist.rank, self.dist.world_size
+        self.out_dir = Path(cfg.run.out_dir)
+        self.metrics = Metrics(self.out_dir, enabled=self.rank == 0)
+        if cfg.optim.grad_accum < 1:
+            raise ValueError(f"optim.grad_accum must be >= 1, got {cfg.optim.grad_accum}")
+
+        from model.diffusion import GaussianDiffusion
+        from model.unet import SpaceTimeUNet
+
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        model = SpaceTimeUNet(cfg.model)
+        self.strategy = build_strategy(cfg, self.dist)
+        self.strategy.setup(model)
+        self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+        self.ema = EMA(self.strategy.local_params(), cfg.run.ema_decay)
+        self.edges = band_edges(cfg.diffusion.logsnr_min, cfg.diffusion.logsnr_max)
+        self.bands = BandAccumulator(self.edges)
+        self.loader = self._build_loader(train=True)
+        self._iter = None
+
+        # counters saved in checkpoints
+        self.step = 0
+        self.skipped_steps = 0
+        self.rollbacks = 0
+        self.text_encoder_name = cfg.run.text_encoder or shard_encoder_name(cfg.data.shards) or ""
+        # per-rank streams for t, noise and caption dropout (differ across ranks, restored on resume)
+        seed_everything(cfg.run.seed + 1_000_003 * (self.rank + 1))
+
+        self._nan_steps = _env_steps("VDM_TEST_NAN_STEPS")
+        kill = os.environ.get("VDM_TEST_KILL_AT_STEP", "")
+        self._kill_at = int(kill) if kill else None
+        self._stop_requested = False
+        self._prompt_cache = None
+        self._encoder = None
+        self._val_batches = None
+        self._rollbacks_from: dict[str, int] = {}
+        self.resumed_from = self._maybe_resume()
+
+    # ------------------------------------------------------------------ data
+    def _build_loader(self, train: bool, **kwargs):
+        factory = self._loader_factory
+        if factory is None:
+            from data_pipeline.loader import build_loader as factory
+        return factory(self.cfg.data, rank=self.rank, world_size=self.world, train=train, **kwargs)
+
+    def _next_batch(self) -> dict:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        try:
+            return next(self._iter)
+        except StopIteration:  # a finite loader: start the next pass
+            self._iter = iter(self.loader)
+            return next(self._iter)
+
+    def _cond(self, batch: dict, drop_captions: bool) -> dict:
+        dev = self.dist.device
+        emb = batch["text_emb"].to(dev, non_blocking=True)
+        mask = batch["text_mask"].to(dev, non_blocking=True).bool()
+        if drop_captions and self.cfg.run.caption_dropout > 0:
+            drop = torch.rand(mask.shape[0]) < self.cfg.run.caption_dropout
+            mask = mask & ~drop.to(dev)[:, None]  # an all-False row = the model's null embedding
+        return {"text_emb": emb, "text_mask": mask, "num_video_frames": int(batch["num_video_frames"])}
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict:
+        return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
+                "text_encoder": self.text_encoder_name, "config": to_dict(self.cfg)}
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(self.strategy, self.out_dir, self.step, ema=self.ema,
+                                    loader_state=self.loader.state_dict(), state=self._state(),
+                                    keep_last=self.cfg.run.keep_last)
+        if self.rank == 0:
+            (path / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        self.strategy.barrier()
+        self.metrics.print(f"[ckpt] saved {path}")
+        return path
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(self.strategy, path, ema=self.ema)
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.rollbacks = max(self.rollbacks, int(state.get("rollbacks", 0)))
+        self.text_encoder_name = self.text_encoder_name or state.get("text_encoder", "")
+        if state.get("loader") is not None:
+            self.loader.load_state_dict(state["loader"])
+        self._iter = None
+
+    def _maybe_resume(self) -> Path | None:
+        latest = ckpt.find_latest(self.out_dir)
+        if latest is None:
+            if self.rank == 0:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            return None
+        self._load(latest)
+        self.metrics.print(f"[resume] {latest} at step {self.step}")
+        return latest
+
+    def _rollback(self) -> None:
+        latest = ckpt.find_latest(self.out_dir)
+        if latest is None:
+            raise RuntimeError(f"{self.cfg.run.max_nonfinite_in_row} non-finite steps in a row at step {self.step} "
+                               f"and no checkpoint in {self.out_dir} to roll back to")
+        n = self._rollbacks_from.get(latest.name, 0) + 1
+        if n > MAX_ROLLBACKS_PER_CHECKPOINT:
+            raise RuntimeError(f"rolled back to {latest} {n - 1} times and still diverging; lower the LR or "
+                               f"inspect the data after step {self.step}")
+        self._rollbacks_from[latest.name] = n
+        bad_step = self.step
+        rollbacks = self.rollbacks + 1
+        self._load(latest)
+        self.rollbacks = rollbacks
+        self.metrics.print(f"[nan-guard] {self.cfg.run.max_nonfinite_in_row} non-finite steps in a row up to "
+                           f"step {bad_step}: rolled back to {latest.name} (rollback #{self.rollbacks})")
+        self.metrics.scalars({"train/rollbacks": self.rollbacks}, bad_step)
+        self.metrics.text("train/events", f"rollback at step {bad_step} to {latest.name}", bad_step)
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_requested = True
+        print(f"[rank {self.rank}] received {signal.Signals(signum).name}: will checkpoint after this step "
+              f"and exit {EXIT_REQUEUE}", flush=True)
+
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        old = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread (e.g. called from a worker thread)
+                pass
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        cfg, s = self.cfg, self.strategy
+        accum = cfg.optim.grad_accum
+        lr = lr_from_config(self.step, cfg)
+        s.set_lr(lr)
+        data_wait = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        n_videos = 0
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            batch = self._next_batch()
+            data_wait += time.perf_counter() - t0
+            x = batch["video"].to(self.dist.device, non_blocking=True).float()
+            if self.step in self._nan_steps:
+                x = torch.full_like(x, float("nan"))
+            n_videos += x.shape[0]
+            cond = self._cond(batch, drop_captions=True)
+            sync = s.no_sync() if micro < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with s.autocast():
+                    per_sample, logsnr = self.diffusion.loss_terms(s.forward, x, **cond)
+                loss = per_sample.mean()
+                s.backward(loss / accum)
+            self.bands.add(per_sample, logsnr)
+            loss_sum += loss.detach().double().cpu()
+        self._nan_steps.discard(self.step)
+        grad_norm = s.clip_grad_norm(cfg.optim.grad_clip)
+        loss_mean = s.all_reduce_mean(float(loss_sum) / accum)
+        ok = math.isfinite(loss_mean) and math.isfinite(grad_norm)
+        if ok:
+            s.optimizer_step()
+            self.ema.update(s.local_params())
+        else:
+            s.skip_step()
+            self.skipped_steps += 1
+        s.zero_grad()
+        return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "ok": ok, "data_wait": data_wait,
+                "videos": n_videos, "loss_finite": math.isfinite(loss_mean)}
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> int:
+        cfg, s = self.cfg, self.strategy
+        run = cfg.run
+        log_path = self.out_dir / "train_log.jsonl"
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        logf = open(log_path, "a", buffering=1) if self.rank == 0 else None
+        nonfinite_in_row = 0
+        interval = {"t": 0.0, "wait": 0.0, "steps": 0, "videos": 0, "loss": 0.0, "n_loss": 0}
+        last_saved = self.step if self.resumed_from is not None else -1
+        frames_per_video = cfg.data.num_frames + cfg.data.num_image_frames
+        t_start, step_start = time.time(), self.step
+        exit_code = EXIT_OK
+        with self._signal_handlers():
+            while self.step < run.steps:
+                if self._kill_at is not None and self.step == self._kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                t0 = time.perf_counter()
+                out = self.train_step()
+                dt = time.perf_counter() - t0
+                step_index = self.step
+                self.step += 1
+                if logf is not None:
+                    logf.write(json.dumps({"step": step_index, "loss": out["loss"], "grad_norm": out["grad_norm"],
+                                           "lr": out["lr"], "skipped": not out["ok"]}) + "\n")
+                interval["t"] += dt
+                interval["wait"] += out["data_wait"]
+                interval["steps"] += 1
+                interval["videos"] += out["videos"]
+                if math.isfinite(out["loss"]):
+                    interval["loss"] += out["loss"]
+                    interval["n_loss"] += 1
+
+                if out["ok"]:
+                    nonfinite_in_row = 0
+                else:
+                    overflow_only = cfg.run.precision == "fp16" and out["loss_finite"]
+                    if not overflow_only:
+                        nonfinite_in_row += 1
+                    self.metrics.print(f"[nan-guard] step {step_index}: non-finite "
+                                       f"{'grad norm' if out['loss_finite'] else 'loss'} (loss={out['loss']}, "
+                                       f"grad_norm={out['grad_norm']}); step skipped ({self.skipped_steps} so far)")
+                    self.metrics.scalars({"train/skipped_steps": self.skipped_steps}, self.step)
+                    if nonfinite_in_row >= max(1, run.max_nonfinite_in_row):
+                        self._rollback()
+                        nonfinite_in_row = 0
+                        continue
+
+                if self.step % max(1, run.log_every) == 0 or self.step == run.steps:
+                    self._log(interval, out, frames_per_video, t_start, step_start)
+                    interval = dict.fromkeys(interval, 0)
+                    interval["loss"] = 0.0
+
+                if run.val_every > 0 and self.step % run.val_every == 0 and cfg.data.val_shards:
+                    self.validate()
+                if run.sample_every > 0 and self.step % run.sample_every == 0 and run.sample_prompts:
+                    self.sample_to_tensorboard()
+
+                stop = s.all_reduce_max(1.0 if self._stop_requested else 0.0) > 0
+                if (run.ckpt_every > 0 and self.step % run.ckpt_every == 0) or self.step == run.steps or stop:
+                    if last_saved != self.step:
+                        self.save()
+                        last_saved = self.step
+                if stop:
+                    self.metrics.print(f"[signal] checkpoint at step {self.step} written; exiting with "
+                                       f"{EXIT_REQUEUE} (requeue)")
+                    exit_code = EXIT_REQUEUE
+                    break
+        if logf is not None:
+            logf.close()
+        self.metrics.flush()
+        return exit_code
+
+    def _log(self, interval: dict, out: dict, frames_per_video: int, t_start: float, step_start: int) -> None:
+        s = self.strategy
+        steps = max(1, interval["steps"])
+        step_time = interval["t"] / steps
+        wait = s.all_reduce_max(interval["wait"] / steps)
+        mem = s.all_reduce_max(peak_memory_gb(self.dist.device))
+        videos_per_s = interval["videos"] * self.world / max(interval["t"], 1e-9)
+        bands = self.bands.reduced(s)
+        self.bands.reset()
+        loss = interval["loss"] / interval["n_loss"] if interval["n_loss"] else float("nan")
+        scalars = {"train/loss": loss, "train/lr": out["lr"], "train/grad_norm": out["grad_norm"],
+                   "train/skipped_steps": self.skipped_steps, "train/rollbacks": self.rollbacks,
+                   "perf/step_time_s": step_time, "perf/data_wait_s": wait, "perf/peak_mem_gb": mem,
+                   "perf/videos_per_s": videos_per_s,
+                   # every extra image frame is an independent training sample (joint training)
+                   "perf/samples_per_s": videos_per_s * (1 + self.cfg.data.num_image_frames),
+                   "perf/frames_per_s": videos_per_s * frames_per_video}
+        scalars.update({f"train/loss_band/{k}": v for k, v in bands.items()})
+        self.metrics.scalars(scalars, self.step)
+        elapsed = time.time() - t_start
+        it_s = (self.step - step_start) / elapsed if elapsed > 0 else 0.0
+        self.metrics.print(progress_line(self.step, self.cfg.run.steps, loss, out["lr"], it_s,
+                                         wait / max(step_time, 1e-9), self.skipped_steps))
+        self.metrics.flush()
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss on the held-out shards at fixed log-SNR band centres with fixed noise: comparable
+        across steps and runs. Every rank evaluates the same batches (sharded models need all ranks
+        in each forward), so no rank can run out of batches before the others."""
+        cfg, s = self.cfg, self.strategy
+        if self._val_batches is None:
+            val_cfg = type(cfg.data)(**{**cfg.data.__dict__, "shards": cfg.data.val_shards})
+            factory = self._loader_factory
+            if factory is None:
+                from data_pipeline.loader import build_loader as factory
+            loader = factory(val_cfg, rank=0, world_size=1, train=False)
+            batches = []
+            for batch in loader:
+                batches.append(batch)
+                if len(batches) >= max(1, cfg.run.val_batches):
+                    break
+            self._val_batches = batches
+            if not batches:
+                self.metrics.print(f"[val] no batches in {cfg.data.val_shards}; validation disabled")
+        if not self._val_batches:
+            return {}
+        centers = band_centers(self.edges)
+        labels = band_labels(self.edges)
+        totals = [0.0] * len(centers)
+        s.model.eval()
+        try:
+            with preserved_rng():
+                gen = torch.Generator().manual_seed(cfg.run.seed + 4242)
+                for batch in self._val_batches:
+                    x = batch["video"].float()
+                    cond = self._cond(batch, drop_captions=False)
+                    for i, c in enumerate(centers):
+                        noise = torch.randn(x.shape, generator=gen).to(self.dist.device)
+                        t = self.diffusion.t_of_logsnr(torch.full((x.shape[0],), c)).to(self.dist.device)
+                        with s.autocast():
+                            per_sample, _ = self.diffusion.loss_terms(
+                                s.forward, x.to(self.dist.device), t=t, noise=noise, **cond)
+                        totals[i] += float(per_sample.mean())
+        finally:
+            s.model.train()
+        n = len(self._val_batches)
+        result = {f"val/loss_band/{label}": tot / n for label, tot in zip(labels, totals)}
+        result["val/loss"] = sum(totals) / (n * len(totals))
+        self.metrics.scalars(result, self.step)
+        self.metrics.print(f"[val] step {self.step}: loss {result['val/loss']:.4f}")
+        return result
+
+    # ------------------------------------------------------------------ samples
+    def _prompts(self):
+        if self._prompt_cache is None:
+            from trainer.generate import encode_prompts, load_text_encoder
+
+            if not self.text_encoder_name:
+                raise RuntimeError("run.sample_prompts needs a text encoder: set run.text_encoder or use shards "
+                                   "whose index.json names one")
+            enc = load_text_encoder(self.text_encoder_name, self.cfg.data.max_text_len)
+            self._prompt_cache = encode_prompts(enc, list(self.cfg.run.sample_prompts))
+        return self._prompt_cache
+
+    def sample_to_tensorboard(self) -> list[Path]:
+        """EMA-weight samples for run.sample_prompts → TensorBoard (samples/<i>) and out_dir/samples/."""
+        from model.unet import SpaceTimeUNet
+        from trainer.generate import generate
+        from trainer.video_io import to_uint8_frames, write_gif, write_mp4
+
+        full = self.strategy.gather_full_state(self.ema.shadow)  # collective
+        written: list[Path] = []
+        if self.rank == 0:
+            cfg = self.cfg
+            with preserved_rng():
+                emb, mask = self._prompts()
+                model = SpaceTimeUNet(cfg.model)
+                model.load_state_dict(full)
+                model.to(self.dist.device)
+                sc = cfg.sampling
+                videos = generate(model, self.diffusion, emb, mask, frames=cfg.data.num_frames,
+                                  height=cfg.data.image_size, width=cfg.data.image_size,
+                                  channels=cfg.model.in_channels, sampler=sc.sampler, steps=cfg.run.sample_steps,
+                                  gamma=sc.gamma, langevin_delta=sc.langevin_delta,
+                                  guidance_weight=sc.guidance_weight, clip_x=sc.clip_x, seed=cfg.run.seed,
+                                  device=self.dist.device)
+                del model
+            out = self.out_dir / "samples" / ckpt.step_dir_name(self.step)
+            for i, (video, prompt) in enumerate(zip(videos, cfg.run.sample_prompts)):
+                frames = to_uint8_frames(video)
+                self.metrics.video(f"samples/{i}", frames, self.step, upscale=max(1, 64 // frames.shape[1]))
+                slug = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:40]
+                written += [write_mp4(out / f"{i}_{slug}.mp4", frames), write_gif(out / f"{i}_{slug}.gif", frames)]
+            self.metrics.text("samples/prompts", "\n".join(f"{i}: {p}" for i, p in
+                                                          enumerate(cfg.run.sample_prompts)), self.step)
+            self.metrics.print(f"[samples] step {self.step}: {len(written) // 2} videos in {out}")
+            self.metrics.flush()
+        self.strategy.barrier()
+        return written
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def run_training(cfg: TrainConfig) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

@@ -1,0 +1,141 @@
+"""What a run reports: TensorBoard scalars/videos (rank 0 only) and a compact console progress line.
+
+Tags (see docs/trainer.md): train/loss, train/loss_band/<band>, train/lr, train/grad_norm,
+train/skipped_steps, train/rollbacks, perf/samples_per_s, perf/videos_per_s, perf/step_time_s,
+perf/data_wait_s (max over ranks), perf/peak_mem_gb (max over ranks), val/loss, val/loss_band/<band>,
+samples/<i> (animated). Loss per log-SNR band shows which noise levels the model is still bad at,
+which the mean loss hides (high-SNR bands dominate nothing, low-SNR bands everything).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+BAND_WIDTH = 5.0
+
+
+def band_edges(logsnr_min: float = -20.0, logsnr_max: float = 20.0, width: float = BAND_WIDTH) -> list[float]:
+    n = max(1, int(math.ceil((logsnr_max - logsnr_min) / width - 1e-9)))
+    return [logsnr_min + i * width for i in range(n)] + [logsnr_max]
+
+
+def band_labels(edges: list[float]) -> list[str]:
+    return [f"lsnr_{edges[i]:+g}_{edges[i + 1]:+g}" for i in range(len(edges) - 1)]
+
+
+def band_centers(edges: list[float]) -> list[float]:
+    return [(edges[i] + edges[i + 1]) / 2 for i in range(len(edges) - 1)]
+
+
+def band_index(logsnr: torch.Tensor, edges: list[float]) -> torch.Tensor:
+    """Band of each λ; values on the upper edge belong to the last band."""
+    inner = torch.tensor(edges[1:-1], dtype=torch.float32)
+    return torch.bucketize(logsnr.detach().float().cpu(), inner, right=True)
+
+
+class BandAccumulator:
+    """Sum and count of per-sample losses per log-SNR band over a logging interval."""
+
+    def __init__(self, edges: list[float]):
+        self.edges = edges
+        self.labels = band_labels(edges)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.labels), dtype=torch.float64)
+        self.counts = torch.zeros(len(self.labels), dtype=torch.float64)
+
+    def add(self, per_sample: torch.Tensor, logsnr: torch.Tensor) -> None:
+        idx = band_index(logsnr, self.edges)
+        vals = per_sample.detach().double().cpu()
+        self.sums.index_add_(0, idx, vals)
+        self.counts.index_add_(0, idx, torch.ones_like(vals))
+
+    def reduced(self, strategy) -> dict[str, float]:
+        """Mean loss per band over all ranks (bands nobody sampled are left out)."""
+        world = strategy.dist.world_size
+        out = {}
+        for i, label in enumerate(self.labels):
+            total = strategy.all_reduce_mean(float(self.sums[i])) * world
+            count = strategy.all_reduce_mean(float(self.counts[i])) * world
+            if count > 0:
+                out[label] = total / count
+        return out
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA max allocated on GPU; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def progress_line(step: int, total: int, loss: float, lr: float, it_per_s: float, data_frac: float,
+                  skipped: int) -> str:
+    eta = (total - step) / it_per_s if it_per_s > 0 else float("nan")
+    extra = f" | skipped {skipped}" if skipped else ""
+    return (f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {it_per_s:.2f} it/s | "
+            f"data {100 * data_frac:.0f}% | ETA {format_eta(eta)}{extra}")
+
+
+class Metrics:
+    """TensorBoard writer + console output; a no-op on ranks other than 0."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        self.log_dir = Path(out_dir) / "tb"
+        self._writer = None
+        self._t0 = time.time()
+
+    @property
+    def writer(self):
+        if self._writer is None and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir))
+        return self._writer
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, float(value), step)
+
+    def video(self, tag: str, frames, step: int, fps: float = 8.0, upscale: int = 1) -> None:
+        if not self.enabled:
+            return
+        from trainer.video_io import video_summary
+
+        self.writer.file_writer.add_summary(video_summary(tag, frames, fps, upscale), step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text, step)
+
+    def print(self, line: str) -> None:
+        if self.enabled:
+            print(line, file=sys.stdout, flush=True)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,49 @@
+"""Train the text-to-video model.
+
+    python -m trainer.train --config configs/demo.yaml [--set run.steps=100 --set parallel.strategy=ddp]
+    torchrun --standalone --nproc_per_node 2 -m trainer.train --config ... --set parallel.strategy=ddp
+
+A run whose run.out_dir already holds a checkpoint resumes from it. Exit codes: 0 = finished,
+124 = stopped by SIGUSR1/SIGTERM after writing a checkpoint (requeue the job to continue),
+2 = bad config, 1 = any other error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.loop import run_training
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML file (configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from trainer.distributed import destroy_distributed
+
+    try:
+        code = run_training(cfg)
+    finally:
+        destroy_distributed()
+    return code
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.exit(code)
