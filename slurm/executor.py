@@ -26,12 +26,16 @@ def slurm_available() -> bool:
 
 
 def _extra_params(extra_sbatch: dict[str, Any] | list[str] | None) -> dict[str, Any]:
-    """Accept {"qos": "high"} or ["qos=high", "--exclusive"] and give sbatch's long-option names."""
+    """Accept {"qos": "high"} or ["qos=high", "--exclusive"] and give sbatch's long-option names.
+
+    `--requeue` is always on: a preempted or timed-out job must be allowed back into the queue.
+    """
+    out: dict[str, Any] = {"requeue": True}
     if not extra_sbatch:
-        return {}
+        return out
     if isinstance(extra_sbatch, dict):
-        return {str(k).lstrip("-").replace("_", "-"): v for k, v in extra_sbatch.items()}
-    out: dict[str, Any] = {}
+        out.update({str(k).lstrip("-").replace("_", "-"): v for k, v in extra_sbatch.items()})
+        return out
     for item in extra_sbatch:
         key, sep, value = str(item).lstrip("-").partition("=")
         if not key:
@@ -88,9 +92,7 @@ def make_executor(
             params["slurm_partition"] = partition
         if array_parallelism:
             params["slurm_array_parallelism"] = int(array_parallelism)
-        extra = _extra_params(extra_sbatch)
-        if extra:
-            params["slurm_additional_parameters"] = extra
+        params["slurm_additional_parameters"] = _extra_params(extra_sbatch)
         if setup:
             params["slurm_setup"] = list(setup)
     ex.update_parameters(**params)

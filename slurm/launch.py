@@ -1,0 +1,266 @@
+"""Submit training to SLURM from Python (submitit), with save-and-requeue on preemption or timeout.
+
+    python -m slurm.launch --config configs/vdm_t2v_small_16x64.yaml --set run.out_dir=runs/small \
+        --nodes 4 --gpus-per-node 8 --cpus-per-task 12 --partition gpu --time 2880 [--wait] [--dry-run]
+
+Why a subprocess per task instead of calling the trainer in-process: the trainer owns its signal
+handling (finish the step, save, exit 124), its process group and its CUDA context; submitit's
+runner stays a thin supervisor that forwards signals, requeues and reports a crash with its log.
+
+Signals: submitit asks SLURM for USR2 `signal_delay_s` before the time limit. Every task forwards
+it to its trainer as USR1 (the trainer's "save and exit 124"); on rank 0 submitit then calls
+`TrainTask.checkpoint()`, which waits for that save and hands submitit a fresh `DelayedSubmission`,
+and submitit runs `scontrol requeue`. A USR1 sent by hand (`scancel --signal=USR1 <job>`) takes the
+same save + requeue path. SIGTERM (scancel) makes the trainer save but never requeues: a cancel
+stays a cancel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.helpers import Checkpointable, DelayedSubmission
+
+from slurm import env as slurm_env
+from slurm.executor import SIGNAL_DELAY_S, make_executor, slurm_available
+
+EXIT_SAVED = 124  # trainer: "checkpoint saved after a signal, requeue me"
+TRAIN_MODULE_ENV = "VDM_TRAIN_MODULE"  # tests and debugging swap the trainer for a probe
+
+
+def _log(msg: str) -> None:
+    print(f"[slurm.launch {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _ignore_usr2() -> None:  # runs in the child between fork and exec
+    # SLURM signals every process of the step; USR2 is submitit's, and its default action would
+    # kill the trainer. The USR1 we forward is the trainer's own signal.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+class TrainTask(Checkpointable):
+    """The callable submitit runs on every task: one trainer process with this task's ranks."""
+
+    def __init__(self, config: str, sets: list[str], root: str, python: str | None = None,
+                 module: str | None = None) -> None:
+        self.config = config
+        self.sets = list(sets)
+        self.root = root
+        self.python = python or sys.executable
+        self.module = module or os.environ.get(TRAIN_MODULE_ENV, "trainer.train")
+        self._child: subprocess.Popen | None = None
+        self._stop: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # the pickle submitit writes must not hold a process
+        state = dict(self.__dict__)
+        state["_child"], state["_stop"] = None, None
+        return state
+
+    def command(self) -> list[str]:
+        cmd = [self.python, "-m", self.module, "--config", self.config]
+        for s in self.sets:
+            cmd += ["--set", s]
+        return cmd
+
+    # ------------------------------------------------------------------ signals
+    def _forward(self, signum: int) -> None:
+        if self._child is not None and self._child.poll() is None:
+            self._child.send_signal(signum)
+
+    def _install_handlers(self) -> None:
+        submitit_usr2 = signal.getsignal(signal.SIGUSR2)
+
+        def on_usr(signum: int, frame: Any) -> None:
+            self._stop = signal.Signals(signum).name  # a requeue request wins over an earlier TERM
+            _log(f"received {signal.Signals(signum).name}: asking the trainer to save (SIGUSR1)")
+            self._forward(signal.SIGUSR1)
+            if signum == signal.SIGUSR2 and callable(submitit_usr2):
+                submitit_usr2(signum, frame)  # rank 0: checkpoint() + requeue + exit; others: returns
+
+        def on_term(signum: int, frame: Any) -> None:
+            self._stop = self._stop or "SIGTERM"
+            _log("received SIGTERM: the trainer saves; the job is not requeued (cancel or preemption)")
+            self._forward(signal.SIGTERM)
+
+        signal.signal(signal.SIGUSR1, on_usr)
+        signal.signal(signal.SIGUSR2, on_usr)
+        signal.signal(signal.SIGTERM, on_term)
+
+    def _wait_child(self, timeout_s: float | None = None) -> int | None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._child is not None and self._child.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
+        return None if self._child is None else self._child.returncode
+
+    # ------------------------------------------------------------------ submitit entry points
+    def __call__(self) -> dict[str, Any]:
+        env = dict(os.environ)
+        dist = slurm_env.dist_env(env)
+        env.update(dist)
+        env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        env["PYTHONUNBUFFERED"] = "1"
+        _log(f"{slurm_env.describe(dist)} restart {env.get('SLURM_RESTART_COUNT', '0')}: "
+             + shlex.join(self.command()))
+        self._install_handlers()
+        t0 = time.time()
+        self._child = subprocess.Popen(self.command(), cwd=self.root, env=env, preexec_fn=_ignore_usr2)
+        rc = self._wait_child()
+        rank = int(dist["RANK"])
+        _log(f"rank {rank}: trainer exited with code {rc} after {time.time() - t0:.1f} s")
+        if rc == EXIT_SAVED:
+            if self._stop == "SIGTERM":
+                raise RuntimeError(f"rank {rank}: stopped by SIGTERM after saving a checkpoint; "
+                                   "resubmit with the same run.out_dir to resume")
+            self._requeue_and_wait(rank)
+        if rc != 0:
+            raise RuntimeError(f"rank {rank}: trainer `{shlex.join(self.command())}` failed with exit "
+                               f"code {rc}; see this task's log")
+        return {"rank": rank, "world_size": int(dist["WORLD_SIZE"]), "returncode": rc,
+                "master_addr": dist["MASTER_ADDR"], "restarts": int(env.get("SLURM_RESTART_COUNT", "0")),
+                "seconds": round(time.time() - t0, 2)}
+
+    def _requeue_and_wait(self, rank: int) -> None:
+        """The trainer saved on a signal: rank 0 requeues the job; every task then waits to be stopped."""
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if rank == 0 and job_id:
+            _log(f"checkpoint saved ({self._stop or 'trainer request'}); requeueing job {job_id}")
+            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+        time.sleep(120)  # SLURM stops this task as part of the requeue
+        raise RuntimeError(f"rank {rank}: the trainer saved and asked for a requeue, but job {job_id} "
+                           "was not requeued")
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        """Called by submitit on rank 0 at timeout/preemption (USR2): wait for the trainer's save.
+
+        The training state lives in run.out_dir (the trainer resumes from it by itself), so the
+        resubmitted callable is a fresh copy of this one with the same arguments.
+        """
+        rc = self._wait_child(timeout_s=max(SIGNAL_DELAY_S - 15, 10))
+        _log(f"checkpoint(): trainer exited with code {rc} "
+             f"({'saved' if rc == EXIT_SAVED else 'still running' if rc is None else 'not a save'})")
+        if rc is None:
+            self._forward(signal.SIGTERM)
+        return DelayedSubmission(TrainTask(self.config, self.sets, self.root, self.python, self.module))
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m slurm.launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="training config (configs/<name>.yaml)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable (as for trainer.train)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--tasks-per-node", type=int, default=None,
+                   help="processes per node (default: one per GPU, or 1 without GPUs)")
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--partition", default=None)
+    p.add_argument("--time", dest="time_min", type=int, default=60, help="time limit in minutes")
+    p.add_argument("--job-name", default="vdm-train")
+    p.add_argument("--log-dir", default=None, help="submitit folder (default: <run.out_dir>/slurm/%%j)")
+    p.add_argument("--sbatch", dest="extra_sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra sbatch option, repeatable (e.g. --sbatch qos=high --sbatch exclusive)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the job and report its result")
+    p.add_argument("--wait-timeout", type=float, default=None, help="give up waiting after this many seconds")
+    return p
+
+
+def resolve_run_dir(config: str, sets: list[str], root: Path) -> Path:
+    """Validate the config now (fail before queueing for hours) and return the absolute run.out_dir."""
+    from trainer.config import TrainConfig, load_config
+
+    out = Path(load_config(TrainConfig, config, sets).run.out_dir)
+    return out if out.is_absolute() else root / out
+
+
+def executor_kwargs(args: argparse.Namespace, folder: str) -> dict[str, Any]:
+    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
+    return dict(nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node,
+                cpus_per_task=args.cpus_per_task, partition=args.partition, time_min=args.time_min,
+                job_name=args.job_name, extra_sbatch=args.extra_sbatch or None)
+
+
+def render_sbatch(folder: str, **kw: Any) -> str:
+    """The sbatch script submitit would submit for make_executor(folder, **kw), built without SLURM."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from slurm.executor import _extra_params
+
+    params: dict[str, Any] = dict(job_name=kw["job_name"], nodes=kw["nodes"], ntasks_per_node=kw["tasks_per_node"],
+                                  time=kw["time_min"], signal_delay_s=SIGNAL_DELAY_S)
+    if kw.get("gpus_per_node"):
+        params["gpus_per_node"] = kw["gpus_per_node"]
+    if kw.get("cpus_per_task"):
+        params["cpus_per_task"] = kw["cpus_per_task"]
+    if kw.get("partition"):
+        params["partition"] = kw["partition"]
+    params["additional_parameters"] = _extra_params(kw.get("extra_sbatch"))
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
+    return _make_sbatch_string(command=command, folder=folder, **params)
+
+
+def wait_for(job: submitit.Job, timeout_s: float | None) -> tuple[bool, Any]:
+    """(ok, results or error text). Polls SLURM (sacct/squeue) so a job that died is noticed."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while not job.done(force_check=True):
+        if deadline is not None and time.monotonic() > deadline:
+            return False, f"still {job.state} after {timeout_s:.0f} s (not cancelled)"
+        time.sleep(2)
+    try:
+        return True, job.results()
+    except Exception as e:  # noqa: BLE001 - submitit raises several types; all mean "failed"
+        return False, f"{type(e).__name__}: {str(e).strip()[-3000:]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    root = Path.cwd()
+    try:
+        run_dir = resolve_run_dir(args.config, args.sets, root)
+    except (ValueError, OSError) as e:
+        print(f"slurm.launch: invalid config {args.config} {' '.join(args.sets)}: {e}", file=sys.stderr)
+        return 2
+    folder = args.log_dir or str(run_dir / "slurm" / "%j")
+    kw = executor_kwargs(args, folder)
+    task = TrainTask(str(Path(args.config).resolve()), args.sets, str(root))
+    if args.dry_run:
+        print(render_sbatch(folder, **kw))
+        print(f"# each task runs: {shlex.join(task.command())}  (cwd {root}; ranks from SLURM_PROCID etc.)")
+        return 0
+    if not slurm_available():
+        print("slurm.launch: no SLURM here (sbatch/srun not found); try --dry-run, or "
+              "`sudo slurm/local_cluster.sh up` for a local test cluster", file=sys.stderr)
+        return 2
+    executor = make_executor(folder, **kw)
+    job = executor.submit(task)
+    stdout, stderr = job.paths.stdout, job.paths.stderr
+    print(f"submitted job {job.job_id} ({args.nodes} node(s) x {kw['tasks_per_node']} task(s))")
+    print(f"  logs:        {stdout}  (rank 0; other ranks: _<rank>_log.out)  errors: {stderr}")
+    print(f"  run dir:     {run_dir}  (checkpoints/, tb/)")
+    print(f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}")
+    print(f"  follow:      squeue -j {job.job_id}; tail -f {stdout}")
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    ok, out = wait_for(job, args.wait_timeout)
+    if ok:
+        print(f"job {job.job_id} COMPLETED: {out}")
+        return 0
+    print(f"job {job.job_id} FAILED ({job.state}): {out}\n  log: {stdout}\n  errors: {stderr}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Helpers for tests that run jobs on the real local SLURM cluster (slurm/local_cluster.sh)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+            "BOOT_FAIL", "DEADLINE"}
+
+
+def cluster_up() -> str | None:
+    """None when a SLURM controller answers and has idle/mixed nodes, else the reason why not."""
+    try:
+        subprocess.run(["scontrol", "ping"], check=True, capture_output=True, timeout=10)
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=True, capture_output=True,
+                               text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"no SLURM cluster ({e}); start one with `slurm/local_cluster.sh up` (root)"
+    if not any(line.split()[1:2] and line.split()[1] in ("idle", "mixed", "allocated") for line in nodes if line):
+        return f"SLURM nodes not usable: {nodes}"
+    return None
+
+
+def require_cluster(min_nodes: int = 1) -> None:
+    """Skip locally, FAIL under CI=true (no silent skips in CI)."""
+    reason = cluster_up()
+    if reason is None:
+        n = len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
+        if n < min_nodes:
+            reason = f"the cluster has {n} node(s), the test needs {min_nodes}"
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and the SLURM cluster is not usable: {reason}")
+    pytest.skip(reason)
+
+
+def job_state(job_id: str) -> str:
+    """State of the job's allocation from sacct (accounting), else squeue, else ''."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                         text=True, timeout=30).stdout.split()
+    if out:
+        return out[0].split()[0]
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                         timeout=30).stdout.split()
+    return out[0] if out else ""
+
+
+def wait_state(job_id: str, states: set[str], timeout_s: float) -> str:
+    """Poll until the job reaches one of `states`; fails the test (with the state) on timeout."""
+    deadline = time.monotonic() + timeout_s
+    state = ""
+    while time.monotonic() < deadline:
+        state = job_state(job_id)
+        if state in states:
+            return state
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], capture_output=True)
+    pytest.fail(f"job {job_id} not in {sorted(states)} after {timeout_s:.0f} s (state {state!r}); cancelled")
+
+
+def wait_file(path: Path, timeout_s: float, job_id: str | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if job_id and job_state(job_id) in TERMINAL:
+            break
+        time.sleep(0.2)
+    if job_id:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    pytest.fail(f"{path} did not appear within {timeout_s:.0f} s (job {job_id} state {job_id and job_state(job_id)})")
+
+
+def probe_env(**extra: str) -> dict[str, str]:
+    """Environment that makes the launchers run tests/slurm_probe.py instead of the trainer."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["VDM_TRAIN_MODULE"] = "slurm_probe"
+    env.update(extra)
+    return env
+
+
+def sbatch(args: list[str], env: dict[str, str] | None = None) -> str:
+    """Submit from the repo root; returns the job id."""
+    out = subprocess.run(["sbatch", "--parsable", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, f"sbatch failed: {out.stderr}"
+    return out.stdout.strip().split(";")[0]

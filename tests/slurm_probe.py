@@ -1,0 +1,41 @@
+"""Stand-in for `trainer.train` in the SLURM launch tests (VDM_TRAIN_MODULE=slurm_probe).
+
+Takes the trainer's CLI, records the rank/rendezvous environment it was started with, and behaves
+like the trainer's signal contract: on SIGUSR1/SIGTERM it "saves" and exits 124. Env knobs:
+PROBE_SECONDS (run this long on the first start, default 0), PROBE_EXIT (exit code, default 0).
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+from trainer.config import TrainConfig, load_config
+
+args = sys.argv[1:]
+sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+cfg = load_config(TrainConfig, args[args.index("--config") + 1], sets)
+os.makedirs(cfg.run.out_dir, exist_ok=True)
+got: list[str] = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append("USR1"))
+signal.signal(signal.SIGTERM, lambda s, f: got.append("TERM"))
+keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURMD_NODENAME",
+        "SLURM_RESTART_COUNT", "SLURM_JOB_ID", "OMP_NUM_THREADS"]
+rec = {k: os.environ.get(k) for k in keys}
+restart = rec["SLURM_RESTART_COUNT"] or "0"
+print("PROBE start", json.dumps(rec), flush=True)
+open(os.path.join(cfg.run.out_dir, f"probe-rank{rec['RANK']}-restart{restart}.started"), "w").close()
+seconds = 0.0 if restart != "0" else float(os.environ.get("PROBE_SECONDS", "0"))
+t0 = time.time()
+while time.time() - t0 < seconds and not got:
+    time.sleep(0.05)
+rec["signals"] = got
+with open(os.path.join(cfg.run.out_dir, f"probe-rank{rec['RANK']}-restart{restart}.json"), "w") as f:
+    json.dump(rec, f)
+if got:
+    print(f"PROBE saved after {got}", flush=True)
+    sys.exit(124)
+code = int(os.environ.get("PROBE_EXIT", "0"))
+print(f"PROBE done, exit {code}", flush=True)
+sys.exit(code)

@@ -1,0 +1,185 @@
+"""Both launch paths on the real local SLURM cluster (2 virtual nodes), with a probe as the trainer.
+
+The probe (tests/slurm_probe.py) keeps the trainer's contract: same CLI, SIGUSR1/SIGTERM -> "save"
+and exit 124. These tests prove the launch mechanics (ranks, rendezvous, signal forwarding,
+requeue, crash reports); tests/test_slurm_training.py runs the real trainer the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from slurm_helpers import REPO, probe_env, require_cluster, sbatch, wait_file, wait_state
+
+from slurm import env as slurm_env
+
+pytestmark = pytest.mark.slurm
+
+SMALL = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=5"]
+
+
+@pytest.fixture(autouse=True)
+def _cluster():
+    require_cluster(min_nodes=2)
+
+
+def _records(out_dir, restart=0):
+    return sorted((json.loads(p.read_text()) for p in out_dir.glob(f"probe-rank*-restart{restart}.json")),
+                  key=lambda r: r["RANK"])
+
+
+def test_train_sh_two_nodes_ranks_and_rendezvous(tmp_path):
+    run = tmp_path / "run"
+    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  "--set", f"run.out_dir={run}"], env=probe_env())
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 90) == "COMPLETED"
+    recs = _records(run)
+    assert [r["RANK"] for r in recs] == ["0", "1"]
+    assert {r["WORLD_SIZE"] for r in recs} == {"2"} and {r["LOCAL_RANK"] for r in recs} == {"0"}
+    assert {r["SLURMD_NODENAME"] for r in recs} == {"n1", "n2"}
+    # all ranks agree on the rendezvous, and it is the same derivation slurm.env gives
+    assert {(r["MASTER_ADDR"], r["MASTER_PORT"]) for r in recs} == {("n1", str(slurm_env.master_port(job)))}
+    assert {r["OMP_NUM_THREADS"] for r in recs} == {"1"}
+    log = (tmp_path / f"vdm-train-{job}.out").read_text()
+    assert log.count("MASTER_ADDR=n1") >= 3 and "training tasks exited with code 0" in log
+    # the job's log is reachable from the run directory
+    assert (run / "logs" / f"slurm-{job}.out").resolve() == (tmp_path / f"vdm-train-{job}.out").resolve()
+
+
+def test_train_sh_usr1_saves_requeues_and_restarts(tmp_path):
+    """USR1 reaches the python tasks; exit 124 -> scontrol requeue -> same job restarts (restart 1)."""
+    run = tmp_path / "run"
+    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_SECONDS="60"))
+    wait_file(run / "probe-rank1-restart0.started", 60, job)
+    wait_file(run / "probe-rank0-restart0.started", 60, job)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    wait_file(run / "probe-rank0-restart1.json", 90, job)
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "COMPLETED"
+    first, second = _records(run, 0), _records(run, 1)
+    assert [r["signals"] for r in first] == [["USR1"], ["USR1"]]
+    assert [r["SLURM_RESTART_COUNT"] for r in second] == ["1", "1"] and all(r["SLURM_JOB_ID"] == job for r in second)
+    log = (tmp_path / f"vdm-train-{job}.out").read_text()  # appended across the restart, not replaced
+    assert "requeueing job" in log and "restart 0:" in log and "restart 1:" in log
+
+
+def test_train_sh_usr1_to_batch_shell_is_forwarded(tmp_path):
+    """With --signal=B:USR1@.. only the batch script gets the signal; it must forward it to srun's tasks."""
+    run = tmp_path / "run"
+    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_SECONDS="60"))
+    wait_file(run / "probe-rank1-restart0.started", 60, job)
+    wait_file(run / "probe-rank0-restart0.started", 60, job)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
+    wait_file(run / "probe-rank1-restart1.json", 90, job)
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "COMPLETED"
+    assert "received SIGUSR1, forwarding" in (tmp_path / f"vdm-train-{job}.out").read_text()
+
+
+def test_train_sh_cancel_saves_but_is_not_requeued(tmp_path):
+    run = tmp_path / "run"
+    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_SECONDS="60"))
+    wait_file(run / "probe-rank0-restart0.started", 60, job)
+    wait_file(run / "probe-rank1-restart0.started", 60, job)
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    assert wait_state(job, {"CANCELLED", "COMPLETED", "FAILED"}, 60) == "CANCELLED"
+    wait_file(run / "probe-rank0-restart0.json", 30)
+    assert _records(run)[0]["signals"] == ["TERM"]  # the trainer was told to save
+    subprocess.run(["sleep", "8"])  # longer than cred_expire: a requeued job would be back by now
+    assert wait_state(job, {"CANCELLED"}, 5) == "CANCELLED"
+    assert not list(run.glob("probe-rank*-restart1.*"))
+
+
+def test_train_sh_crash_fails_the_job(tmp_path):
+    run = tmp_path / "run"
+    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_EXIT="3"))
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 90) == "FAILED"
+    exit_code = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "ExitCode"], capture_output=True,
+                               text=True).stdout.split()[0]
+    assert exit_code == "3:0"
+    assert "training tasks exited with code 3" in (tmp_path / f"vdm-train-{job}.out").read_text()
+
+
+def _launch(tmp_path, *extra, env=None, timeout=180):
+    return subprocess.run([sys.executable, "-m", "slurm.launch", "--config", "configs/demo.yaml",
+                           "--set", f"run.out_dir={tmp_path / 'run'}", "--nodes", "2", "--cpus-per-task", "1",
+                           "--time", "5", *extra], cwd=REPO, env=env or probe_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_launch_two_nodes_returns_results(tmp_path):
+    r = _launch(tmp_path, "--wait", "--wait-timeout", "120")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "submitted job" in r.stdout and "tensorboard --logdir" in r.stdout and "_0_log.out" in r.stdout
+    assert "COMPLETED" in r.stdout
+    recs = _records(tmp_path / "run")
+    assert [r["RANK"] for r in recs] == ["0", "1"] and {r["WORLD_SIZE"] for r in recs} == {"2"}
+    assert {r["MASTER_ADDR"] for r in recs} == {"n1"} and {r["SLURMD_NODENAME"] for r in recs} == {"n1", "n2"}
+
+
+def test_launch_crash_is_reported_failed_with_log_path(tmp_path):
+    r = _launch(tmp_path, "--wait", "--wait-timeout", "120", env=probe_env(PROBE_EXIT="3"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAILED" in r.stderr and "failed with exit code 3" in r.stderr
+    log_line = next(line for line in r.stderr.splitlines() if line.strip().startswith("log:"))
+    log_path = log_line.split("log:", 1)[1].strip()
+    assert log_path.startswith(str(tmp_path / "run" / "slurm")) and "PROBE done, exit 3" in open(log_path).read()
+
+
+def _submit_probe(tmp_path, **env):
+    """Submit through the library (as slurm.launch does) so the test holds the submitit Job."""
+    import os
+
+    from slurm.executor import make_executor
+    from slurm.launch import TrainTask
+
+    old = dict(os.environ)
+    os.environ.update(probe_env(**env))
+    try:
+        ex = make_executor(tmp_path / "run" / "slurm" / "%j", nodes=2, tasks_per_node=1, cpus_per_task=1,
+                           time_min=5)
+        task = TrainTask(str(REPO / "configs/demo.yaml"), [f"run.out_dir={tmp_path / 'run'}"], str(REPO))
+        return ex.submit(task)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+@pytest.mark.parametrize("how", ["usr1", "timeout_usr2"])
+def test_launch_signal_saves_requeues_and_finishes(tmp_path, how):
+    """USR1 by hand, or submitit's own timeout signal (USR2 -> checkpoint()), both requeue the job."""
+    from slurm.launch import wait_for
+
+    run = tmp_path / "run"
+    job = _submit_probe(tmp_path, PROBE_SECONDS="60")
+    wait_file(run / "probe-rank0-restart0.started", 60, job.job_id)
+    wait_file(run / "probe-rank1-restart0.started", 60, job.job_id)
+    if how == "usr1":
+        subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True, timeout=30)
+    else:
+        job._interrupt(timeout=True)  # what SLURM sends signal_delay_s before the time limit
+    ok, results = wait_for(job, 120)
+    assert ok, results
+    assert [r["restarts"] for r in results] == [1, 1] and [r["rank"] for r in results] == [0, 1]
+    first = _records(run, 0)
+    # every rank's trainer was asked to save (directly by SLURM and/or forwarded by its submitit task)
+    assert len(first) == 2 and all(set(r["signals"]) == {"USR1"} for r in first), first
+    assert len(_records(run, 1)) == 2
+
+
+def test_launch_dry_run_matches_what_submitit_submits(tmp_path):
+    """--dry-run renders the script without SLURM; it must equal the real executor's script."""
+    from slurm.executor import make_executor
+    from slurm.launch import render_sbatch
+
+    folder = str(tmp_path / "%j")
+    kw = dict(nodes=2, tasks_per_node=1, gpus_per_node=0, cpus_per_task=1, partition="debug", time_min=7,
+              job_name="x", extra_sbatch=["qos=normal"])
+    ex = make_executor(folder, **kw)
+    real = ex._executor._make_submission_file_text(ex._executor._submitit_command_str, "uid")
+    assert render_sbatch(folder, **kw) == real

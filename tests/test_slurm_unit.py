@@ -1,0 +1,100 @@
+"""SLURM helpers that need no cluster: host lists, ports, rank mapping, the dry-run script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from slurm_helpers import REPO, probe_env
+
+from slurm import env as slurm_env
+from slurm.executor import _extra_params, make_executor
+
+
+def test_expand_nodelist_matches_slurm_syntax():
+    assert slurm_env.expand_nodelist("n[1-2]") == ["n1", "n2"]
+    assert slurm_env.expand_nodelist("gpu[01-03,7],login1") == ["gpu01", "gpu02", "gpu03", "gpu7", "login1"]
+    assert slurm_env.expand_nodelist("node5") == ["node5"]
+
+
+def test_dist_env_maps_slurm_variables_and_derives_rendezvous():
+    env = {"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",
+           "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456", "SLURM_TASKS_PER_NODE": "8(x2)",
+           "MASTER_ADDR": "stale-host", "MASTER_PORT": "1"}
+    d = slurm_env.dist_env(env)
+    assert d["RANK"] == "9" and d["LOCAL_RANK"] == "1" and d["WORLD_SIZE"] == "16"
+    assert d["LOCAL_WORLD_SIZE"] == "8"
+    # inside a job the rendezvous always comes from the job, not from a stale exported value
+    assert d["MASTER_ADDR"] == "gpu07"
+    assert d["MASTER_PORT"] == str(29500 + 123456 % 2000)
+
+
+def test_dist_env_unset_means_single_process():
+    d = slurm_env.dist_env({})
+    assert (d["RANK"], d["WORLD_SIZE"], d["LOCAL_RANK"], d["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
+
+
+def test_master_port_differs_between_neighbouring_jobs_and_stays_in_range():
+    ports = {slurm_env.master_port(j) for j in range(1000, 1100)}
+    assert len(ports) == 100 and all(29500 <= p < 31500 for p in ports)
+
+
+def test_extra_sbatch_options_always_requeue():
+    assert _extra_params(None) == {"requeue": True}
+    assert _extra_params(["qos=high", "--exclusive"]) == {"requeue": True, "qos": "high", "exclusive": True}
+    assert _extra_params({"mail_type": "END"})["mail-type"] == "END"
+    with pytest.raises(ValueError, match="key=value"):
+        _extra_params(["=x"])
+
+
+def test_make_executor_rejects_bad_sizes_and_runs_locally(tmp_path):
+    with pytest.raises(ValueError, match="nodes=0"):
+        make_executor(tmp_path, nodes=0, cluster="local")
+    ex = make_executor(tmp_path / "%j", cluster="local", cpus_per_task=1, time_min=5)
+    assert ex.submit(sum, [1, 2, 3]).result() == 6
+
+
+def test_dry_run_prints_the_sbatch_script_without_submitting(tmp_path):
+    out_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "slurm.launch", "--config", "configs/demo.yaml",
+                        "--set", f"run.out_dir={out_dir}", "--nodes", "4", "--gpus-per-node", "8",
+                        "--cpus-per-task", "12", "--partition", "gpu", "--time", "2880",
+                        "--sbatch", "qos=high", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    s = r.stdout
+    for flag in ("--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=8", "--cpus-per-task=12",
+                 "--partition=gpu", "--time=2880", "--signal=USR2@120", "--requeue", "--qos=high",
+                 f"--output={out_dir}/slurm/%j/%j_0_log.out"):
+        assert f"#SBATCH {flag}\n" in s, (flag, s)
+    assert "srun --unbuffered" in s and "submitit.core._submit" in s
+    assert f"-m trainer.train --config {REPO}/configs/demo.yaml --set run.out_dir={out_dir}" in s
+    assert not (out_dir / "slurm").exists()  # nothing submitted, nothing written
+
+
+def test_launch_rejects_a_bad_config_before_submitting(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "slurm.launch", "--config", "configs/demo.yaml",
+                        "--set", "run.stepz=3", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "run.stepz" in r.stderr
+
+
+def test_train_sh_outside_slurm_runs_one_task_with_rank_zero(tmp_path):
+    """The batch script also runs by hand (no SLURM variables): one task, WORLD_SIZE=1."""
+    env = probe_env()
+    for k in list(env):
+        if k.startswith("SLURM_"):
+            del env[k]
+    r = subprocess.run(["bash", "slurm/train.sh", "configs/demo.yaml", "--set", f"run.out_dir={tmp_path}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = json.loads((tmp_path / "probe-rank0-restart0.json").read_text())
+    assert (rec["RANK"], rec["WORLD_SIZE"], rec["LOCAL_RANK"], rec["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
+
+
+def test_train_sh_rejects_a_bad_override_before_starting_tasks(tmp_path):
+    r = subprocess.run(["bash", "slurm/train.sh", "configs/demo.yaml", "--set", "optim.lrr=1"], cwd=REPO,
+                       env=probe_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "optim.lrr" in r.stdout + r.stderr
