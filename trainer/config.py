@@ -217,6 +217,9 @@ class DataConfig:
     encoder: str = ""  # text encoder the shards must have been made with ("" = accept any)
     max_text_len: int = 77  # captions' token embeddings are cut to this many tokens
     seed: int = 0
+    prefetch_factor: int = 2  # batches each loader worker prepares ahead
+    # how loader workers start: forkserver/spawn never fork a process that holds PyAV/FFmpeg state
+    worker_start_method: Literal["forkserver", "spawn", "fork"] = "forkserver"
 
 
 @dataclass

@@ -1,0 +1,356 @@
+"""data_pipeline.loader on real tar shards (webdataset.TarWriter), real h264 (PyAV) and real workers."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from data_pipeline.decode import BadSample, decode_sample
+from data_pipeline.index import ShardIndexError, read_index
+from data_pipeline.loader import build_loader
+from data_pipeline.mp4 import encode_mp4
+from data_pipeline.plan import buffer_shuffle_order, train_plan
+from trainer.config import DataConfig
+
+D = 8  # embedding width of the fixture "encoder"
+ENCODER = "fixture-encoder"
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+def clip_frames(i: int, t: int, h: int, w: int) -> np.ndarray:
+    """Clip i: flat frames whose colour identifies (clip, frame) exactly, plus a moving bar."""
+    out = np.empty((t, h, w, 3), dtype=np.uint8)
+    for f in range(t):
+        out[f] = (20 + (i * 37) % 200, 20 + f * 30, 20 + (i * 11) % 200)
+        out[f, :, (f * 3) % w] = 250
+    return out
+
+
+def text_emb(i: int) -> np.ndarray:
+    """float16 [L_i, D], L_i varies with i; row 0 column 0 holds i so tests can tie embedding to key."""
+    length = 2 + i % 5
+    emb = np.full((length, D), 0.01 * (i % 7), dtype=np.float16)
+    emb[:, 0] = i
+    return emb
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_shards(out: Path, counts: list[int], *, fmt: str = "npy", frames: int = 4, size: int = 16,
+                 encoder: str = ENCODER, start: int = 0, extra_samples: dict | None = None) -> list[str]:
+    """Shards in the documented format (+ index.json); returns the keys in index order."""
+    out.mkdir(parents=True, exist_ok=True)
+    keys, entries, i = [], [], start
+    for n, count in enumerate(counts):
+        name = f"shard-{n:06d}.tar"
+        with wds.TarWriter(str(out / name)) as sink:
+            for _ in range(count):
+                key = f"s{i:05d}"
+                sample = {"__key__": key, "txt": f"caption {i}", "emb.npy": npy_bytes(text_emb(i)),
+                          "json": json.dumps({"source": f"v{i}.mp4", "encoder": encoder})}
+                frames_i = clip_frames(i, frames, size, size)
+                if fmt == "mp4":
+                    sample["mp4"] = encode_mp4(frames_i, fps=8)
+                else:
+                    sample["frames.npy"] = npy_bytes(frames_i)
+                sample.update((extra_samples or {}).get(key, {}))
+                sink.write(sample)
+                keys.append(key)
+                i += 1
+        entries.append({"name": name, "count": count})
+    index = {"version": 1, "shards": entries, "total": sum(counts), "encoder": {"name": encoder, "dim": D},
+             "clip": {"frames": frames, "height": size, "width": size, "fps": 8.0, "stride": None},
+             "format": fmt, "config_hash": "test"}
+    (out / "index.json").write_text(json.dumps(index))
+    return keys
+
+
+def cfg(shards: Path, **kw) -> DataConfig:
+    base = dict(shards=str(shards), batch_size=2, num_workers=0, shuffle_buffer=8, num_frames=4, image_size=16,
+                num_image_frames=0, encoder=ENCODER, max_text_len=77, seed=3)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def take(loader, n: int) -> list[dict]:
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def key_id(key: str) -> int:
+    return int(key[1:])
+
+
+# ------------------------------------------------------------------------------------ batches
+
+
+def test_mp4_batch_shapes_dtypes_ranges_and_content(tmp_path):
+    write_shards(tmp_path / "s", [5, 4], fmt="mp4")
+    loader = build_loader(cfg(tmp_path / "s", batch_size=3), train=True)
+    batches = take(loader, 3)
+    for b in batches:
+        assert set(b) == {"video", "text_emb", "text_mask", "num_video_frames", "keys", "captions"}
+        assert b["video"].shape == (3, 3, 4, 16, 16) and b["video"].dtype == torch.float32
+        assert b["video"].min() >= -1.0 and b["video"].max() <= 1.0 and b["video"].std() > 0.1
+        assert b["num_video_frames"] == 4
+        lens = [text_emb(key_id(k)).shape[0] for k in b["keys"]]
+        assert b["text_emb"].shape == (3, max(lens), D) and b["text_emb"].dtype == torch.float32
+        assert b["text_mask"].dtype == torch.bool and b["text_mask"].sum(1).tolist() == lens
+        assert b["captions"] == [f"caption {key_id(k)}" for k in b["keys"]]
+        for row, k in enumerate(b["keys"]):
+            i = key_id(k)
+            assert b["text_emb"][row, 0, 0].item() == i  # embedding travels with its key
+            assert not b["text_emb"][row, lens[row]:].any()  # padding is zeros
+            # decoded h264 ≈ the frames that were encoded (lossy, so a tolerance)
+            want = torch.from_numpy(clip_frames(i, 4, 16, 16)).permute(3, 0, 1, 2).float() / 127.5 - 1
+            assert (b["video"][row] - want).abs().mean() < 0.05
+
+
+def test_npy_exact_and_text_cut_to_max_len(tmp_path):
+    write_shards(tmp_path / "s", [6], fmt="npy")
+    b = take(build_loader(cfg(tmp_path / "s", batch_size=6, max_text_len=3, shuffle_buffer=0)), 1)[0]
+    assert b["keys"] == [f"s{i:05d}" for i in range(6)]  # one shard, no buffer: tar order
+    assert b["text_emb"].shape[1] == 3 and b["text_mask"].sum(1).tolist() == [min(3, 2 + i % 5) for i in range(6)]
+    want = torch.from_numpy(np.stack([clip_frames(i, 4, 16, 16) for i in range(6)])).permute(0, 4, 1, 2, 3)
+    assert torch.equal(b["video"], want.float() / 127.5 - 1)
+
+
+# ------------------------------------------------------------------------------------ splitting
+
+
+def _epoch_keys(shards: Path, rank: int, batches: int) -> list[str]:
+    loader = build_loader(cfg(shards, num_workers=2, batch_size=1, shuffle_buffer=4), rank=rank, world_size=2)
+    return [k for b in take(loader, batches) for k in b["keys"]]
+
+
+@pytest.mark.parametrize("counts", [[5] * 8, [10, 10]], ids=["whole-shards", "sample-ranges"])
+def test_two_ranks_two_workers_disjoint_and_complete_per_epoch(tmp_path, counts):
+    """8 shards → each of 4 streams reads 2 whole shards; 2 shards < 4 streams → equal sample ranges."""
+    keys = write_shards(tmp_path / "s", counts)
+    per_rank = len(keys) // 2  # samples (= batches of 1) per rank per epoch; streams get equal shares here
+    two_epochs = {r: _epoch_keys(tmp_path / "s", r, 2 * per_rank) for r in (0, 1)}
+    epochs = [[k for r in (0, 1) for k in two_epochs[r][e * per_rank:(e + 1) * per_rank]] for e in (0, 1)]
+    for e in epochs:
+        assert sorted(e) == sorted(keys)  # every sample once per epoch, across ranks and workers
+    assert not set(two_epochs[0][:per_rank]) & set(two_epochs[1][:per_rank])
+    assert epochs[0] != epochs[1]  # reshuffled per epoch
+
+
+def test_plan_buffer_is_a_bounded_local_permutation():
+    rng = np.random.default_rng(0)
+    order = buffer_shuffle_order(500, 16, rng)
+    assert sorted(order.tolist()) == list(range(500)) and order.tolist() != list(range(500))
+    assert all(order[p] < p + 16 for p in range(500))  # never needs more than 16 samples held
+    a = train_plan([7, 0, 5, 9], seed=1, epoch=2, stream=1, n_streams=2, buffer=4)
+    b = train_plan([7, 0, 5, 9], seed=1, epoch=2, stream=1, n_streams=2, buffer=4)
+    assert a.segments == b.segments and np.array_equal(a.order, b.order)
+    assert all(s.shard != 1 for s in a.segments)  # empty shard never planned
+
+
+# ------------------------------------------------------------------------------------ joint training
+
+
+def _own_and_other_frames(keys_in_dataset, key):
+    own = clip_frames(key_id(key), 4, 16, 16)
+    others = [clip_frames(key_id(k), 4, 16, 16) for k in keys_in_dataset if k != key]
+    return own, np.concatenate(others)
+
+
+@pytest.mark.parametrize("batch_size", [3, 1])
+def test_joint_image_frames_come_from_other_clips(tmp_path, batch_size):
+    keys = write_shards(tmp_path / "s", [6, 6])
+    loader = build_loader(cfg(tmp_path / "s", batch_size=batch_size, num_image_frames=2))
+    for b in take(loader, 4):
+        assert b["video"].shape == (batch_size, 3, 6, 16, 16) and b["num_video_frames"] == 4
+        frames = ((b["video"] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+        for row, key in enumerate(b["keys"]):
+            own, others = _own_and_other_frames(keys, key)
+            assert np.array_equal(frames[row, :4], own)
+            for extra in frames[row, 4:]:
+                assert not any(np.array_equal(extra, f) for f in own)
+                assert any(np.array_equal(extra, f) for f in others)
+                if batch_size > 1:  # drawn from the batch's other clips
+                    batch_others = np.concatenate([clip_frames(key_id(k), 4, 16, 16) for k in b["keys"] if k != key])
+                    assert any(np.array_equal(extra, f) for f in batch_others)
+
+
+# ------------------------------------------------------------------------------------ resumption
+
+
+def _same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["keys"] == y["keys"] and x["captions"] == y["captions"]
+        for name in ("video", "text_emb", "text_mask"):
+            assert torch.equal(x[name], y[name]), name
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_yields_exactly_the_uninterrupted_batches(tmp_path, num_workers):
+    """Consume N, save, rebuild, load, next M == the uninterrupted run's (across epoch boundaries)."""
+    write_shards(tmp_path / "s", [7, 5, 9], fmt="mp4")
+    c = cfg(tmp_path / "s", num_workers=num_workers, batch_size=2, shuffle_buffer=6, num_image_frames=1)
+    n, m = 7, 8  # 21 samples: several epochs per stream within n + m batches
+    full = take(build_loader(c), n + m)
+
+    first = build_loader(c)
+    it = iter(first)
+    consumed = [next(it) for _ in range(n)]  # workers have prefetched beyond these
+    _same(consumed, full[:n])
+    state = json.loads(json.dumps(first.state_dict()))  # JSON-able, small
+    assert len(json.dumps(state)) < 2000
+    del it
+
+    resumed = build_loader(c)
+    resumed.load_state_dict(state)
+    _same(take(resumed, m), full[n:])
+    assert resumed.epoch >= 1
+
+
+def test_resume_twice_and_keeps_going_without_reload(tmp_path):
+    write_shards(tmp_path / "s", [4, 6])
+    c = cfg(tmp_path / "s", batch_size=3, shuffle_buffer=5)
+    full = take(build_loader(c), 12)
+    a = build_loader(c)
+    got = take(a, 3)
+    b = build_loader(c)
+    b.load_state_dict(a.state_dict())
+    got += take(b, 4)
+    got += take(b, 2)  # a second iter() on the same loader continues where the first stopped
+    c2 = build_loader(c)
+    c2.load_state_dict(b.state_dict())
+    got += take(c2, 3)
+    _same(got, full)
+
+
+def test_resume_refuses_other_topology_unless_not_strict(tmp_path, caplog):
+    write_shards(tmp_path / "s", [6, 6])
+    a = build_loader(cfg(tmp_path / "s"))
+    take(a, 7)  # into epoch 1 (12 samples, batch 2)
+    b = build_loader(cfg(tmp_path / "s", num_workers=2))
+    with pytest.raises(ValueError, match=r"workers was 1 when saved.*num_workers.*= 2"):
+        b.load_state_dict(a.state_dict())
+    with caplog.at_level(logging.WARNING):
+        b.load_state_dict(a.state_dict(), strict=False)
+    assert b.epoch == 1 and "restarting all streams" in caplog.text
+    with pytest.raises(ValueError, match="seed was 3 when saved"):
+        build_loader(cfg(tmp_path / "s", seed=4)).load_state_dict(a.state_dict())
+
+
+# ------------------------------------------------------------------------------------ refusing bad input
+
+
+def _rewrite_index(shards_dir: Path, **changes) -> None:
+    index = json.loads((shards_dir / "index.json").read_text())
+    for path, value in changes.items():
+        node = index
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    (shards_dir / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(("change", "cfg_kw", "pattern"), [
+    ({"encoder__name": "bert-large-uncased"}, {}, r"encoder mismatch.*'bert-large-uncased'.*'fixture-encoder'"),
+    ({"clip__frames": 8}, {}, r"clip frames mismatch.*frames=8.*num_frames is 4"),
+    ({"clip__height": 32}, {}, r"clip height mismatch.*height=32.*image_size is 16"),
+    ({"clip__width": 8}, {}, r"clip width mismatch.*width=8.*image_size is 16"),
+    ({}, {"num_frames": 5}, r"clip frames mismatch.*frames=4.*num_frames is 5"),
+])
+def test_mismatched_index_is_refused_naming_the_field(tmp_path, change, cfg_kw, pattern):
+    write_shards(tmp_path / "s", [3])
+    _rewrite_index(tmp_path / "s", **change)
+    with pytest.raises(ShardIndexError, match=pattern):
+        build_loader(cfg(tmp_path / "s", **cfg_kw))
+
+
+def test_any_encoder_accepted_when_config_says_so(tmp_path):
+    write_shards(tmp_path / "s", [3], encoder="whatever-bert")
+    assert take(build_loader(cfg(tmp_path / "s", encoder="")), 1)[0]["video"].shape[0] == 2
+
+
+def test_missing_index_and_missing_shard_files_are_clear_errors(tmp_path):
+    with pytest.raises(ShardIndexError, match=r"index.json not found"):
+        build_loader(cfg(tmp_path / "nothing"))
+    write_shards(tmp_path / "s", [3, 3, 3])
+    os.remove(tmp_path / "s" / "shard-000001.tar")
+    with pytest.raises(ShardIndexError, match=r"1 shard file\(s\) missing.*shard-000001.tar"):
+        build_loader(cfg(tmp_path / "s"))
+    _rewrite_index(tmp_path / "s", total=5)
+    with pytest.raises(ShardIndexError, match="total 5 != sum of shard counts 9"):
+        read_index(tmp_path / "s")
+
+
+class _Boom:
+    """Unpickling this would create a file: proof that loading never runs pickle."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_pickled_npy_is_refused_and_the_run_goes_on(tmp_path, caplog):
+    marker = tmp_path / "pwned"
+    evil = io.BytesIO()
+    np.save(evil, np.array([_Boom(str(marker))], dtype=object), allow_pickle=True)
+    raw = {"__key__": "bad", "frames.npy": evil.getvalue(), "emb.npy": npy_bytes(text_emb(0))}
+    with pytest.raises(BadSample, match="pickle"):
+        decode_sample(raw, frames=4, height=16, width=16, max_text_len=77)
+    # in a shard: that sample (and a truncated mp4 one) are logged and skipped, the rest is served
+    extra = {"s00001": {"frames.npy": evil.getvalue()}, "s00003": {"emb.npy": evil.getvalue()}}
+    write_shards(tmp_path / "s", [6], extra_samples=extra)
+    with caplog.at_level(logging.ERROR):
+        b = take(build_loader(cfg(tmp_path / "s", batch_size=4, shuffle_buffer=0)), 1)[0]
+    assert b["keys"] == ["s00000", "s00002", "s00004", "s00005"]
+    assert "s00001" in caplog.text and "s00003" in caplog.text and "pickle" in caplog.text
+    assert not marker.exists()
+
+
+def test_truncated_video_and_short_shard_are_skipped_with_a_reason(tmp_path, caplog):
+    good = encode_mp4(clip_frames(0, 4, 16, 16), fps=8)
+    write_shards(tmp_path / "s", [5, 3], fmt="mp4", extra_samples={"s00002": {"mp4": good[: len(good) // 3]}})
+    _rewrite_index(tmp_path / "s", shards=[{"name": "shard-000000.tar", "count": 5},
+                                          {"name": "shard-000001.tar", "count": 6}], total=11)
+    with caplog.at_level(logging.ERROR):
+        loader = build_loader(cfg(tmp_path / "s", batch_size=1, shuffle_buffer=0), train=False)
+        keys = [k for b in loader for k in b["keys"]]
+    assert keys == ["s00000", "s00001", "s00003", "s00004", "s00005", "s00006", "s00007"]
+    assert "s00002" in caplog.text and "only 3 readable" in caplog.text
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_validation_pass_is_finite_and_ordered(tmp_path, num_workers):
+    keys = write_shards(tmp_path / "s", [5, 4, 6])
+    seen = []
+    for rank in (0, 1):
+        loader = build_loader(cfg(tmp_path / "s", batch_size=2, num_workers=num_workers), rank=rank, world_size=2,
+                              train=False)
+        first = [k for b in loader for k in b["keys"]]
+        assert first == [k for b in loader for k in b["keys"]]  # each iter() is the same full pass
+        assert len([b for b in loader]) == len(loader)
+        seen += first
+    assert seen == keys  # rank 0 then rank 1: contiguous ordered halves, nothing twice, nothing left out
