@@ -125,6 +125,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.send_error(503, "busy")
             else:
                 self._send(self.files["/ok.mp4"])
+        elif path.startswith("/slow/") and path[5:] in self.files:  # a slow but working server
+            time.sleep(0.3)
+            self._send(self.files[path[5:]])
         elif path == "/hang":  # accept, then never answer
             time.sleep(5)
         elif path == "/big":
