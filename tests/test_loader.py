@@ -225,6 +225,18 @@ def test_resume_yields_exactly_the_uninterrupted_batches(tmp_path, num_workers):
     assert resumed.epoch >= 1
 
 
+def test_resume_with_sample_range_split_and_single_clip_batches(tmp_path):
+    """Rank 1 of 2 with 2 workers over 3 shards (< 4 streams): sample ranges; B=1 joint frames look ahead."""
+    write_shards(tmp_path / "s", [7, 5, 9])
+    c = cfg(tmp_path / "s", num_workers=2, batch_size=1, shuffle_buffer=3, num_image_frames=2)
+    full = take(build_loader(c, rank=1, world_size=2), 16)
+    first = build_loader(c, rank=1, world_size=2)
+    _same(take(first, 9), full[:9])
+    resumed = build_loader(c, rank=1, world_size=2)
+    resumed.load_state_dict(first.state_dict())
+    _same(take(resumed, 7), full[9:])
+
+
 def test_resume_twice_and_keeps_going_without_reload(tmp_path):
     write_shards(tmp_path / "s", [4, 6])
     c = cfg(tmp_path / "s", batch_size=3, shuffle_buffer=5)
@@ -237,7 +249,11 @@ def test_resume_twice_and_keeps_going_without_reload(tmp_path):
     got += take(b, 2)  # a second iter() on the same loader continues where the first stopped
     c2 = build_loader(c)
     c2.load_state_dict(b.state_dict())
-    got += take(c2, 3)
+    stale = iter(c2)
+    got.append(next(stale))
+    fresh = iter(c2)  # supersedes `stale`: the old iterator stops instead of moving the position
+    got += [next(fresh), next(fresh)]
+    assert next(stale, None) is None
     _same(got, full)
 
 

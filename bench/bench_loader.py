@@ -1,0 +1,136 @@
+"""Loader throughput on demo-size shards: samples/s with 0 and 2 DataLoader workers.
+
+    .venv/bin/python -m bench.bench_loader [--samples 384 --frames 16 --size 32 --batch 8 --out DIR]
+
+Writes real shards first (h264 mp4 clips of moving shapes via data_pipeline.synthetic.render_clip and
+data_pipeline.mp4.encode_mp4, float16 [L, 384] caption embeddings, webdataset.TarWriter, index.json),
+then times the loader in steady state: worker start-up and the first batch are excluded, since
+training pays them once per run. The bare decode floor (one process decoding every clip with
+data_pipeline.decode, no tar, no batching) is the reference the loader is measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_demo_shards(out: Path, samples: int, per_shard: int, frames: int, size: int, fmt: str,
+                      dim: int = 384, seed: int = 0) -> Path:
+    import webdataset as wds
+
+    from data_pipeline.mp4 import encode_mp4
+    from data_pipeline.synthetic import COLOURS, DIRECTIONS, SHAPES, render_clip
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    entries, i = [], 0
+    while i < samples:
+        name = f"shard-{len(entries):06d}.tar"
+        count = min(per_shard, samples - i)
+        with wds.TarWriter(str(out / name)) as sink:
+            for _ in range(count):
+                shape, colour, direction = (SHAPES[i % 3], list(COLOURS)[i % 4], list(DIRECTIONS)[(i // 4) % 4])
+                clip = render_clip(shape, colour, direction, frames, size, size,
+                                   (float(rng.uniform(0.2, 0.8) * size), float(rng.uniform(0.2, 0.8) * size)))
+                caption = f"a {colour} {shape} moving {direction}"
+                emb = rng.standard_normal((len(caption.split()) + 2, dim)).astype(np.float16)
+                sample = {"__key__": f"vid{i:06d}", "txt": caption, "emb.npy": _npy(emb), "json": json.dumps({})}
+                if fmt == "mp4":
+                    sample["mp4"] = encode_mp4(clip, fps=8)
+                else:
+                    sample["frames.npy"] = _npy(clip)
+                sink.write(sample)
+                i += 1
+        entries.append({"name": name, "count": count})
+    index = {"version": 1, "shards": entries, "total": samples, "encoder": {"name": "bench", "dim": dim},
+             "clip": {"frames": frames, "height": size, "width": size, "fps": 8.0, "stride": None},
+             "format": fmt, "config_hash": "bench"}
+    (out / "index.json").write_text(json.dumps(index))
+    return out
+
+
+def time_loader(shards: Path, *, workers: int, batch: int, frames: int, size: int, image_frames: int,
+                n_batches: int) -> float:
+    """Steady-state samples/s: clock starts after the first batch arrives."""
+    from data_pipeline.loader import build_loader
+    from trainer.config import DataConfig
+
+    cfg = DataConfig(shards=str(shards), batch_size=batch, num_workers=workers, shuffle_buffer=64,
+                     num_frames=frames, image_size=size, num_image_frames=image_frames)
+    it = iter(build_loader(cfg))
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    dt = time.perf_counter() - t0
+    del it
+    return n_batches * batch / dt
+
+
+def time_bare_decode(shards: Path, frames: int, size: int) -> float:
+    """Samples/s of decode_sample alone over the raw samples (read into memory first)."""
+    from data_pipeline.decode import decode_sample
+    from data_pipeline.index import read_index
+    from data_pipeline.loader import read_shard
+
+    raws = [raw for entry in read_index(shards).shards for raw in read_shard(entry.url)]
+    t0 = time.perf_counter()
+    for raw in raws:
+        decode_sample(raw, frames=frames, height=size, width=size, max_text_len=77)
+    return len(raws) / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=384)
+    p.add_argument("--per-shard", type=int, default=64)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batches", type=int, default=40, help="timed batches per configuration")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--formats", nargs="+", default=["mp4", "npy"])
+    p.add_argument("--out", default="", help="shard directory (default: a temporary one)")
+    a = p.parse_args(argv)
+
+    root = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    rows = []
+    for fmt in a.formats:
+        shards = root / fmt
+        if not (shards / "index.json").exists():
+            write_demo_shards(shards, a.samples, a.per_shard, a.frames, a.size, fmt)
+        size_mb = sum(f.stat().st_size for f in shards.glob("*.tar")) / 1e6
+        floor = time_bare_decode(shards, a.frames, a.size)
+        rows.append((fmt, "bare decode (1 process)", 0, floor, size_mb))
+        for workers in a.workers:
+            for k in (0, 4):
+                sps = time_loader(shards, workers=workers, batch=a.batch, frames=a.frames, size=a.size,
+                                  image_frames=k, n_batches=a.batches)
+                rows.append((fmt, f"loader, {workers} workers, K={k} image frames", workers, sps, size_mb))
+                print(f"{fmt:4s} workers={workers} K={k}: {sps:8.1f} samples/s", flush=True)
+        print(f"{fmt:4s} bare decode: {floor:8.1f} samples/s", flush=True)
+
+    print(f"\n{a.samples} samples of {a.frames}x{a.size}x{a.size}, batch {a.batch}, {os.cpu_count()} CPUs "
+          f"({platform.processor() or platform.machine()})")
+    print("| format | what | samples/s | shard MB |\n|---|---|---|---|")
+    for fmt, what, _, sps, mb in rows:
+        print(f"| {fmt} | {what} | {sps:.1f} | {mb:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
