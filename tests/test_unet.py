@@ -354,3 +354,33 @@ def test_large_config_is_wider_than_small():
     with torch.device("meta"):
         n_small, n_large = count_parameters(SpaceTimeUNet(small)), count_parameters(SpaceTimeUNet(large))
     assert 3.0 < n_large / n_small < 4.0  # conv/attention weights scale with width squared
+
+
+def test_space_conv_is_the_1x3x3_conv3d():
+    """The folded conv2d execution computes exactly the paper's space-only 3D convolution."""
+    from model.blocks import SpaceConv
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 8, 8)
+    for stride in (1, 2):
+        conv = SpaceConv(4, 5, 3, stride)
+        assert conv.weight.shape == (5, 4, 1, 3, 3)
+        ref = torch.nn.functional.conv3d(x, conv.weight, conv.bias, stride=(1, stride, stride), padding=(0, 1, 1))
+        folded = conv(x.transpose(1, 2).reshape(6, 4, 8, 8))
+        got = folded.reshape(2, 3, 5, 8 // stride, 8 // stride).transpose(1, 2)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_caption_is_the_null_caption():
+    model = make_model()
+    z, logsnr, _, _ = inputs()
+    empty = model(z, logsnr, torch.zeros(2, 0, TEXT_DIM), torch.zeros(2, 0, dtype=torch.bool))
+    torch.testing.assert_close(empty, model(z, logsnr), atol=1e-5, rtol=1e-5)
+
+
+def test_scalar_logsnr_broadcasts_and_logsnr_changes_output():
+    model = make_model()
+    z, _, text, mask = inputs()
+    a = model(z, 2.0, text, mask)
+    torch.testing.assert_close(a, model(z, torch.full((2,), 2.0), text, mask))
+    assert (a - model(z, -2.0, text, mask)).abs().max() > 1e-3
