@@ -16,11 +16,13 @@ Shard directories may be local paths or fsspec URLs (`s3://bucket/shards`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 from dataclasses import dataclass, field
 
 INDEX_NAME = "index.json"
+log = logging.getLogger(__name__)
 SUPPORTED_VERSIONS = (1,)
 
 
@@ -171,6 +173,9 @@ def read_index(directory: str | os.PathLike, *, check_files: bool = True) -> Sha
     except json.JSONDecodeError as e:
         raise ShardIndexError(f"{path}: not valid JSON ({e})") from None
     index = parse_index(data, directory)
+    if data.get("complete") is False:
+        log.warning("%s: the sharding run that wrote it had unfinished shards; training on the %d finished ones "
+                    "(rerun data_pipeline.shard to complete the dataset)", path, len(index.shards))
     if check_files:
         missing = _exists_all(directory, [s.name for s in index.shards])
         if missing:

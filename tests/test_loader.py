@@ -133,6 +133,23 @@ def test_npy_exact_and_text_cut_to_max_len(tmp_path):
     assert torch.equal(b["video"], want.float() / 127.5 - 1)
 
 
+@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
+def test_decode_other_codecs_and_wrong_geometry(tmp_path, codec):
+    from data_pipeline.mp4 import write_video
+
+    write_video(tmp_path / "v.mp4", clip_frames(3, 6, 16, 16), 8, codec=codec)
+    raw = {"__key__": "k", "mp4": (tmp_path / "v.mp4").read_bytes(), "emb.npy": npy_bytes(text_emb(3)), "txt": b"\xff"}
+    s = decode_sample(raw, frames=4, height=16, width=16, max_text_len=77, text_dim=D)
+    assert s.frames.shape == (4, 16, 16, 3) and s.text_emb.dtype == np.float32 and s.caption == "\ufffd"
+    assert np.abs(s.frames.astype(int) - clip_frames(3, 4, 16, 16)).mean() < 12
+    with pytest.raises(BadSample, match=r"decoded 6 frames, expected 8"):
+        decode_sample(raw, frames=8, height=16, width=16, max_text_len=77)
+    with pytest.raises(BadSample, match=r"expected \(32, 32, 3\)"):
+        decode_sample(raw, frames=4, height=32, width=32, max_text_len=77)
+    with pytest.raises(BadSample, match="width 8 != the index's encoder dim 384"):
+        decode_sample(raw, frames=4, height=16, width=16, max_text_len=77, text_dim=384)
+
+
 # ------------------------------------------------------------------------------------ splitting
 
 
@@ -370,3 +387,45 @@ def test_validation_pass_is_finite_and_ordered(tmp_path, num_workers):
         assert len([b for b in loader]) == len(loader)
         seen += first
     assert seen == keys  # rank 0 then rank 1: contiguous ordered halves, nothing twice, nothing left out
+
+
+# ------------------------------------------------------------------------------------ with the real sharder
+
+
+def test_loads_what_data_pipeline_shard_writes(tmp_path, synthetic_videos, tiny_bert_dir):
+    """Synthetic mp4s → `data_pipeline.shard` (tiny BERT) → this loader: captions, embeddings, pixels agree."""
+    import csv
+
+    from data_pipeline.config import ShardConfig
+    from data_pipeline.shard import run
+    from model.text_encoder import TextEncoder
+    from trainer.config import from_dict
+
+    out = tmp_path / "shards"
+    shard_cfg = from_dict(ShardConfig, {
+        "manifest": synthetic_videos, "out_dir": str(out), "samples_per_shard": 5, "workers": 1,
+        "clip": {"frames": 8, "fps": 8, "height": 32, "width": 32, "too_short": "pad"},
+        "encoder": {"name_or_path": tiny_bert_dir, "dtype": "fp32", "batch_size": 8}})
+    run(shard_cfg, progress=False)
+    index = read_index(out)
+    assert index.total == 12 and index.encoder_dim == 32 and len(index.shards) == 3
+
+    with open(synthetic_videos, newline="", encoding="utf-8") as f:
+        captions = {row["key"]: row["caption"] for row in csv.DictReader(f)}
+    c = cfg(out, batch_size=4, num_frames=8, image_size=32, encoder=index.encoder_name, num_image_frames=2,
+            shuffle_buffer=0)
+    loader = build_loader(c, train=False)
+    batches = list(loader)
+    assert [k for b in batches for k in b["keys"]] == sorted(captions)  # every video once, in index order
+    encoder = TextEncoder(tiny_bert_dir)
+    for b in batches:
+        assert b["video"].shape == (4, 3, 10, 32, 32) and b["num_video_frames"] == 8
+        assert b["captions"] == [captions[k] for k in b["keys"]]
+        want = encoder.encode(b["captions"])
+        for row, emb in enumerate(want):
+            n = emb.shape[0]
+            assert b["text_mask"][row].sum() == n
+            assert torch.allclose(b["text_emb"][row, :n], torch.from_numpy(emb.astype(np.float32)), atol=1e-6)
+        assert b["video"][:, :, :8].std(dim=2).mean() > 0.01  # moving shapes: frames differ over time
+    with pytest.raises(ShardIndexError, match="encoder mismatch"):
+        build_loader(cfg(out, num_frames=8, image_size=32, encoder="bert-large-uncased"))
