@@ -55,6 +55,7 @@ class EncoderConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     batch_size: int = 32
     max_length: int = 77
+    threads: int = 1  # torch CPU threads per worker (0 = torch's default); scale with --workers instead
 
 
 @dataclass

@@ -28,6 +28,8 @@ class ShardStats:
     failures: list[dict] = field(default_factory=list)  # {"key", "row", "reason", "detail"}
     tar_bytes: int = 0
     seconds: float = 0.0
+    started: float = 0.0  # unix times (throughput over a parallel run; not part of sample content)
+    finished: float = 0.0
     encoder: dict = field(default_factory=dict)
 
     def fail(self, row: int, key: str, reason: str, detail: str = "") -> None:
@@ -39,6 +41,7 @@ class ShardStats:
             "rows": list(self.rows), "config_hash": self.config_hash, "ok": self.ok, "samples": self.samples,
             "failed": len(self.failures), "by_reason": dict(sorted(Counter(f["reason"] for f in self.failures).items())),
             "failures": self.failures, "tar_bytes": self.tar_bytes, "seconds": round(self.seconds, 3),
+            "started": round(self.started, 3), "finished": round(self.finished, 3),
             "encoder": self.encoder,
         }
 

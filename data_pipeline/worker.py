@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from data_pipeline.config import ShardConfig, config_hash
 from data_pipeline.fetch import FetchError, fetch
@@ -47,6 +48,8 @@ class ShardProcessor:
         self.hash = config_hash(cfg)
         self.manifest = manifest or Manifest(cfg.manifest, cfg.manifest_format, cfg.columns)
         e = cfg.encoder
+        if e.threads > 0 and torch.get_num_threads() != e.threads:
+            torch.set_num_threads(e.threads)  # oversubscribed OpenMP threads stall a busy machine
         self.encoder = TextEncoder(e.name_or_path, device=e.device, dtype=e.dtype, max_length=e.max_length)
         self.out_dir = Path(cfg.out_dir)
 
@@ -76,7 +79,7 @@ class ShardProcessor:
     # ------------------------------------------------------------------ per shard
     def run_shard(self, shard: int, progress: Progress | None = None) -> dict:
         cfg = self.cfg
-        t_start = time.perf_counter()
+        t_start, t_wall = time.perf_counter(), time.time()
         rows = self.manifest.shard_rows(shard, cfg.samples_per_shard)
         start = shard * cfg.samples_per_shard
         stats = ShardStats(shard=shard, rows=(start, start + len(rows)), config_hash=self.hash,
@@ -97,6 +100,7 @@ class ShardProcessor:
             writer.abort()
             raise
         stats.seconds = time.perf_counter() - t_start
+        stats.started, stats.finished = t_wall, time.time()
         write_stats(self.out_dir, stats)
         return stats.to_json()
 

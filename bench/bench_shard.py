@@ -1,0 +1,163 @@
+"""Sharding throughput vs the decode floor, and BERT-large caption embedding on CPU.
+
+    .venv/bin/python -m bench.bench_shard                 # all cases, prints a JSON summary
+    .venv/bin/python -m bench.bench_shard --n 12 --skip-bert
+
+1. Demo-like videos: `--n` synthetic h264 files at 320x240, 24 fps, 2-6 s long.
+2. Floor: a bare PyAV loop that opens each file, decodes only the frames a clip needs (16 frames at
+   8 fps = the first 2 s) and resizes them with one reused VideoReformatter — no fetch, no crop
+   bookkeeping, no clip encode, no captions, no tar. Run in 1 and in 2 processes.
+3. `data_pipeline.shard` with the tiny BERT encoder, 1 and 2 workers. Throughput counts from the
+   first shard's start to the last shard's end (the shard JSONs' unix times), i.e. without the
+   one-off interpreter/torch start-up; the wall time including start-up is reported too.
+   Efficiency = shard videos/s / floor videos/s at the same process count (goal >= 0.7).
+4. BERT-large (hidden 1024, 24 layers, 16 heads, 4096 intermediate; random weights from
+   BertConfig, no download) captions/s on CPU, batch 16, fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP_FRAMES, CLIP_FPS, SIZE = 16, 8.0, 64
+
+
+def make_videos(d: Path, n: int) -> Path:
+    """n videos of 2, 3, 5 and 6 s (cycled) at 320x240, 24 fps; one combined manifest."""
+    from data_pipeline.synthetic import make_synthetic_videos
+
+    rows = []
+    lengths = [2, 3, 5, 6]
+    for i, secs in enumerate(lengths):
+        count = len(range(i, n, len(lengths)))
+        if not count:
+            continue
+        m = make_synthetic_videos(d / f"len{secs}", count, frames=24 * secs, fps=24, seed=i, height=240, width=320)
+        for r in csv.DictReader(open(m, encoding="utf-8")):
+            rows.append((f"s{secs}_{r['key']}", r["path"], r["caption"]))
+    manifest = d / "manifest.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "path", "caption"])
+        w.writerows(rows)
+    return manifest
+
+
+def _floor_one(path: str) -> int:
+    import av
+    import av.video.reformatter
+
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        s.thread_count = 1
+        reformatter = av.video.reformatter.VideoReformatter()
+        end = CLIP_FRAMES / CLIP_FPS
+        scale = SIZE / min(s.codec_context.width, s.codec_context.height)
+        w, h = round(s.codec_context.width * scale), round(s.codec_context.height * scale)
+        kept = 0
+        for frame in c.decode(s):
+            if frame.time is not None and frame.time >= end:
+                break
+            if kept < CLIP_FRAMES and frame.time * CLIP_FPS >= kept - 1e-6:  # the frames the clip keeps
+                reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA",
+                                     threads=1).to_ndarray()
+                kept += 1
+    return kept
+
+
+def floor(paths: list[str], processes: int) -> float:
+    if processes == 1:
+        _floor_one(paths[0])  # warm
+        t = time.perf_counter()
+        for p in paths:
+            _floor_one(p)
+        return len(paths) / (time.perf_counter() - t)
+    with mp.get_context("spawn").Pool(processes) as pool:
+        pool.map(_floor_one, paths[:processes])  # warm the workers
+        t = time.perf_counter()
+        pool.map(_floor_one, paths, chunksize=1)
+        return len(paths) / (time.perf_counter() - t)
+
+
+def shard(manifest: Path, out: Path, encoder: str, workers: int) -> dict:
+    cmd = [sys.executable, "-m", "data_pipeline.shard", "--manifest", str(manifest), "--out", str(out),
+           "--encoder", encoder, "--workers", str(workers), "--no-progress",
+           "--samples-per-shard", "6", "--set", f"clip.frames={CLIP_FRAMES}", "--set", f"clip.fps={CLIP_FPS}",
+           "--set", f"clip.height={SIZE}", "--set", f"clip.width={SIZE}"]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    stats = [json.loads(p.read_text()) for p in sorted(out.glob("shard-*.json"))]
+    videos = sum(s["ok"] + s["failed"] for s in stats)
+    span = max(s["finished"] for s in stats) - min(s["started"] for s in stats)
+    return {"workers": workers, "videos": videos, "failed": sum(s["failed"] for s in stats),
+            "videos_per_s": videos / span, "wall_s_with_startup": wall,
+            "tar_mb": sum(p.stat().st_size for p in out.glob("*.tar")) / 1e6}
+
+
+def bert_large(dtype: str, batches: int = 3, batch: int = 16) -> float:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from model.text_encoder import resolve_encoder_path
+
+    tok = BertTokenizerFast.from_pretrained(resolve_encoder_path("minilm"))  # same uncased WordPiece vocab
+    cfg = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    torch.manual_seed(0)
+    model = BertModel(cfg).eval().to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    captions = [f"aerial shot of a {c} car driving along a coastal road at sunset, number {i}"
+                for i, c in zip(range(batch), ["red", "blue", "white", "black"] * 4)]
+    enc = tok(captions, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        model(**enc)  # warm-up
+        t = time.perf_counter()
+        for _ in range(batches):
+            model(**enc).last_hidden_state.float()
+        return batches * batch / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=48)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--skip-bert", action="store_true")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                    "load_avg_at_start": os.getloadavg()[0], "n_videos": a.n,
+                    "clip": f"{CLIP_FRAMES} frames @ {CLIP_FPS} fps, {SIZE}x{SIZE}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        manifest = make_videos(tmp / "videos", a.n)
+        paths = [r["path"] for r in csv.DictReader(open(manifest, encoding="utf-8"))]
+        from model.text_encoder import make_tiny_bert
+
+        tiny = make_tiny_bert(tmp / "tiny_bert")
+        result["cases"] = []
+        for w in a.workers:
+            fl = floor(paths, w)
+            sh = shard(manifest, tmp / f"out{w}", tiny, w)
+            sh.update(floor_videos_per_s=fl, floor_ms_per_video_per_process=1000 * w / fl,
+                      efficiency=sh["videos_per_s"] / fl)
+            result["cases"].append(sh)
+            print(json.dumps(sh), file=sys.stderr)
+    if not a.skip_bert:
+        result["bert_large_cpu_captions_per_s"] = {d: bert_large(d) for d in ("fp32", "bf16")}
+    result["load_avg_at_end"] = os.getloadavg()[0]
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
