@@ -1,0 +1,166 @@
+"""The real trainer and the real sharder through SLURM on the local 2-node cluster.
+
+2 virtual nodes x 1 task, DDP over gloo, a tiny U-Net on tiny real shards (h264 clips + tiny-BERT
+embeddings made by data_pipeline.shard). Slow by nature (several processes on 2 shared cores);
+every wait has a timeout and every test has its own run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from slurm_helpers import REPO, require_cluster, sbatch, wait_state
+
+from slurm import env as slurm_env
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+SHARD_SETS = ["--set", "clip.frames=8", "--set", "clip.height=16", "--set", "clip.width=16",
+              "--samples-per-shard", "6", "--no-progress"]
+
+
+def tiny_sets(shards: Path, out_dir: Path, steps: int, ckpt_every: int) -> list[str]:
+    """A U-Net small enough that a 2-rank DDP step takes ~1 s on a loaded 2-core machine."""
+    kv = {"data.shards": shards, "run.out_dir": out_dir, "run.steps": steps, "run.ckpt_every": ckpt_every,
+          "parallel.strategy": "ddp", "parallel.backend": "gloo", "model.text_dim": 32,
+          "model.base_channels": 8, "model.channel_mults": "[1,2]", "model.attention_resolutions": "[8]",
+          "model.head_dim": 8, "model.cond_dim": 16, "model.groups": 4, "run.log_every": 1,
+          "run.val_every": 0, "run.sample_every": 0, "data.batch_size": 1, "data.num_workers": 0,
+          "data.num_image_frames": 0, "data.shuffle_buffer": 4}
+    return [x for k, v in kv.items() for x in ("--set", f"{k}={v}")]
+
+
+@pytest.fixture(autouse=True)
+def _cluster():
+    require_cluster(min_nodes=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, synthetic_videos, tiny_bert_dir) -> Path:
+    """Real shards (2 x 6 clips of 8x16x16) made locally by the sharding CLI."""
+    out = tmp_path_factory.mktemp("slurm_shards") / "local"
+    r = subprocess.run([sys.executable, "-m", "data_pipeline.shard", "--config", "configs/shard/demo.yaml",
+                        "--manifest", synthetic_videos, "--out", str(out), "--encoder", tiny_bert_dir,
+                        "--workers", "1", *SHARD_SETS], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "index.json").read_text())["total"] == 12
+    return out
+
+
+def logged_steps(out_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out_dir / "train_log.jsonl").read_text().splitlines() if line]
+
+
+def tb_scalars(out_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps: dict[int, float] = {}
+    for events in sorted((out_dir / "tb").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            steps.update({e.step: e.value for e in acc.Scalars(tag)})
+    return sorted(steps.items())
+
+
+def test_sbatch_train_sh_trains_on_two_nodes(tmp_path, tiny_shards):
+    run = tmp_path / "run"
+    job = sbatch([*TWO_NODES, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  *tiny_sets(tiny_shards, run, steps=4, ckpt_every=2)])
+    state = wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 300)
+    log = (tmp_path / f"vdm-train-{job}.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    # both ranks on different nodes agree on the rendezvous
+    port = slurm_env.master_port(job)
+    assert f"rank 0/2 local_rank 0 node n1 MASTER_ADDR=n1 MASTER_PORT={port}" in log
+    assert f"rank 1/2 local_rank 0 node n2 MASTER_ADDR=n1 MASTER_PORT={port}" in log
+    assert (run / "checkpoints" / "step-000004" / "trainer_state.json").exists()
+    assert (run / "checkpoints" / "step-000002").exists()
+    assert logged_steps(run) == [0, 1, 2, 3]
+    losses = tb_scalars(run, "train/loss")
+    assert [s for s, _ in losses] == [1, 2, 3, 4] and all(0 < v < 10 for _, v in losses)
+    assert (run / "logs" / f"slurm-{job}.out").exists()
+
+
+def test_submitit_launch_trains_on_two_nodes(tmp_path, tiny_shards):
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "slurm.launch", "--config", "configs/demo.yaml",
+                        *tiny_sets(tiny_shards, run, steps=3, ckpt_every=3), "--nodes", "2",
+                        "--cpus-per-task", "1", "--time", "10", "--wait", "--wait-timeout", "300"],
+                       cwd=REPO, capture_output=True, text=True, timeout=360)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"tensorboard --logdir {run / 'tb'}" in r.stdout
+    results = eval(r.stdout.split("COMPLETED: ", 1)[1].strip(), {})  # list of per-rank dicts we printed
+    assert [x["rank"] for x in results] == [0, 1] and {x["master_addr"] for x in results} == {"n1"}
+    assert (run / "checkpoints" / "step-000003").exists() and logged_steps(run) == [0, 1, 2]
+    assert [s for s, _ in tb_scalars(run, "train/loss")] == [1, 2, 3]
+
+
+def test_preempted_job_saves_requeues_and_resumes_without_repeating_steps(tmp_path, tiny_shards):
+    """USR1 mid-run: checkpoint at step k, requeue, resume at k, finish at the target step."""
+    run, steps = tmp_path / "run", 8
+    job = sbatch([*TWO_NODES, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  *tiny_sets(tiny_shards, run, steps=steps, ckpt_every=100)])
+    deadline = time.monotonic() + 240
+    while not ((run / "train_log.jsonl").exists() and len(logged_steps(run)) >= 2):
+        assert time.monotonic() < deadline, "training did not reach step 2 in time"
+        assert wait_state(job, {"RUNNING", "PENDING", "COMPLETED", "FAILED"}, 30) in ("RUNNING", "PENDING")
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    state = wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 400)
+    log = (tmp_path / f"vdm-train-{job}.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    saved = int(log.split("[signal] checkpoint at step ", 1)[1].split()[0])
+    assert 2 <= saved < steps, log[-3000:]
+    assert "[resume]" in log and f"at step {saved}" in log.split("[resume]", 1)[1].splitlines()[0]
+    assert "restart 1:" in log and "requeueing job" in log
+    # one continuous loss log: every step exactly once, in order, across the requeue
+    assert logged_steps(run) == list(range(steps))
+    assert [s for s, _ in tb_scalars(run, "train/loss")] == list(range(1, steps + 1))
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert f"step-{saved:06d}" in ckpts and f"step-{steps:06d}" in ckpts
+
+
+def _tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+
+
+def test_shard_array_job_gives_the_same_shards_as_the_local_run(tmp_path, tiny_shards, synthetic_videos,
+                                                               tiny_bert_dir):
+    out = tmp_path / "slurm_shards"
+    r = subprocess.run([sys.executable, "-m", "data_pipeline.shard", "--config", "configs/shard/demo.yaml",
+                        "--manifest", synthetic_videos, "--out", str(out), "--encoder", tiny_bert_dir,
+                        "--workers", "1", *SHARD_SETS, "--slurm", "--array-tasks", "2", "--cpus-per-task", "1",
+                        "--time", "10"], cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "submitted 2 array tasks" in r.stderr
+    local_index = json.loads((tiny_shards / "index.json").read_text())
+    slurm_index = json.loads((out / "index.json").read_text())
+    assert slurm_index["shards"] == local_index["shards"] and slurm_index["total"] == 12
+    assert slurm_index["config_hash"] == local_index["config_hash"]
+    for entry in local_index["shards"]:
+        a, b = _tar_members(tiny_shards / entry["name"]), _tar_members(out / entry["name"])
+        assert sorted(a) == sorted(b)
+        for name in a:
+            if name.endswith(".mp4") and a[name] != b[name]:  # x264 may differ in bytes, never in pixels
+                assert (_decode(a[name]) == _decode(b[name])).all(), name
+            else:  # captions, embeddings, metadata: byte-identical
+                assert a[name] == b[name], name
+
+
+def _decode(data: bytes):
+    import io
+
+    import av
+    import numpy as np
+
+    with av.open(io.BytesIO(data)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
