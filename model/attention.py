@@ -78,6 +78,25 @@ def temporal_attention_mask(frames: int, num_video_frames: int | None, device=No
     return (is_video[:, None] & is_video[None, :]) | (idx[:, None] == idx[None, :])
 
 
+# CUDA's fused SDPA kernels put the batch on a grid axis limited to 65535 blocks
+# (pytorch/pytorch#146704, #142228). Temporal attention's batch is B*H*W: 16 clips with attention
+# at 64x64 px would already be 65536, so big batches are split rather than crash.
+MAX_SDPA_BATCH = 32768
+
+
+def chunked_sdpa(q, k, v, attn_mask=None, max_batch: int = MAX_SDPA_BATCH) -> torch.Tensor:
+    """scaled_dot_product_attention over [N, heads, S, d], split along N when N > max_batch."""
+    n = q.shape[0]
+    if n <= max_batch:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    outs = []
+    for start in range(0, n, max_batch):
+        sl = slice(start, start + max_batch)
+        mask = attn_mask if attn_mask is None or attn_mask.shape[0] == 1 else attn_mask[sl]
+        outs.append(F.scaled_dot_product_attention(q[sl], k[sl], v[sl], attn_mask=mask))
+    return torch.cat(outs, dim=0)
+
+
 class MultiHeadAttention(nn.Module):
     """Plain multi-head attention on [N, S, C] sequences; keys/values from `context` when given."""
 
@@ -94,7 +113,7 @@ class MultiHeadAttention(nn.Module):
                          two=2, h=self.heads)
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = chunked_sdpa(q, k, v, attn_mask=attn_mask)
         return self.to_out(rearrange(out, "n h s d -> n s (h d)"))
 
 

@@ -384,3 +384,16 @@ def test_scalar_logsnr_broadcasts_and_logsnr_changes_output():
     a = model(z, 2.0, text, mask)
     torch.testing.assert_close(a, model(z, torch.full((2,), 2.0), text, mask))
     assert (a - model(z, -2.0, text, mask)).abs().max() > 1e-3
+
+
+def test_chunked_sdpa_matches_one_call():
+    from model.attention import chunked_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(10, 2, 4, 8, generator=g) for _ in range(3))
+    bias = torch.randn(1, 2, 4, 4, generator=g)
+    per_row = torch.rand(10, 1, 1, 4, generator=g) > 0.3
+    per_row[..., 0] = True
+    for mask in (None, bias, per_row):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(chunked_sdpa(q, k, v, mask, max_batch=3), ref)
