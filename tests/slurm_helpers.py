@@ -48,7 +48,7 @@ def job_state(job_id: str) -> str:
                          text=True, timeout=30).stdout.split()
     if out:
         return out[0].split()[0]
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
                          timeout=30).stdout.split()
     return out[0] if out else ""
 
