@@ -219,6 +219,10 @@ class ShardStream(IterableDataset):
         except BadSample as e:
             log.error("bad sample %s in %s skipped: %s", raw.get("__key__"), raw.get("__url__"), e)
             return None
+        except Exception as e:  # anything else a hostile file can provoke: skip it, keep training
+            log.error("bad sample %s in %s skipped: %s: %s", raw.get("__key__"), raw.get("__url__"),
+                      type(e).__name__, e)
+            return None
 
     def _logical_worker(self) -> int:
         info = get_worker_info()
@@ -383,7 +387,8 @@ class VideoTextLoader:
     def _dataloader(self, dataset: ShardStream) -> DataLoader:
         kwargs = {}
         if self.num_workers > 0:
-            kwargs = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": worker_context(self.start_method)}
+            kwargs = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": worker_context(self.start_method),
+                      "pin_memory": torch.cuda.is_available()}  # page-locked batches for non_blocking copies
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough,
                           **kwargs)
 

@@ -333,6 +333,14 @@ def test_missing_index_and_missing_shard_files_are_clear_errors(tmp_path):
         read_index(tmp_path / "s")
 
 
+def test_too_few_samples_for_the_streams_is_a_clear_error(tmp_path):
+    write_shards(tmp_path / "s", [3])
+    with pytest.raises(ValueError, match=r"3 samples cannot feed 4 loader streams"):
+        build_loader(cfg(tmp_path / "s", num_workers=2), rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"rank 2 is not in \[0, world_size=2\)"):
+        build_loader(cfg(tmp_path / "s"), rank=2, world_size=2)
+
+
 class _Boom:
     """Unpickling this would create a file: proof that loading never runs pickle."""
 
@@ -370,6 +378,17 @@ def test_truncated_video_and_short_shard_are_skipped_with_a_reason(tmp_path, cap
         keys = [k for b in loader for k in b["keys"]]
     assert keys == ["s00000", "s00001", "s00003", "s00004", "s00005", "s00006", "s00007"]
     assert "s00002" in caplog.text and "only 3 readable" in caplog.text
+
+
+def test_truncated_tar_serves_what_is_readable(tmp_path, caplog):
+    write_shards(tmp_path / "s", [6, 6])
+    tar = tmp_path / "s" / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    with caplog.at_level(logging.ERROR):
+        keys = [k for b in build_loader(cfg(tmp_path / "s", batch_size=3), train=False) for k in b["keys"]]
+    assert keys[:6] == [f"s{i:05d}" for i in range(6)] and 6 < len(keys) < 12
+    assert keys[6:] == [f"s{i:05d}" for i in range(6, len(keys))]
+    assert "shard-000001.tar" in caplog.text
 
 
 # ------------------------------------------------------------------------------------ validation
