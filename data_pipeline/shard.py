@@ -18,11 +18,12 @@ import multiprocessing as mp
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 from data_pipeline.config import ShardConfig, config_hash
 from data_pipeline.manifest import Manifest, ManifestError
-from data_pipeline.stats import Summary, merge_index, shard_done
+from data_pipeline.stats import Summary, merge_index, read_stats, shard_done
 from data_pipeline.writer import remove_temp_files, write_json_atomic
 from trainer.config import ConfigError, load_config, to_dict
 
@@ -65,14 +66,17 @@ def _run_in_worker(shard: int) -> dict:
     return _PROCESSOR.run_shard(shard, progress=_report)
 
 
-def run_shard_group(cfg_dict: dict, shards: list[int]) -> list[int]:
-    """One SLURM array task: its shards, skipping any a previous attempt already finished."""
+def run_shard_group(cfg_dict: dict, shards: list[int], submitted_at: float = 0.0) -> list[int]:
+    """One SLURM array task: its shards, skipping those a requeued earlier attempt already finished
+    (finished after `submitted_at`; older finished shards were handed to us to be redone)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data_pipeline.worker import ShardProcessor
     from trainer.config import from_dict
 
     cfg = from_dict(ShardConfig, cfg_dict)
-    todo = [s for s in shards if not shard_done(cfg.out_dir, s, config_hash(cfg))]
+    h = config_hash(cfg)
+    todo = [s for s in shards if not (shard_done(cfg.out_dir, s, h)
+                                      and (read_stats(cfg.out_dir, s) or {}).get("finished", 0) >= submitted_at)]
     if todo:
         processor = ShardProcessor(cfg)
         for s in todo:
@@ -101,9 +105,20 @@ class _ProgressBar:
         self.bar.close()
 
 
-def _pending_shards(cfg: ShardConfig, num_shards: int) -> list[int]:
+def _transient(reason: str) -> bool:
+    """Failures a later attempt may not repeat (network), as opposed to properties of the input."""
+    return reason in ("timeout", "connection_error", "http_429") or reason.startswith("http_5")
+
+
+def _pending_shards(cfg: ShardConfig, num_shards: int, retry_transient: bool = False) -> list[int]:
     h = config_hash(cfg)
-    return [s for s in range(num_shards) if not shard_done(cfg.out_dir, s, h)]
+    todo = []
+    for s in range(num_shards):
+        if not shard_done(cfg.out_dir, s, h):
+            todo.append(s)
+        elif retry_transient and any(_transient(r) for r in (read_stats(cfg.out_dir, s) or {}).get("by_reason", {})):
+            todo.append(s)
+    return todo
 
 
 def _rows_in(shards: list[int], cfg: ShardConfig, total_rows: int) -> int:
@@ -163,7 +178,8 @@ def run_slurm(cfg: ShardConfig, todo: list[int]) -> None:
                        gpus_per_node=sc.gpus_per_node, cpus_per_task=sc.cpus_per_task, partition=sc.partition,
                        time_min=sc.time_min, array_parallelism=sc.nodes, job_name="vdm-shard", cluster=sc.cluster)
     cfg_dict = to_dict(cfg)
-    jobs = ex.map_array(run_shard_group, [cfg_dict] * len(groups), groups)
+    now = time.time()
+    jobs = ex.map_array(run_shard_group, [cfg_dict] * len(groups), groups, [now] * len(groups))
     print(f"submitted {len(jobs)} array tasks for {len(todo)} shards: job {jobs[0].job_id.split('_')[0]}",
           file=sys.stderr)
     for job, group in zip(jobs, groups):
@@ -173,13 +189,13 @@ def run_slurm(cfg: ShardConfig, todo: list[int]) -> None:
             log.error("array task %s (shards %s..%s) failed: %s", job.job_id, group[0], group[-1], e)
 
 
-def run(cfg: ShardConfig, *, slurm: bool = False, progress: bool = True) -> Summary:
+def run(cfg: ShardConfig, *, slurm: bool = False, progress: bool = True, retry_transient: bool = False) -> Summary:
     cfg.validate()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(cfg.manifest, cfg.manifest_format, cfg.columns)
     num_shards = manifest.num_shards(cfg.samples_per_shard)
-    todo = _pending_shards(cfg, num_shards)
+    todo = _pending_shards(cfg, num_shards, retry_transient)
     removed = remove_temp_files(out)
     write_json_atomic(out / "shard_config.json", {"config": to_dict(cfg), "config_hash": config_hash(cfg)})
     print(f"{len(manifest)} rows ({manifest.format}, columns {manifest.columns}) → {num_shards} shards; "
@@ -204,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", help="text encoder name or path (= encoder.name_or_path)")
     p.add_argument("--samples-per-shard", type=int)
     p.add_argument("--max-failure-ratio", type=float)
+    p.add_argument("--retry-transient", action="store_true",
+                   help="also redo finished shards that had network failures (timeout, connection, HTTP 5xx/429)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("-v", "--verbose", action="store_true")
     s = p.add_argument_group("SLURM (submitit array job; one task per group of shards)")
@@ -238,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        summary = run(cfg, slurm=args.slurm, progress=not args.no_progress)
+        summary = run(cfg, slurm=args.slurm, progress=not args.no_progress,
+                      retry_transient=args.retry_transient)
     except ManifestError as e:
         print(f"manifest error: {e}", file=sys.stderr)
         return 2

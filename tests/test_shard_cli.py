@@ -231,3 +231,19 @@ def test_real_minilm_encoder_embeddings_match_text_encoder(synthetic_videos, tmp
         assert emb.shape == r.shape and emb.shape[1] == 384
         assert np.array_equal(emb, r)
     assert json.loads((tmp_path / "out" / "index.json").read_text())["encoder"] == {"name": "minilm", "dim": 384}
+
+
+def test_retry_transient_redoes_only_shards_with_network_failures(first_run, dataset, tiny_bert_dir, tmp_path,
+                                                                   capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run[0], out)
+    transient = []
+    for p in sorted(out.glob("shard-*.json")):
+        st = json.loads(p.read_text())
+        if {"timeout", "http_500"} & set(st["by_reason"]):
+            transient.append(p.name)
+    assert transient and len(transient) < len(list(out.glob("shard-*.json")))
+    assert _run(tmp_path, tiny_bert_dir, dataset["manifest"], out, "--retry-transient") == 0
+    assert f"{len(transient)} to do" in capsys.readouterr().err
