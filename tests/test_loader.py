@@ -274,6 +274,27 @@ def test_resume_twice_and_keeps_going_without_reload(tmp_path):
     _same(got, full)
 
 
+def test_resume_skips_consumed_shards_unopened_and_does_not_decode_skipped_samples(tmp_path, monkeypatch):
+    import data_pipeline.loader as loader_mod
+
+    write_shards(tmp_path / "s", [5, 5, 5, 5])
+    c = cfg(tmp_path / "s", batch_size=3, shuffle_buffer=0)  # no buffer: the plan reads shards in turn
+    a = build_loader(c)
+    consumed = take(a, 4)  # 12 samples: two whole shards and 2 samples of the third
+    opened, decoded = [], []
+    real_read, real_decode = loader_mod.read_shard, loader_mod.decode_sample
+    monkeypatch.setattr(loader_mod, "read_shard", lambda url: opened.append(Path(url).name) or real_read(url))
+    monkeypatch.setattr(loader_mod, "decode_sample", lambda raw, **kw: decoded.append(raw["__key__"]) or
+                        real_decode(raw, **kw))
+    b = build_loader(c)
+    b.load_state_dict(a.state_dict())
+    nxt = take(b, 2)
+    per_shard = [key_id(k) // 5 for x in consumed for k in x["keys"]]
+    done_shards = {f"shard-{n:06d}.tar" for n in set(per_shard) if per_shard.count(n) == 5}
+    assert len(done_shards) == 2 and not done_shards & set(opened)  # fully consumed shards never opened
+    assert decoded == [k for x in nxt for k in x["keys"]]  # the 2 read-past samples were not decoded
+
+
 def test_resume_refuses_other_topology_unless_not_strict(tmp_path, caplog):
     write_shards(tmp_path / "s", [6, 6])
     a = build_loader(cfg(tmp_path / "s"))
