@@ -116,11 +116,12 @@ def follow_plan(index: ShardIndex, plan: Plan, start: int = 0) -> Iterator[tuple
 
 @dataclass
 class StreamPos:
-    """Where one logical worker stream is: plan offset within epoch, and batches it has made."""
+    """Where one logical worker stream is: plan offset within epoch, batches made, samples skipped."""
 
     epoch: int = 0
     offset: int = 0
     batches: int = 0
+    skipped: int = 0  # bad or missing samples passed over (each also logged with its reason)
 
 
 def image_frames_from_other_clips(samples: list[Sample], extra: list[Sample], k: int,
@@ -260,13 +261,15 @@ class ShardStream(IterableDataset):
         def take():
             return ahead.pop(0) if ahead else next(it)
 
-        batches = pos.batches
+        batches, skipped = pos.batches, pos.skipped
         while True:
             samples: list[Sample] = []
             epoch = offset = 0
             while len(samples) < sp.batch_size:
                 epoch, offset, sample = take()
-                if sample is not None:
+                if sample is None:
+                    skipped += 1
+                else:
                     samples.append(sample)
             images = None
             if sp.image_frames > 0:
@@ -279,7 +282,7 @@ class ShardStream(IterableDataset):
                 images = image_frames_from_other_clips(samples, extra, sp.image_frames, rng)
             batch = collate(samples, images, sp.num_frames)
             batches += 1
-            batch["_pos"] = [worker, epoch, offset, batches]
+            batch["_pos"] = [worker, epoch, offset, batches, skipped]
             yield batch
 
     # -- validation: finite, in order; batch j is made by logical worker j % W
@@ -322,7 +325,7 @@ class ShardStream(IterableDataset):
                 images = image_frames_from_other_clips(samples, extra, sp.image_frames, rng)
             previous = samples[-1]
             batch = collate(samples, images, sp.num_frames)
-            batch["_pos"] = [worker, 0, (j + 1) * sp.batch_size, j + 1]
+            batch["_pos"] = [worker, 0, (j + 1) * sp.batch_size, j + 1, 0]
             yield batch
 
 
@@ -373,6 +376,11 @@ class VideoTextLoader:
         return self.spec.index.encoder_dim
 
     @property
+    def skipped_samples(self) -> int:
+        """Bad or missing samples this rank's train streams passed over so far (for monitoring)."""
+        return sum(p.skipped for p in self.positions)
+
+    @property
     def epoch(self) -> int:
         """The oldest epoch any of this rank's streams is still in."""
         return min(p.epoch for p in self.positions)
@@ -400,13 +408,13 @@ class VideoTextLoader:
             return
         self._generation += 1  # a newer iter() or load_state_dict() ends this iterator (no stale updates)
         generation = self._generation
-        positions = [StreamPos(p.epoch, p.offset, p.batches) for p in self.positions]
+        positions = [StreamPos(p.epoch, p.offset, p.batches, p.skipped) for p in self.positions]
         dataset = ShardStream(self.spec, positions, rotation=self.consumed % self.spec.workers)
         for batch in self._dataloader(dataset):
             if generation != self._generation:
                 return
-            worker, epoch, offset, batches = batch.pop("_pos")
-            self.positions[worker] = StreamPos(epoch, offset, batches)
+            worker, *position = batch.pop("_pos")
+            self.positions[worker] = StreamPos(*position)
             self.consumed += 1
             yield batch
 
@@ -424,7 +432,7 @@ class VideoTextLoader:
             "shuffle_buffer": sp.shuffle_buffer,
             "dataset": sp.index.fingerprint(),
             "batches": self.consumed,
-            "streams": [[p.epoch, p.offset, p.batches] for p in self.positions],
+            "streams": [[p.epoch, p.offset, p.batches, p.skipped] for p in self.positions],
         }
 
     def load_state_dict(self, state: dict, *, strict: bool = True) -> None:
@@ -463,7 +471,7 @@ class VideoTextLoader:
         if state.get("dataset") != sp.index.fingerprint():
             log.warning("loader state: the shards in %s changed since the state was saved; resuming at the saved "
                         "epochs/offsets, but the sample order differs", sp.index.source)
-        self.positions = [StreamPos(int(e), int(o), int(b)) for e, o, b in state["streams"]]
+        self.positions = [StreamPos(*(int(v) for v in entry)) for entry in state["streams"]]
         self.consumed = int(state["batches"])
 
 

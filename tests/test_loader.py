@@ -383,8 +383,9 @@ def test_pickled_npy_is_refused_and_the_run_goes_on(tmp_path, caplog):
     extra = {"s00001": {"frames.npy": evil.getvalue()}, "s00003": {"emb.npy": evil.getvalue()}}
     write_shards(tmp_path / "s", [6], extra_samples=extra)
     with caplog.at_level(logging.ERROR):
-        b = take(build_loader(cfg(tmp_path / "s", batch_size=4, shuffle_buffer=0)), 1)[0]
-    assert b["keys"] == ["s00000", "s00002", "s00004", "s00005"]
+        loader = build_loader(cfg(tmp_path / "s", batch_size=4, shuffle_buffer=0))
+        b = take(loader, 1)[0]
+    assert b["keys"] == ["s00000", "s00002", "s00004", "s00005"] and loader.skipped_samples == 2
     assert "s00001" in caplog.text and "s00003" in caplog.text and "pickle" in caplog.text
     assert not marker.exists()
 
