@@ -52,6 +52,7 @@ class ShardProcessor:
             torch.set_num_threads(e.threads)  # oversubscribed OpenMP threads stall a busy machine
         self.encoder = TextEncoder(e.name_or_path, device=e.device, dtype=e.dtype, max_length=e.max_length)
         self.out_dir = Path(cfg.out_dir)
+        self.internal_errors = 0
 
     # ------------------------------------------------------------------ per video
     def _media(self, clip: Clip) -> tuple[str, bytes]:
@@ -122,7 +123,12 @@ class ShardProcessor:
             return False
         except Exception as e:  # an unforeseen decoder/encoder failure must not end the run
             stats.fail(row.index, row.raw_key, "internal_error", f"{type(e).__name__}: {e}")
-            log.exception("row %d key %r (%s): internal_error", row.index, row.raw_key, row.source)
+            self.internal_errors += 1
+            if self.internal_errors <= 5:  # tracebacks for the first few; one line each after that
+                log.exception("row %d key %r (%s): internal_error", row.index, row.raw_key, row.source)
+            else:
+                log.error("row %d key %r (%s): internal_error %s: %s", row.index, row.raw_key, row.source,
+                          type(e).__name__, e)
             return False
         pending.append((row, samples))
         return True
