@@ -30,6 +30,10 @@ from trainer.config import ConfigError, load_config, to_dict
 log = logging.getLogger("data_pipeline.shard")
 
 
+class SlurmUnavailable(RuntimeError):
+    """--slurm was asked for but no executor can be made (no sbatch on PATH, bad resources)."""
+
+
 # ---------------------------------------------------------------------------- worker side
 _PROCESSOR = None
 _QUEUE = None
@@ -174,9 +178,13 @@ def run_slurm(cfg: ShardConfig, todo: list[int]) -> None:
     sc = cfg.slurm
     per_task = sc.shards_per_task or max(1, -(-len(todo) // max(1, sc.array_tasks)))
     groups = [todo[i:i + per_task] for i in range(0, len(todo), per_task)]
-    ex = make_executor(Path(cfg.out_dir) / "slurm_logs" / "%j", nodes=1, tasks_per_node=1,
-                       gpus_per_node=sc.gpus_per_node, cpus_per_task=sc.cpus_per_task, partition=sc.partition,
-                       time_min=sc.time_min, array_parallelism=sc.nodes, job_name="vdm-shard", cluster=sc.cluster)
+    try:
+        ex = make_executor(Path(cfg.out_dir) / "slurm_logs" / "%j", nodes=1, tasks_per_node=1,
+                           gpus_per_node=sc.gpus_per_node, cpus_per_task=sc.cpus_per_task, partition=sc.partition,
+                           time_min=sc.time_min, array_parallelism=sc.nodes, job_name="vdm-shard",
+                           cluster=sc.cluster)
+    except (RuntimeError, ValueError) as e:
+        raise SlurmUnavailable(str(e)) from e
     cfg_dict = to_dict(cfg)
     now = time.time()
     jobs = ex.map_array(run_shard_group, [cfg_dict] * len(groups), groups, [now] * len(groups))
@@ -260,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                       retry_transient=args.retry_transient)
     except ManifestError as e:
         print(f"manifest error: {e}", file=sys.stderr)
+        return 2
+    except SlurmUnavailable as e:
+        print(f"--slurm: {e}", file=sys.stderr)
         return 2
     print(summary.text(cfg.max_failure_ratio))
     if summary.missing_shards:

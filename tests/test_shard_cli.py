@@ -247,3 +247,19 @@ def test_retry_transient_redoes_only_shards_with_network_failures(first_run, dat
     assert transient and len(transient) < len(list(out.glob("shard-*.json")))
     assert _run(tmp_path, tiny_bert_dir, dataset["manifest"], out, "--retry-transient") == 0
     assert f"{len(transient)} to do" in capsys.readouterr().err
+
+
+def test_slurm_flags_map_to_config_and_missing_slurm_is_a_clear_error(synthetic_videos, tiny_bert_dir, tmp_path,
+                                                                      monkeypatch, capsys):
+    from data_pipeline.shard import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--manifest", "m.csv", "--slurm", "--partition", "gpu", "--nodes", "4",
+                                      "--time", "90", "--cpus-per-task", "8", "--gpus-per-node", "1",
+                                      "--array-tasks", "32", "--set", "encoder.device=cuda"])
+    cfg = config_from_args(args)
+    assert (cfg.slurm.partition, cfg.slurm.nodes, cfg.slurm.time_min, cfg.slurm.cpus_per_task,
+            cfg.slurm.gpus_per_node, cfg.slurm.array_tasks, cfg.encoder.device) == ("gpu", 4, 90, 8, 1, 32, "cuda")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch/srun
+    assert main(["--manifest", synthetic_videos, "--out", str(tmp_path / "o"), "--encoder", tiny_bert_dir,
+                 "--slurm", "--no-progress"]) == 2
+    assert "--slurm:" in capsys.readouterr().err  # one clear line, no traceback
