@@ -65,21 +65,33 @@ def write_demo_shards(out: Path, samples: int, per_shard: int, frames: int, size
 
 
 def time_loader(shards: Path, *, workers: int, batch: int, frames: int, size: int, image_frames: int,
-                n_batches: int) -> float:
-    """Steady-state samples/s: clock starts after the first batch arrives."""
+                n_batches: int) -> tuple[float, float, float]:
+    """(steady-state samples/s, seconds to the first batch, seconds to the first batch after a resume).
+
+    The clock for samples/s starts after the first batch arrives. The resume figure is a fresh
+    loader restored to the position after the timed batches (it skips, without decoding, what the
+    first loader consumed) until its first batch.
+    """
     from data_pipeline.loader import build_loader
     from trainer.config import DataConfig
 
     cfg = DataConfig(shards=str(shards), batch_size=batch, num_workers=workers, shuffle_buffer=64,
                      num_frames=frames, image_size=size, num_image_frames=image_frames)
-    it = iter(build_loader(cfg))
+    t_start = time.perf_counter()
+    loader = build_loader(cfg)
+    it = iter(loader)
     next(it)
     t0 = time.perf_counter()
     for _ in range(n_batches):
         next(it)
     dt = time.perf_counter() - t0
     del it
-    return n_batches * batch / dt
+    state = loader.state_dict()
+    t_resume = time.perf_counter()
+    resumed = build_loader(cfg)
+    resumed.load_state_dict(state)
+    next(iter(resumed))
+    return n_batches * batch / dt, t0 - t_start, time.perf_counter() - t_resume
 
 
 def time_bare_decode(shards: Path, frames: int, size: int) -> float:
@@ -116,20 +128,24 @@ def main(argv: list[str] | None = None) -> None:
             write_demo_shards(shards, a.samples, a.per_shard, a.frames, a.size, fmt)
         size_mb = sum(f.stat().st_size for f in shards.glob("*.tar")) / 1e6
         floor = time_bare_decode(shards, a.frames, a.size)
-        rows.append((fmt, "bare decode (1 process)", 0, floor, size_mb))
+        rows.append((fmt, "bare decode (1 process, no tar/batching)", floor, None, None, size_mb))
+        print(f"{fmt:4s} bare decode: {floor:8.1f} samples/s", flush=True)
         for workers in a.workers:
             for k in (0, 4):
-                sps = time_loader(shards, workers=workers, batch=a.batch, frames=a.frames, size=a.size,
-                                  image_frames=k, n_batches=a.batches)
-                rows.append((fmt, f"loader, {workers} workers, K={k} image frames", workers, sps, size_mb))
-                print(f"{fmt:4s} workers={workers} K={k}: {sps:8.1f} samples/s", flush=True)
-        print(f"{fmt:4s} bare decode: {floor:8.1f} samples/s", flush=True)
+                sps, first, resume = time_loader(shards, workers=workers, batch=a.batch, frames=a.frames,
+                                                 size=a.size, image_frames=k, n_batches=a.batches)
+                rows.append((fmt, f"loader, {workers} workers, K={k} image frames", sps, first, resume, size_mb))
+                print(f"{fmt:4s} workers={workers} K={k}: {sps:8.1f} samples/s, first batch {first:.2f} s, "
+                      f"after resume {resume:.2f} s", flush=True)
 
-    print(f"\n{a.samples} samples of {a.frames}x{a.size}x{a.size}, batch {a.batch}, {os.cpu_count()} CPUs "
-          f"({platform.processor() or platform.machine()})")
-    print("| format | what | samples/s | shard MB |\n|---|---|---|---|")
-    for fmt, what, _, sps, mb in rows:
-        print(f"| {fmt} | {what} | {sps:.1f} | {mb:.2f} |")
+    print(f"\n{a.samples} samples of {a.frames}x{a.size}x{a.size} in shards of {a.per_shard}, batch {a.batch}, "
+          f"{a.batches} timed batches, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
+    print("| format | what | samples/s | first batch (s) | first batch after resume (s) | shards MB |")
+    print("|---|---|---|---|---|---|")
+    for fmt, what, sps, first, resume, mb in rows:
+        f = "" if first is None else f"{first:.2f}"
+        r = "" if resume is None else f"{resume:.2f}"
+        print(f"| {fmt} | {what} | {sps:.1f} | {f} | {r} | {mb:.2f} |")
 
 
 if __name__ == "__main__":

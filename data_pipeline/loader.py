@@ -74,9 +74,19 @@ def follow_plan(index: ShardIndex, plan: Plan, start: int = 0) -> Iterator[tuple
     order = plan.order
     needed = np.zeros(n, dtype=bool)
     needed[order[start:]] = True
-    pending: dict[int, dict] = {}
-    missing: set[int] = set()
+    pending: dict[int, dict] = {}  # read position → raw sample, read but not yet due
+    missing: set[int] = set()  # read positions that turned out unreadable
     ptr = start
+
+    def due():
+        """Deliver, in plan order, everything that is now available (or known to be missing)."""
+        nonlocal ptr
+        while ptr < n and (int(order[ptr]) in pending or int(order[ptr]) in missing):
+            r_out = int(order[ptr])
+            missing.discard(r_out)
+            yield ptr, pending.pop(r_out, None)
+            ptr += 1
+
     base = 0
     for seg in plan.segments:
         r0, r1 = base, base + seg.size
@@ -87,28 +97,19 @@ def follow_plan(index: ShardIndex, plan: Plan, start: int = 0) -> Iterator[tuple
         seen = seg.start
         for j, raw in enumerate(read_shard(entry.url)):
             if j < seg.start:
-                continue
+                continue  # before this stream's range (or already delivered): read past, never decoded
             if j >= seg.stop:
                 break
             seen = j + 1
-            r = r0 + j - seg.start
-            if needed[r]:
-                pending[r] = raw
-                while ptr < n and (order[ptr] in pending or order[ptr] in missing):
-                    r_out = int(order[ptr])
-                    yield ptr, pending.pop(r_out, None)
-                    missing.discard(r_out)
-                    ptr += 1
+            if needed[r0 + j - seg.start]:
+                pending[r0 + j - seg.start] = raw
+                yield from due()
         if seen < seg.stop:
             lost = [r for r in range(r0 + seen - seg.start, r1) if needed[r]]
             log.error("shard %s: index.json says %d samples, only %d readable; %d planned samples skipped",
                       entry.url, entry.count, seen, len(lost))
             missing.update(lost)
-        while ptr < n and (order[ptr] in pending or order[ptr] in missing):
-            r_out = int(order[ptr])
-            yield ptr, pending.pop(r_out, None)
-            missing.discard(r_out)
-            ptr += 1
+            yield from due()
 
 
 # ------------------------------------------------------------------------------------- batching

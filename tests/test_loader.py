@@ -182,6 +182,33 @@ def test_plan_buffer_is_a_bounded_local_permutation():
     assert all(s.shard != 1 for s in a.segments)  # empty shard never planned
 
 
+def test_follow_plan_delivers_every_position_once_in_plan_order_even_with_missing_samples(tmp_path):
+    from data_pipeline.loader import follow_plan
+
+    write_shards(tmp_path / "s", [6, 6, 6])
+    _rewrite_index(tmp_path / "s", shards=[{"name": f"shard-{n:06d}.tar", "count": c} for n, c in
+                                          enumerate([6, 9, 6])], total=21)  # shard 1 "loses" 3 samples
+    index = read_index(tmp_path / "s")
+    plan = train_plan(index.counts, seed=0, epoch=0, stream=0, n_streams=1, buffer=5)
+    for start in (0, 7):
+        got = list(follow_plan(index, plan, start))
+        assert [p for p, _ in got] == list(range(start, 21))
+        keys = [raw["__key__"] if raw is not None else None for _, raw in got]
+        lost = [p for p in range(start, 21) if _shard_and_sample(plan, p) in {(1, 6), (1, 7), (1, 8)}]
+        assert [p for p, raw in got if raw is None] == lost and len(lost) > 0
+        assert len({k for k in keys if k}) == len([k for k in keys if k])  # no sample twice
+
+
+def _shard_and_sample(plan, p):
+    """(shard, sample index in the shard) delivered at output position p of the plan."""
+    r, base = int(plan.order[p]), 0
+    for seg in plan.segments:
+        if r < base + seg.size:
+            return seg.shard, seg.start + r - base
+        base += seg.size
+    raise AssertionError(p)
+
+
 # ------------------------------------------------------------------------------------ joint training
 
 
