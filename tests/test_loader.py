@@ -182,6 +182,29 @@ def test_plan_buffer_is_a_bounded_local_permutation():
     assert all(s.shard != 1 for s in a.segments)  # empty shard never planned
 
 
+def test_plans_cover_every_sample_exactly_once_per_epoch_for_many_layouts():
+    """Pure plan check over random shard counts and stream counts (both split modes, empty shards)."""
+    from data_pipeline.plan import val_plan
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        counts = [int(c) for c in rng.integers(0, 9, size=int(rng.integers(1, 12)))]
+        n_streams = int(rng.integers(1, 9))
+        if sum(counts) < n_streams:
+            continue
+        for epoch in (0, 1):
+            seen = []
+            for stream in range(n_streams):
+                plan = train_plan(counts, seed=trial, epoch=epoch, stream=stream, n_streams=n_streams, buffer=4)
+                assert sorted(plan.order.tolist()) == list(range(len(plan)))
+                seen += [(seg.shard, j) for seg in plan.segments for j in range(seg.start, seg.stop)]
+            assert sorted(seen) == [(i, j) for i, c in enumerate(counts) for j in range(c)], (counts, n_streams)
+        ranks = [val_plan(counts, rank=r, world_size=n_streams) for r in range(n_streams)]
+        flat = [(seg.shard, j) for p in ranks for seg in p.segments for j in range(seg.start, seg.stop)]
+        assert flat == [(i, j) for i, c in enumerate(counts) for j in range(c)]  # ordered, complete
+        assert max(len(p) for p in ranks) - min(len(p) for p in ranks) <= 1  # balanced
+
+
 def test_follow_plan_delivers_every_position_once_in_plan_order_even_with_missing_samples(tmp_path):
     from data_pipeline.loader import follow_plan
 
