@@ -118,6 +118,10 @@ class TrainTask(Checkpointable):
         rc = self._wait_child()
         rank = int(dist["RANK"])
         _log(f"rank {rank}: trainer exited with code {rc} after {time.time() - t0:.1f} s")
+        if rc == -signal.SIGUSR1:
+            # USR1 arrived while the trainer was starting, before its handler existed: nothing new
+            # was saved, but the last checkpoint is intact, so requeue and resume from it.
+            rc = EXIT_SAVED
         if rc == EXIT_SAVED:
             if self._stop == "SIGTERM":
                 raise RuntimeError(f"rank {rank}: stopped by SIGTERM after saving a checkpoint; "

@@ -119,6 +119,13 @@ while kill -0 "$CHILD" 2>/dev/null; do wait "$CHILD"; done
 wait "$CHILD"; rc=$?
 log "training tasks exited with code $rc"
 
+if [ "$rc" = 138 ]; then
+  # 128 + SIGUSR1: the signal came while the trainer was still starting up (before it installs its
+  # handler, e.g. a job started close to its time limit). Nothing new was saved, but the last
+  # checkpoint is intact, so requeueing and resuming from it is still the right thing to do.
+  log "the tasks died from SIGUSR1 during start-up; requeueing to resume from the last checkpoint"
+  rc=124
+fi
 if [ "$rc" = 124 ]; then
   restarts=${SLURM_RESTART_COUNT:-0}
   if [ -z "${SLURM_JOB_ID:-}" ]; then

@@ -2,7 +2,8 @@
 
 Takes the trainer's CLI, records the rank/rendezvous environment it was started with, and behaves
 like the trainer's signal contract: on SIGUSR1/SIGTERM it "saves" and exits 124. Env knobs:
-PROBE_SECONDS (run this long on the first start, default 0), PROBE_EXIT (exit code, default 0).
+PROBE_SECONDS (run this long on the first start, default 0), PROBE_EXIT (exit code, default 0),
+PROBE_STARTUP_S (sleep this long before installing the signal handlers, like a slow start-up).
 """
 
 import json
@@ -17,6 +18,9 @@ args = sys.argv[1:]
 sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
 cfg = load_config(TrainConfig, args[args.index("--config") + 1], sets)
 os.makedirs(cfg.run.out_dir, exist_ok=True)
+if not os.environ.get("SLURM_RESTART_COUNT"):  # a slow start-up: no signal handlers yet
+    open(os.path.join(cfg.run.out_dir, f"probe-rank{os.environ.get('RANK')}.booting"), "w").close()
+    time.sleep(float(os.environ.get("PROBE_STARTUP_S", "0")))
 got: list[str] = []
 signal.signal(signal.SIGUSR1, lambda s, f: got.append("USR1"))
 signal.signal(signal.SIGTERM, lambda s, f: got.append("TERM"))

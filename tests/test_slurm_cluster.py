@@ -79,6 +79,33 @@ def test_train_sh_usr1_to_batch_shell_is_forwarded(tmp_path):
     assert "received SIGUSR1, forwarding" in (tmp_path / f"vdm-train-{job}.out").read_text()
 
 
+def test_train_sh_usr1_during_trainer_start_up_still_requeues(tmp_path):
+    """A signal before the trainer has its handler kills it (128+USR1); the job must still come back."""
+    run = tmp_path / "run"
+    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_STARTUP_S="60"))
+    wait_file(run / "probe-rank0.booting", 60, job)
+    wait_file(run / "probe-rank1.booting", 60, job)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    wait_file(run / "probe-rank1-restart1.json", 90, job)
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "COMPLETED"
+    assert not list(run.glob("probe-rank*-restart0.json"))  # the first start never got to run
+    assert "died from SIGUSR1 during start-up" in (tmp_path / f"vdm-train-{job}.out").read_text()
+
+
+@pytest.mark.slow
+def test_train_sh_time_limit_warning_requeues(tmp_path):
+    """SLURM's own pre-time-limit signal (--time=3 --signal=USR1@100) -> save, requeue, finish."""
+    run = tmp_path / "run"
+    opts = [o for o in SMALL if not o.startswith("--time")] + ["--time=3", "--signal=USR1@100"]
+    job = sbatch([*opts, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_SECONDS="170"))
+    wait_file(run / "probe-rank0-restart1.json", 170, job)
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 60) == "COMPLETED"
+    first = _records(run, 0)
+    assert len(first) == 2 and all(r["signals"] == ["USR1"] for r in first), first
+
+
 def test_train_sh_cancel_saves_but_is_not_requeued(tmp_path):
     run = tmp_path / "run"
     job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
@@ -183,3 +210,16 @@ def test_launch_dry_run_matches_what_submitit_submits(tmp_path):
     ex = make_executor(folder, **kw)
     real = ex._executor._make_submission_file_text(ex._executor._submitit_command_str, "uid")
     assert render_sbatch(folder, **kw) == real
+
+
+def test_launch_usr1_during_trainer_start_up_still_requeues(tmp_path):
+    from slurm.launch import wait_for
+
+    run = tmp_path / "run"
+    job = _submit_probe(tmp_path, PROBE_STARTUP_S="60")
+    wait_file(run / "probe-rank0.booting", 60, job.job_id)
+    wait_file(run / "probe-rank1.booting", 60, job.job_id)
+    subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True, timeout=30)
+    ok, results = wait_for(job, 120)
+    assert ok, results
+    assert [r["restarts"] for r in results] == [1, 1]
