@@ -150,6 +150,24 @@ def test_decode_other_codecs_and_wrong_geometry(tmp_path, codec):
         decode_sample(raw, frames=4, height=16, width=16, max_text_len=77, text_dim=384)
 
 
+def test_shards_from_an_fsspec_url(tmp_path):
+    """Remote shard directories (s3://, gs://, ...) go through fsspec; memory:// stands in for them here."""
+    import fsspec
+
+    keys = write_shards(tmp_path / "s", [3, 2])
+    fs = fsspec.filesystem("memory")
+    for f in (tmp_path / "s").iterdir():
+        fs.pipe(f"/remote/{f.name}", f.read_bytes())
+    loader = build_loader(cfg("memory://remote", batch_size=5, shuffle_buffer=0), train=False)
+    assert [k for b in loader for k in b["keys"]] == keys
+    fs.rm("/remote/shard-000001.tar")
+    with pytest.raises(ShardIndexError, match="missing.*shard-000001.tar"):
+        build_loader(cfg("memory://remote"))
+    (tmp_path / "local").mkdir()
+    write_shards(tmp_path / "local", [2])
+    assert len(build_loader(cfg(f"file://{tmp_path / 'local'}"), train=False)) == 1
+
+
 # ------------------------------------------------------------------------------------ splitting
 
 
