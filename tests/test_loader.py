@@ -277,6 +277,17 @@ def test_joint_image_frames_come_from_other_clips(tmp_path, batch_size):
                     assert any(np.array_equal(extra, f) for f in batch_others)
 
 
+def test_validation_joint_frames_with_single_clip_batches(tmp_path):
+    keys = write_shards(tmp_path / "s", [3])
+    batches = list(build_loader(cfg(tmp_path / "s", batch_size=1, num_image_frames=2), train=False))
+    assert [b["keys"][0] for b in batches] == keys
+    for b in batches:  # the last clip borrows from the previous one, the others from the next one
+        frames = ((b["video"] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()[0]
+        own, others = _own_and_other_frames(keys, b["keys"][0])
+        assert all(any(np.array_equal(x, f) for f in others) and not any(np.array_equal(x, f) for f in own)
+                   for x in frames[4:])
+
+
 # ------------------------------------------------------------------------------------ resumption
 
 
