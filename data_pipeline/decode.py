@@ -36,7 +36,12 @@ class Sample:
 def load_npy(data: bytes, what: str) -> np.ndarray:
     """np.load without pickle: object arrays (which need pickle) are refused, not executed."""
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(array, np.ndarray):  # an .npz archive (zip magic) loads as a lazy NpzFile
+            raise BadSample(f"{what}: expected a single .npy array, got {type(array).__name__}")
+        return array
+    except BadSample:
+        raise
     except ValueError as e:
         if "allow_pickle" in str(e) or "Object arrays" in str(e):
             raise BadSample(f"{what}: refused a pickled (object) .npy array; shards must not contain pickle") from None

@@ -458,6 +458,15 @@ def test_pickled_npy_is_refused_and_the_run_goes_on(tmp_path, caplog):
     raw = {"__key__": "bad", "frames.npy": evil.getvalue(), "emb.npy": npy_bytes(text_emb(0))}
     with pytest.raises(BadSample, match="pickle"):
         decode_sample(raw, frames=4, height=16, width=16, max_text_len=77)
+    import pickle
+
+    for payload, reason in ((pickle.dumps(_Boom(str(marker))), "pickle"), (b"\x93NUMPY garbage", "not a valid .npy")):
+        with pytest.raises(BadSample, match=reason):
+            decode_sample({**raw, "frames.npy": payload}, frames=4, height=16, width=16, max_text_len=77)
+    npz = io.BytesIO()
+    np.savez(npz, a=np.zeros(3))
+    with pytest.raises(BadSample, match="expected a single .npy array"):
+        decode_sample({**raw, "frames.npy": npz.getvalue()}, frames=4, height=16, width=16, max_text_len=77)
     # in a shard: that sample (and a truncated mp4 one) are logged and skipped, the rest is served
     extra = {"s00001": {"frames.npy": evil.getvalue()}, "s00003": {"emb.npy": evil.getvalue()}}
     write_shards(tmp_path / "s", [6], extra_samples=extra)
