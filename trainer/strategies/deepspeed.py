@@ -1,0 +1,341 @@
+"""DeepSpeed ZeRO stage 1, 2 or 3: optimizer state (1), + gradients (2), + parameters (3) partitioned.
+
+The DeepSpeed config is built from our TrainConfig, optionally on top of a JSON file
+(`parallel.deepspeed_config`, e.g. configs/deepspeed/zero3.json) so that tuning knobs (bucket
+sizes, overlap_comm, persistence thresholds, fp16 loss-scale window, ...) live in the JSON while
+everything our loop depends on (batch sizes, accumulation, clipping, stage, precision, optimizer
+hyper-parameters) always comes from TrainConfig: see `build_ds_config`.
+
+Facts this file relies on (DeepSpeed 0.19, checked on CPU with gloo):
+- The optimizer is DeepSpeed's own `AdamW` with `"torch_adam": true` by default, i.e. torch.optim.AdamW
+  on the partitioned fp32 master weights; FusedAdam/CPUAdam would compile C++ for minutes (set
+  `torch_adam: false` in the JSON on GPU machines that have a compiler, if you want them).
+- `deepspeed.init_distributed` compiles a shared-memory op (~1 min on 2 cores) that only inference
+  all-reduce uses; it is marked incompatible before init so it is never built.
+- bf16/fp16 turn the module itself into bf16/fp16, so `forward` casts floating inputs to the module's
+  dtype and returns fp32 (the diffusion loss is computed in fp32).
+- The engine computes the grad norm, clips and skips non-finite steps inside `engine.step()`; the loop
+  wants the norm *before* stepping, so `clip_grad_norm` evaluates the same norm function the engine
+  will use, and `skip_step` makes the engine take its own overflow path (no update, gradients
+  dropped, fp16 loss scale backed off).
+
+EMA shards: under ZeRO-3 each rank's trainable tensors are its fp32 master partitions
+(`safe_get_local_fp32_param`); under ZeRO-1/2 they are the fragments of the fp32 master that this
+rank's optimizer owns (`param._hp_mapping`). Either way EMA memory divides by the world size, and
+`gather_full_state` reassembles full fp32 tensors from any such list (live weights or EMA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from trainer.strategies.base import Strategy
+from trainer.strategies.process_group import ensure_process_group
+
+log = logging.getLogger(__name__)
+
+TAG = "deepspeed"  # engine.save_checkpoint(<ckpt_dir>, tag=TAG) -> <ckpt_dir>/deepspeed/
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` wins key by key, recursing into nested dicts."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_json_config(path: str) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"parallel.deepspeed_config: {path} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"parallel.deepspeed_config: {path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"parallel.deepspeed_config: {path} must hold a JSON object")
+    return data
+
+
+def build_ds_config(cfg, world_size: int, on_cpu: bool) -> dict:
+    """JSON (if any) overlaid with the settings the training loop owns.
+
+    Ignored from the JSON, with a warning: `scheduler` (trainer.lr sets the lr every step) and the
+    batch-size keys (from data.batch_size, optim.grad_accum and the world size).
+    """
+    user = load_json_config(cfg.parallel.deepspeed_config)
+    for key in ("scheduler", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in user:
+            log.warning("deepspeed config %s: %r is ignored (set by the trainer config)",
+                        cfg.parallel.deepspeed_config, key)
+            user.pop(key)
+    stage = cfg.parallel.zero_stage
+    if stage not in (1, 2, 3):
+        raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {stage}")
+    json_stage = (user.get("zero_optimization") or {}).get("stage")
+    if json_stage is not None and json_stage != stage:
+        log.warning("deepspeed config %s says ZeRO stage %s; using parallel.zero_stage=%s",
+                    cfg.parallel.deepspeed_config, json_stage, stage)
+    precision = cfg.run.precision
+    o = cfg.optim
+    user_opt_params = (user.get("optimizer") or {}).get("params") or {}
+    ours: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "train_batch_size": cfg.data.batch_size * o.grad_accum * world_size,
+        "gradient_clipping": float(o.grad_clip),
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+            # torch's AdamW unless the JSON asks otherwise; always on CPU (no C++ build)
+            "torch_adam": True if on_cpu else bool(user_opt_params.get("torch_adam", True)),
+        }},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+    }
+    if precision == "bf16":
+        ours["bf16"]["check_grad_overflow"] = True  # a NaN/Inf step is skipped, never applied
+    if cfg.parallel.offload_optimizer:
+        ours["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
+    user_type = str((user.get("optimizer") or {}).get("type", "AdamW"))
+    if user_type.lower() != "adamw":
+        raise ValueError(f"deepspeed config {cfg.parallel.deepspeed_config}: optimizer type {user_type!r} is not "
+                         "supported; the trainer's optimizer is AdamW (optim.*)")
+    return deep_merge(user, ours)
+
+
+def _skip_shm_op_build() -> None:
+    """DeepSpeed builds a C++ shared-memory all-reduce op when its comm backend starts; only inference
+    uses it, and building it costs about a minute on a small CPU machine. Mark it unavailable."""
+    try:
+        import deepspeed.ops as ds_ops
+
+        ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except (ImportError, AttributeError):  # layout changed: the build is slow but harmless
+        pass
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    def setup(self, model: nn.Module) -> None:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
+        ensure_process_group(self.dist, "deepspeed")
+        _skip_shm_op_build()
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        self.ds_config = build_ds_config(self.cfg, self.dist.world_size, on_cpu=self.device.type == "cpu")
+        self.stage = self.ds_config["zero_optimization"]["stage"]
+        model = model.to(self.device)
+        # bf16/fp16: the engine casts the module first and copies its fp32 master from the cast
+        # weights, i.e. the initial weights would be rounded to 8 mantissa bits; keep the originals
+        initial = ({n: p.detach().to("cpu", torch.float32, copy=True) for n, p in model.named_parameters()}
+                   if self.cfg.run.precision != "fp32" else None)
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.ds_config, dist_init_required=False)
+        self.engine = engine
+        self.model = engine
+        self.module = engine.module
+        self.optimizer = optimizer  # the ZeRO optimizer; param_groups proxy the inner AdamW's
+        self.dtype = _DTYPES[self.cfg.run.precision]
+        self._params = [p for p in self.module.parameters() if p.requires_grad]
+        self._names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        if initial is not None:
+            self._restore_fp32_master(initial)
+
+    @torch.no_grad()
+    def _restore_fp32_master(self, initial: dict[str, Tensor]) -> None:
+        if self.stage != 3:
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for name, p in zip(self._names, self._params):
+                safe_set_full_fp32_param(p, initial[name].to(p.device))
+            return
+        # ZeRO-3: write our slice of each flat parameter into the local fp32 partition ourselves
+        # (DeepSpeed 0.19's set_full_hp_param overruns when the last rank's partition is padded)
+        opt = self.optimizer
+        for name, p in zip(self._names, self._params):
+            local, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=True)  # a view, even offloaded
+            flat = initial[name].reshape(-1)
+            part = p.ds_tensor.ds_numel
+            start = self.dist.rank * part
+            n = max(0, min(part, flat.numel() - start))
+            if n:
+                local.narrow(0, 0, n).copy_(flat.narrow(0, start, n).to(local.device))
+
+    # ------------------------------------------------------------------ one step
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engine holds the module in the training dtype
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        out = self.engine(*self._cast(args), **self._cast(kwargs))
+        return out.float() if isinstance(out, Tensor) and out.is_floating_point() else out
+
+    def _cast(self, value):
+        if isinstance(value, Tensor):
+            return value.to(self.dtype) if value.is_floating_point() else value
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._cast(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._cast(v) for k, v in value.items()}
+        return value
+
+    def backward(self, loss: Tensor) -> None:
+        # the loop already divided by grad_accum; the engine must not divide again
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only advances the engine's micro-step counter
+
+    def _grad_norm(self) -> float:
+        """The same global norm `engine.step()` is about to compute (unscaled by the loss scale)."""
+        from deepspeed.runtime.utils import is_invalid_grad_norm
+
+        opt = self.optimizer
+        if self.stage == 3:
+            from deepspeed.runtime.utils import combine_grad_norm_groups
+
+            norm = combine_grad_norm_groups(opt._get_norm_groups())
+        else:
+            norm = opt.scaled_global_norm()
+        if is_invalid_grad_norm(norm):
+            return math.inf
+        return float(norm) / float(getattr(opt, "loss_scale", 1.0) or 1.0)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        self.optimizer.clip_grad = float(max_norm)  # the engine clips inside step(); 0 = off
+        return self._grad_norm()
+
+    def optimizer_step(self) -> None:
+        self.engine.step()
+
+    def skip_step(self) -> None:
+        """Let the engine take its overflow path: no update, partitioned grads dropped, fp16 scale
+        backed off. Forced by reporting an invalid norm for this one step, so a step whose loss was
+        non-finite but whose gradients happened to be finite is dropped as well."""
+        opt = self.optimizer
+        nan = torch.tensor(float("nan"))
+        attr, fake = (("_get_norm_groups", lambda: [nan]) if self.stage == 3 else
+                      ("scaled_global_norm", lambda *a, **k: nan))
+        setattr(opt, attr, fake)
+        try:
+            self.engine.step()
+        finally:
+            delattr(opt, attr)
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ------------------------------------------------------------------ state
+    def local_params(self) -> list[Tensor]:
+        """fp32 master weights this rank owns: ZeRO-3 partitions, or ZeRO-1/2 optimizer fragments
+        (empty where this rank owns no part of a parameter)."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return [safe_get_local_fp32_param(p) for p in self._params]
+        out = []
+        for p in self._params:
+            mapping = getattr(p, "_hp_mapping", None)
+            out.append(mapping.hp_fragment if mapping is not None else
+                       torch.empty(0, dtype=torch.float32, device=p.device))
+        return out
+
+    def unwrapped_model(self) -> nn.Module:
+        return self.module  # ZeRO-3 parameters are partitioned: use gather_full_state()
+
+    def save(self, ckpt_dir: Path) -> None:
+        self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, client_state={}, save_latest=False)
+        self.barrier()
+
+    def load(self, ckpt_dir: Path) -> None:
+        if not (Path(ckpt_dir) / TAG).is_dir():
+            raise FileNotFoundError(f"{ckpt_dir}: no {TAG}/ directory; not a deepspeed checkpoint "
+                                    f"(strategies cannot read each other's checkpoints; use trainer.export)")
+        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"deepspeed could not load the checkpoint in {ckpt_dir}/{TAG}")
+        self.barrier()
+
+    def gather_full_state(self, tensors: list[Tensor] | None = None) -> dict[str, Tensor] | None:
+        """Collective: full fp32 tensors on rank 0 from per-rank pieces (the live fp32 master, or the
+        given list parallel to local_params(), e.g. EMA), one parameter at a time."""
+        pieces = self.local_params() if tensors is None else tensors
+        if len(pieces) != len(self._params):
+            raise ValueError(f"gather_full_state: got {len(pieces)} tensors for {len(self._params)} parameters")
+        full: dict[str, Tensor] = {}
+        for name, p, piece in zip(self._names, self._params, pieces):
+            value = self._assemble(p, piece.detach().float())
+            if self.dist.rank == 0:
+                full[name] = value.cpu().clone()
+        if self.dist.rank != 0:
+            return None
+        # buffers (never partitioned) and frozen parameters, in the module's key order
+        out: dict[str, Tensor] = {}
+        for key, value in self._plain_state().items():
+            out[key] = full.get(key, value)
+        return out
+
+    def _plain_state(self) -> dict[str, Tensor]:
+        names = set(self._names)
+        keys = list(self.module.state_dict().keys()) if self.stage != 3 else \
+            [n for n, _ in self.module.named_parameters()] + [n for n, _ in self.module.named_buffers()]
+        buffers = dict(self.module.named_buffers())
+        state: dict[str, Tensor] = {}
+        for key in keys:
+            if key in names:
+                state[key] = torch.empty(0)  # placeholder, replaced by the gathered tensor
+            elif key in buffers:
+                b = buffers[key].detach()
+                state[key] = (b.float() if b.is_floating_point() else b).cpu().clone()
+        return state
+
+    def _assemble(self, p: nn.Parameter, piece: Tensor) -> Tensor:
+        world = self.dist.world_size
+        if self.stage == 3:
+            part = p.ds_tensor.ds_numel  # padded partition size, the same on every rank
+            piece = piece.reshape(-1).to(p.ds_tensor.device)
+            if piece.numel() != part:
+                raise ValueError(f"ZeRO-3 piece has {piece.numel()} elements, partition size is {part}")
+            if world == 1:
+                flat = piece
+            else:
+                bufs = [torch.empty_like(piece) for _ in range(world)]
+                dist.all_gather(bufs, piece)
+                flat = torch.cat(bufs)
+            return flat[: p.ds_numel].view(p.ds_shape)
+        # ZeRO-1/2: disjoint fragments of the flattened parameter; sum of zero-padded pieces
+        flat = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is not None:
+            addr = mapping.lp_fragment_address
+            flat.narrow(0, addr.start, addr.numel).copy_(piece.reshape(-1))
+        if world > 1:
+            dist.all_reduce(flat)
+        return flat.view(p.shape)
