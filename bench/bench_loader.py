@@ -1,6 +1,7 @@
 """Loader throughput on demo-size shards: samples/s with 0 and 2 DataLoader workers.
 
     .venv/bin/python -m bench.bench_loader [--samples 384 --frames 16 --size 32 --batch 8 --out DIR]
+    .venv/bin/python -m bench.bench_loader --shards demo_out/shards      # your own shards
 
 Writes real shards first (h264 mp4 clips of moving shapes via data_pipeline.synthetic.render_clip and
 data_pipeline.mp4.encode_mp4, float16 [L, 384] caption embeddings, webdataset.TarWriter, index.json),
@@ -117,29 +118,42 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=40, help="timed batches per configuration")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--formats", nargs="+", default=["mp4", "npy"])
-    p.add_argument("--out", default="", help="shard directory (default: a temporary one)")
+    p.add_argument("--out", default="", help="where to write the demo shards (default: a temporary directory)")
+    p.add_argument("--shards", default="", help="benchmark this existing shard directory instead")
     a = p.parse_args(argv)
 
-    root = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    from data_pipeline.index import read_index
+
+    targets = []  # (label, directory, frames, size)
+    if a.shards:
+        index = read_index(a.shards)
+        if index.height != index.width:
+            raise SystemExit(f"{a.shards}: the loader needs square clips, index has {index.height}x{index.width}")
+        targets.append((index.format, Path(a.shards), index.frames, index.height))
+    else:
+        root = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="bench_loader_"))
+        for fmt in a.formats:
+            if not (root / fmt / "index.json").exists():
+                write_demo_shards(root / fmt, a.samples, a.per_shard, a.frames, a.size, fmt)
+            targets.append((fmt, root / fmt, a.frames, a.size))
+    load_before = os.getloadavg()[0]
     rows = []
-    for fmt in a.formats:
-        shards = root / fmt
-        if not (shards / "index.json").exists():
-            write_demo_shards(shards, a.samples, a.per_shard, a.frames, a.size, fmt)
+    for fmt, shards, frames, size in targets:
         size_mb = sum(f.stat().st_size for f in shards.glob("*.tar")) / 1e6
-        floor = time_bare_decode(shards, a.frames, a.size)
+        floor = time_bare_decode(shards, frames, size)
         rows.append((fmt, "bare decode (1 process, no tar/batching)", floor, None, None, size_mb))
         print(f"{fmt:4s} bare decode: {floor:8.1f} samples/s", flush=True)
         for workers in a.workers:
             for k in (0, 4):
-                sps, first, resume = time_loader(shards, workers=workers, batch=a.batch, frames=a.frames,
-                                                 size=a.size, image_frames=k, n_batches=a.batches)
+                sps, first, resume = time_loader(shards, workers=workers, batch=a.batch, frames=frames,
+                                                 size=size, image_frames=k, n_batches=a.batches)
                 rows.append((fmt, f"loader, {workers} workers, K={k} image frames", sps, first, resume, size_mb))
                 print(f"{fmt:4s} workers={workers} K={k}: {sps:8.1f} samples/s, first batch {first:.2f} s, "
                       f"after resume {resume:.2f} s", flush=True)
 
-    print(f"\n{a.samples} samples of {a.frames}x{a.size}x{a.size} in shards of {a.per_shard}, batch {a.batch}, "
-          f"{a.batches} timed batches, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
+    what = a.shards or f"{a.samples} samples of {a.frames}x{a.size}x{a.size} in shards of {a.per_shard}"
+    print(f"\n{what}, batch {a.batch}, {a.batches} timed batches, {os.cpu_count()} CPUs "
+          f"({platform.processor() or platform.machine()}), load average {load_before:.1f} → {os.getloadavg()[0]:.1f}")
     print("| format | what | samples/s | first batch (s) | first batch after resume (s) | shards MB |")
     print("|---|---|---|---|---|---|")
     for fmt, what, sps, first, resume, mb in rows:
