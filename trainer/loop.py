@@ -197,10 +197,10 @@ class Trainer:
             raise RuntimeError(f"rolled back to {latest} {n - 1} times and still diverging; lower the LR or "
                                f"inspect the data after step {self.step}")
         self._rollbacks_from[latest.name] = n
-        bad_step = self.step
-        rollbacks = self.rollbacks + 1
+        bad_step = self.step - 1
+        rollbacks, skipped = self.rollbacks + 1, self.skipped_steps
         self._load(latest)
-        self.rollbacks = rollbacks
+        self.rollbacks, self.skipped_steps = rollbacks, skipped  # events stay counted across rollbacks
         self.metrics.print(f"[nan-guard] {self.cfg.run.max_nonfinite_in_row} non-finite steps in a row up to "
                            f"step {bad_step}: rolled back to {latest.name} (rollback #{self.rollbacks})")
         self.metrics.scalars({"train/rollbacks": self.rollbacks}, bad_step)

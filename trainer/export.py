@@ -1,0 +1,140 @@
+"""Checkpoint → one safetensors file of the EMA weights, with the training config in its metadata.
+
+    python -m trainer.export --checkpoint runs/x[/checkpoints/step-001000] --out model.safetensors
+
+single/ddp checkpoints hold the full EMA in ema-rank0.pt and export in one process. Sharded
+checkpoints (fsdp, deepspeed) hold one EMA shard per rank; export them with the strategy that wrote
+them and the same number of processes, which reassembles the shards through
+`strategy.gather_full_state` (the command is printed if you get it wrong):
+
+    torchrun --standalone --nproc_per_node 2 -m trainer.export --checkpoint ... --out model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import read_state, resolve_checkpoint
+from trainer.config import TrainConfig, from_dict, to_dict
+
+FORMAT = "vdm-ema-v1"
+REPLICATED = ("single", "ddp")
+
+
+def _metadata(cfg: TrainConfig, state: dict, ckpt_dir: Path) -> dict[str, str]:
+    return {"format": FORMAT, "config": json.dumps(to_dict(cfg)), "step": str(state.get("step", "")),
+            "text_encoder": state.get("text_encoder", "") or cfg.run.text_encoder, "checkpoint": str(ckpt_dir)}
+
+
+def ema_state_replicated(ckpt_dir: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Full EMA state of a single/ddp checkpoint, without any process group."""
+    from model.unet import SpaceTimeUNet
+    from trainer.strategies.single import full_state
+
+    model = SpaceTimeUNet(cfg.model)
+    ema = torch.load(ckpt_dir / "ema-rank0.pt", weights_only=True, map_location="cpu")
+    return full_state(model, ema)
+
+
+def ema_state_sharded(ckpt_dir: Path, cfg: TrainConfig, state: dict) -> dict[str, torch.Tensor] | None:
+    """Full EMA state on rank 0 (None elsewhere), reassembled by the strategy that wrote the shards."""
+    from model.unet import SpaceTimeUNet
+    from trainer.distributed import init_distributed
+    from trainer.strategies.base import build_strategy
+
+    dist_env = init_distributed(cfg.parallel.backend)
+    want = int(state.get("world_size", 1))
+    if dist_env.world_size != want:
+        raise SystemExit(
+            f"{ckpt_dir} is a {cfg.parallel.strategy} checkpoint sharded over {want} ranks; run the export with "
+            f"{want} processes:\n  torchrun --standalone --nproc_per_node {want} -m trainer.export "
+            f"--checkpoint {ckpt_dir} --out OUT.safetensors")
+    torch.manual_seed(cfg.run.seed)
+    strategy = build_strategy(cfg, dist_env)
+    strategy.setup(SpaceTimeUNet(cfg.model))
+    strategy.load(ckpt_dir)
+    ema = torch.load(ckpt_dir / f"ema-rank{dist_env.rank}.pt", weights_only=True, map_location=dist_env.device)
+    return strategy.gather_full_state(ema)
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path | None:
+    """Write `out` (rank 0); returns its path on rank 0, None on other ranks."""
+    from safetensors.torch import save_file
+
+    ckpt_dir = resolve_checkpoint(checkpoint)
+    state = read_state(ckpt_dir)
+    cfg = from_dict(TrainConfig, state["config"])
+    if state.get("strategy", cfg.parallel.strategy) in REPLICATED:
+        tensors, is_main = ema_state_replicated(ckpt_dir, cfg), True
+    else:
+        tensors = ema_state_sharded(ckpt_dir, cfg, state)
+        is_main = tensors is not None
+    if not is_main:
+        return None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(out), metadata=_metadata(cfg, state, ckpt_dir))
+    return out
+
+
+def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainConfig, dict[str, str]]:
+    """(state dict, training config, metadata) of a file written by `export`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise ValueError(f"{path}: not a trainer.export file (metadata format {meta.get('format')!r})")
+    return load_file(str(path)), from_dict(TrainConfig, json.loads(meta["config"])), meta
+
+
+def load_ema_model(path: str | Path, device: str | torch.device = "cpu"):
+    """EMA model (eval mode) + config + metadata from an exported .safetensors or a single/ddp checkpoint."""
+    from model.unet import SpaceTimeUNet
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        tensors, cfg, meta = load_exported(path)
+    else:
+        ckpt_dir = resolve_checkpoint(path)
+        state = read_state(ckpt_dir)
+        cfg = from_dict(TrainConfig, state["config"])
+        if state.get("strategy", cfg.parallel.strategy) not in REPLICATED:
+            raise ValueError(f"{ckpt_dir} is a sharded {state.get('strategy')} checkpoint: export it first "
+                             f"(python -m trainer.export --checkpoint {ckpt_dir} --out model.safetensors, with "
+                             f"{state.get('world_size')} processes) and sample from the .safetensors file")
+        tensors = ema_state_replicated(ckpt_dir, cfg)
+        meta = _metadata(cfg, state, ckpt_dir)
+    model = SpaceTimeUNet(cfg.model)
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), cfg, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run's out_dir (its latest)")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    a = p.parse_args(argv)
+    try:
+        out = export(a.checkpoint, a.out)
+    except FileNotFoundError as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 1
+    finally:
+        from trainer.distributed import destroy_distributed
+
+        destroy_distributed()
+    if out is not None:
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
