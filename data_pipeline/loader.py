@@ -472,8 +472,15 @@ class VideoTextLoader:
         if state.get("dataset") != sp.index.fingerprint():
             log.warning("loader state: the shards in %s changed since the state was saved; resuming at the saved "
                         "epochs/offsets, but the sample order differs", sp.index.source)
-        self.positions = [StreamPos(*(int(v) for v in entry)) for entry in state["streams"]]
-        self.consumed = int(state["batches"])
+        try:
+            positions = [StreamPos(*(int(v) for v in entry)) for entry in state["streams"]]
+            consumed = int(state["batches"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"loader state: malformed streams/batches ({e})") from None
+        if len(positions) != sp.workers or consumed < 0 or any(p.epoch < 0 or p.offset < 0 for p in positions):
+            raise ValueError(f"loader state: {len(positions)} stream positions for {sp.workers} workers, or negative "
+                             "values")
+        self.positions, self.consumed = positions, consumed
 
 
 # ------------------------------------------------------------------------------------ entry point

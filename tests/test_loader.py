@@ -386,6 +386,10 @@ def test_resume_refuses_other_topology_unless_not_strict(tmp_path, caplog):
     assert b.epoch == 1 and "restarting all streams" in caplog.text
     with pytest.raises(ValueError, match="seed was 3 when saved"):
         build_loader(cfg(tmp_path / "s", seed=4)).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="malformed"):
+        build_loader(cfg(tmp_path / "s")).load_state_dict({**a.state_dict(), "streams": [["x", 0, 0, 0]]})
+    with pytest.raises(ValueError, match="unsupported version"):
+        build_loader(cfg(tmp_path / "s")).load_state_dict({"version": 99})
 
 
 # ------------------------------------------------------------------------------------ refusing bad input
