@@ -160,10 +160,17 @@ install_packages() {
   log "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/tmp/vdm_slurm_apt.log 2>&1 || { tail -n 20 /tmp/vdm_slurm_apt.log >&2; die "apt-get update failed"; }
-  # Postinst scripts try invoke-rc.d/systemd; without systemd they skip starting the services,
-  # which is what we want: this script starts (and later stops) exactly its own daemons.
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >>/tmp/vdm_slurm_apt.log 2>&1 \
-    || { tail -n 30 /tmp/vdm_slurm_apt.log >&2; die "apt-get install failed (log /tmp/vdm_slurm_apt.log)"; }
+  # Keep the packages' postinst scripts from starting system services (with systemd they would):
+  # this script starts, and later stops, exactly its own daemons. policy-rc.d exit 101 = "not now".
+  local policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# vdm slurm/local_cluster.sh: temporary, during apt-get install\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d; policy=1
+  fi
+  local ok=1
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >>/tmp/vdm_slurm_apt.log 2>&1 || ok=0
+  [ "$policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+  [ "$ok" = 1 ] || { tail -n 30 /tmp/vdm_slurm_apt.log >&2; die "apt-get install failed (log /tmp/vdm_slurm_apt.log)"; }
   log "packages installed"
 }
 
@@ -171,11 +178,14 @@ write_config() {
   HOST=$(hostname -s)
   if [ "$NODES" -le 1 ]; then NODE_NAMES=("$HOST"); else NODE_NAMES=(); for i in $(seq 1 "$NODES"); do NODE_NAMES+=("n$i"); done; fi
   for n in "${NODE_NAMES[@]}"; do mkdir -p "$DIR/spool/$n"; done
-  if [ "$NODES" -gt 1 ]; then
-    grep -v '# vdm-slurm$' /etc/hosts > /tmp/hosts.vdm-slurm || true
-    echo "127.0.0.1 ${NODE_NAMES[*]} # vdm-slurm" >> /tmp/hosts.vdm-slurm
-    cat /tmp/hosts.vdm-slurm > /etc/hosts; rm -f /tmp/hosts.vdm-slurm
-  fi
+  # Virtual node names (and this host's name, if it does not resolve) must resolve: slurmctld looks
+  # its host up, and MASTER_ADDR is the first node name of a job.
+  local names=()
+  [ "$NODES" -gt 1 ] && names+=("${NODE_NAMES[@]}")
+  getent hosts "$HOST" >/dev/null 2>&1 || names+=("$HOST")
+  grep -v '# vdm-slurm$' /etc/hosts > /tmp/hosts.vdm-slurm || true
+  [ ${#names[@]} -gt 0 ] && echo "127.0.0.1 ${names[*]} # vdm-slurm" >> /tmp/hosts.vdm-slurm
+  cat /tmp/hosts.vdm-slurm > /etc/hosts; rm -f /tmp/hosts.vdm-slurm
   local mem_mb=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
   mkdir -p "$ETC"
   for f in slurm.conf gres.conf slurmdbd.conf; do   # keep a foreign config, never clobber silently

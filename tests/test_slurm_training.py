@@ -45,6 +45,7 @@ def _cluster():
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory, synthetic_videos, tiny_bert_dir) -> Path:
     """Real shards (2 x 6 clips of 8x16x16) made locally by the sharding CLI."""
+    require_cluster(min_nodes=2)  # session fixtures run before the autouse check: fail/skip early
     out = tmp_path_factory.mktemp("slurm_shards") / "local"
     r = subprocess.run([sys.executable, "-m", "data_pipeline.shard", "--config", "configs/shard/demo.yaml",
                         "--manifest", synthetic_videos, "--out", str(out), "--encoder", tiny_bert_dir,
