@@ -28,6 +28,7 @@ class ShardStats:
     failures: list[dict] = field(default_factory=list)  # {"key", "row", "reason", "detail"}
     tar_bytes: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time for the shard (throughput on a shared machine)
     started: float = 0.0  # unix times (throughput over a parallel run; not part of sample content)
     finished: float = 0.0
     encoder: dict = field(default_factory=dict)
@@ -40,7 +41,7 @@ class ShardStats:
             "version": INDEX_VERSION, "shard": self.shard, "name": shard_name(self.shard),
             "rows": list(self.rows), "config_hash": self.config_hash, "ok": self.ok, "samples": self.samples,
             "failed": len(self.failures), "by_reason": dict(sorted(Counter(f["reason"] for f in self.failures).items())),
-            "failures": self.failures, "tar_bytes": self.tar_bytes, "seconds": round(self.seconds, 3),
+            "failures": self.failures, "tar_bytes": self.tar_bytes, "seconds": round(self.seconds, 3), "cpu_seconds": round(self.cpu_seconds, 3),
             "started": round(self.started, 3), "finished": round(self.finished, 3),
             "encoder": self.encoder,
         }

@@ -80,7 +80,7 @@ class ShardProcessor:
     # ------------------------------------------------------------------ per shard
     def run_shard(self, shard: int, progress: Progress | None = None) -> dict:
         cfg = self.cfg
-        t_start, t_wall = time.perf_counter(), time.time()
+        t_start, t_wall, t_cpu = time.perf_counter(), time.time(), time.process_time()
         rows = self.manifest.shard_rows(shard, cfg.samples_per_shard)
         start = shard * cfg.samples_per_shard
         stats = ShardStats(shard=shard, rows=(start, start + len(rows)), config_hash=self.hash,
@@ -102,6 +102,7 @@ class ShardProcessor:
             raise
         stats.seconds = time.perf_counter() - t_start
         stats.started, stats.finished = t_wall, time.time()
+        stats.cpu_seconds = time.process_time() - t_cpu
         write_stats(self.out_dir, stats)
         return stats.to_json()
 
