@@ -138,7 +138,10 @@ def run_local(cfg: ShardConfig, todo: list[int], manifest: Manifest, progress: b
 
             processor = ShardProcessor(cfg, manifest)
             for s in todo:
-                processor.run_shard(s, progress=bar.update)
+                try:
+                    processor.run_shard(s, progress=bar.update)
+                except Exception as e:  # e.g. disk full: this shard stays unfinished, the others go on
+                    log.error("shard %d failed: %s: %s (rerun to retry it)", s, type(e).__name__, e)
             return
         ctx = mp.get_context("spawn")  # PyAV + fork can hang (DESIGN.md); spawn starts clean
         queue = ctx.Queue()

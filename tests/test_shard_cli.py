@@ -267,3 +267,22 @@ def test_slurm_flags_map_to_config_and_missing_slurm_is_a_clear_error(synthetic_
     assert main(["--manifest", synthetic_videos, "--out", str(tmp_path / "o"), "--encoder", tiny_bert_dir,
                  "--slurm", "--no-progress"]) == 2
     assert "--slurm:" in capsys.readouterr().err  # one clear line, no traceback
+
+
+def test_a_shard_that_cannot_be_written_is_left_unfinished_and_exit_is_2(synthetic_videos, tiny_bert_dir, tmp_path,
+                                                                          capsys, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    # a directory where shard 1's tar must go: os.replace fails for that shard only
+    (out / "shard-000001.tar").mkdir()
+    code = _run(tmp_path, tiny_bert_dir, synthetic_videos, out, "--samples-per-shard", "4")
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "shard 1 failed" in caplog.text and "UNFINISHED shards: [1]" in captured.out
+    index = json.loads((out / "index.json").read_text())
+    assert index["complete"] is False and [s["name"] for s in index["shards"]] == ["shard-000000.tar",
+                                                                                   "shard-000002.tar"]
+    assert not list(out.glob("*.tmp-*"))
+    (out / "shard-000001.tar").rmdir()
+    assert _run(tmp_path, tiny_bert_dir, synthetic_videos, out, "--samples-per-shard", "4") == 0
+    assert json.loads((out / "index.json").read_text())["total"] == 12
