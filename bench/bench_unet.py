@@ -14,6 +14,7 @@ a GPU run of the same config later.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -48,6 +49,13 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process: less sensitive than wall time to other processes
+    sharing the cores (wall time then stretches, CPU time mostly does not)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _inputs(cfg: TrainConfig, device="cpu"):
     """Batch 1 at the config's clip geometry: T video frames (no extra image frames)."""
     m, d = cfg.model, cfg.data
@@ -63,8 +71,9 @@ def model_flops(cfg: TrainConfig) -> int:
     """FLOPs of one forward+backward at batch 1, counted on the meta device (shapes only)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    # checkpointing off: recomputation is not model work and would inflate the count by ~25%
     with torch.device("meta"):
-        model = SpaceTimeUNet(cfg.model).train()
+        model = SpaceTimeUNet(dataclasses.replace(cfg.model, gradient_checkpointing=False)).train()
         z, logsnr, text, mask = _inputs(cfg, device="meta")
     counter = FlopCounterMode(display=False)
     with counter:
@@ -99,15 +108,17 @@ def run_case(config: str, precision: str, checkpointing: bool, warmup: int, step
     for _ in range(warmup):
         step()
     rss_before = _rss_bytes()
-    times = []
+    times, cpu_times = [], []
     for i in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         step(count_saved=i == 0)  # the hook only sums tensor sizes: no measurable cost
         times.append(time.perf_counter() - t0)
+        cpu_times.append(_cpu_seconds() - c0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return {
         "config": config, "precision": precision, "checkpointing": checkpointing,
         "step_s": sum(times) / len(times), "step_s_min": min(times),
+        "cpu_s": sum(cpu_times) / len(cpu_times),
         "peak_delta_mib": max(0, peak - rss_before) / 2**20, "peak_rss_mib": peak / 2**20,
         "saved_activations_mib": saved / 2**20, "threads": torch.get_num_threads(),
         "frames": cfg.data.num_frames, "size": cfg.model.image_size,
@@ -120,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="warmup steps per case (default: per config)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default: per config)")
     ap.add_argument("--out", default="bench/RESULTS_unet.md", help="markdown file to write ('-' = stdout only)")
+    ap.add_argument("--rows", help="re-render the table from a previous run's stdout (JSON lines)")
     ap.add_argument("--child", nargs=3, metavar=("CONFIG", "PRECISION", "CKPT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -129,30 +141,43 @@ def main(argv=None) -> int:
         return 0
 
     command = ".venv/bin/python -m bench.bench_unet " + shlex.join(sys.argv[1:] if argv is None else argv)
+    load_before = os.getloadavg()[0]
+    if args.rows:  # re-render a previous run (its stdout JSON lines) without rerunning it
+        rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.startswith("{")]
+        for r in rows:
+            r["gflop"] = model_flops(load_config(TrainConfig, ROOT / CONFIGS[r["config"]])) / 1e9
+    else:
+        rows = []
+        for config in args.configs:
+            flops = model_flops(load_config(TrainConfig, ROOT / CONFIGS[config]))
+            warmup, steps = DEFAULT_STEPS[config]
+            warmup = warmup if args.warmup is None else args.warmup
+            steps = max(1, steps if args.steps is None else args.steps)
+            for precision in ("fp32", "bf16"):
+                for ckpt in (False, True):
+                    cmd = [sys.executable, "-m", "bench.bench_unet", "--warmup", str(warmup),
+                           "--steps", str(steps), "--child", config, precision, "1" if ckpt else "0"]
+                    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                    if res.returncode != 0:
+                        print(f"case {config}/{precision}/ckpt={ckpt} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+                        return 1
+                    row = json.loads(res.stdout.strip().splitlines()[-1])
+                    row["gflop"] = flops / 1e9
+                    row["warmup"], row["steps"] = warmup, steps
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    text = render(rows, command, (load_before, os.getloadavg()[0]) if not args.rows else None)
+    print(text)
+    if args.out != "-":
+        Path(args.out).write_text(text)
+    return 0
+
+
+def render(rows: list[dict], command: str, load: tuple[float, float] | None) -> str:
     params = {}
     for name, path in CONFIGS.items():
         with torch.device("meta"):
             params[name] = count_parameters(SpaceTimeUNet(load_config(TrainConfig, ROOT / path).model))
-    rows = []
-    for config in args.configs:
-        flops = model_flops(load_config(TrainConfig, ROOT / CONFIGS[config]))
-        warmup, steps = DEFAULT_STEPS[config]
-        warmup = warmup if args.warmup is None else args.warmup
-        steps = max(1, steps if args.steps is None else args.steps)
-        for precision in ("fp32", "bf16"):
-            for ckpt in (False, True):
-                cmd = [sys.executable, "-m", "bench.bench_unet", "--warmup", str(warmup),
-                       "--steps", str(steps), "--child", config, precision, "1" if ckpt else "0"]
-                res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-                if res.returncode != 0:
-                    print(f"case {config}/{precision}/ckpt={ckpt} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
-                    return 1
-                row = json.loads(res.stdout.strip().splitlines()[-1])
-                row["gflop"] = flops / 1e9
-                row["warmup"], row["steps"] = warmup, steps
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-
     lines = [
         "# SpaceTimeUNet benchmark (forward + backward, batch 1)",
         "",
@@ -161,6 +186,10 @@ def main(argv=None) -> int:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__}, {rows[0]['threads'] if rows else '?'} intra-op threads. "
         "Each case runs in a fresh subprocess; warmup + timed steps per case are in the table.",
+    ]
+    if load is not None:
+        lines.append(f"Load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f}.")
+    lines += [
         "Input: the config's clip (T video frames, no extra image frames), 16 caption tokens.",
         "Peak mem = peak RSS during the timed steps minus RSS before them (activations, gradients,",
         "temporaries; weights and inputs excluded); saved act. = bytes autograd",
@@ -168,13 +197,14 @@ def main(argv=None) -> int:
         "GFLOP = model FLOPs of one forward+backward (torch.utils.flop_counter, recompute not counted).",
         "",
         "| config | clip | precision | checkpointing | warmup+timed | s/step (mean) | s/step (min) | "
-        "peak mem MiB | saved act. MiB | GFLOP/step | GFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "CPU s/step | peak mem MiB | saved act. MiB | GFLOP/step | GFLOP/s (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['frames']}x{r['size']}x{r['size']} | {r['precision']} | "
-            f"{'on' if r['checkpointing'] else 'off'} | {r['warmup']}+{r['steps']} | {r['step_s']:.3f} | {r['step_s_min']:.3f} | "
+            f"{'on' if r['checkpointing'] else 'off'} | {r['warmup']}+{r['steps']} | "
+            f"{r['step_s']:.3f} | {r['step_s_min']:.3f} | {r.get('cpu_s', float('nan')):.2f} | "
             f"{r['peak_delta_mib']:.0f} | {r['saved_activations_mib']:.0f} | {r['gflop']:.1f} | "
             f"{r['gflop'] / r['step_s']:.1f} |"
         )
@@ -188,11 +218,7 @@ def main(argv=None) -> int:
         "|---|---|",
     ]
     lines += [f"| {CONFIGS[n]} | {p:,} ({p / 1e6:.1f} M) |" for n, p in params.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out != "-":
-        Path(args.out).write_text(text)
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
