@@ -397,3 +397,14 @@ def test_chunked_sdpa_matches_one_call():
     for mask in (None, bias, per_row):
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         torch.testing.assert_close(chunked_sdpa(q, k, v, mask, max_batch=3), ref)
+
+
+def test_zero_video_frames_makes_every_frame_an_image():
+    model = make_model()
+    z, logsnr, text, mask = inputs(f=3)
+    base = model(z, logsnr, text, mask, num_video_frames=0)
+    z2 = z.clone()
+    z2[:, :, 0] += 1.0
+    out = model(z2, logsnr, text, mask, num_video_frames=0)
+    torch.testing.assert_close(out[:, :, 1:], base[:, :, 1:], atol=1e-5, rtol=1e-5)
+    assert (out[:, :, 0] - base[:, :, 0]).abs().max() > 1e-3
