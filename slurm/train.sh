@@ -21,11 +21,13 @@
 #   appended to, not replaced. `scancel --signal=USR1 <job>` triggers the same save + requeue by hand.
 #   SIGTERM (scancel, preemption) is forwarded too: the trainer saves, but the job is NOT requeued
 #   by this script (a cancel must stay a cancel; SLURM requeues a preempted job by itself when
-#   PreemptMode=REQUEUE).
+#   PreemptMode=REQUEUE). A USR1 that arrives while the trainer is still starting (before it has its
+#   handler) kills it with 128+10; that also requeues: the last checkpoint is intact.
 # - Logs: the job's output file (default <submit dir>/<job name>-<job id>.out), linked from
 #   <run.out_dir>/logs/slurm-<job id>.out next to the checkpoints/ and tb/ of the run.
 #
-# Environment knobs: VDM_PYTHON (interpreter), VDM_TRAIN_MODULE (default trainer.train),
+# Environment knobs: VDM_ROOT (repository, default the submit dir), VDM_PYTHON (interpreter),
+# VDM_TRAIN_MODULE (default trainer.train),
 # VDM_MAX_REQUEUES (default 100), VDM_SRUN_WAIT (seconds the other ranks may outlive the first one
 # to exit, default 120; a crashed rank then cannot leave the others hanging in a collective).
 #SBATCH --job-name=vdm-train

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +24,9 @@ def cluster_up() -> str | None:
                                text=True, timeout=10).stdout.split("\n")
     except (OSError, subprocess.SubprocessError) as e:
         return f"no SLURM cluster ({e}); start one with `slurm/local_cluster.sh up` (root)"
-    if not any(line.split()[1:2] and line.split()[1] in ("idle", "mixed", "allocated") for line in nodes if line):
+    states = [line.split()[1] for line in nodes if len(line.split()) > 1]
+    # transient states (completing, allocated, mixed, ...) are fine; these never run a new job
+    if not any(not re.search(r"down|drain|fail|unk|inval|future|power|\*", st) for st in states):
         return f"SLURM nodes not usable: {nodes}"
     return None
 

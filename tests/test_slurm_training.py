@@ -165,3 +165,28 @@ def _decode(data: bytes):
 
     with av.open(io.BytesIO(data)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_submitit_timeout_signal_checkpoints_through_the_trainer_and_resumes(tmp_path, tiny_shards):
+    """submitit's pre-timeout USR2 -> trainer saves (USR1) -> checkpoint() -> requeue -> exact resume."""
+    from slurm.executor import make_executor
+    from slurm.launch import TrainTask, wait_for
+
+    run, steps = tmp_path / "run", 8
+    ex = make_executor(run / "slurm" / "%j", nodes=2, tasks_per_node=1, cpus_per_task=1, time_min=10)
+    job = ex.submit(TrainTask(str(REPO / "configs/demo.yaml"),
+                              tiny_sets(tiny_shards, run, steps=steps, ckpt_every=100)[1::2], str(REPO)))
+    deadline = time.monotonic() + 240
+    while not ((run / "train_log.jsonl").exists() and len(logged_steps(run)) >= 2):
+        assert time.monotonic() < deadline and not job.done(), "training did not reach step 2 in time"
+        time.sleep(0.5)
+    job._interrupt(timeout=True)  # exactly what SLURM sends signal_delay_s before the time limit
+    ok, results = wait_for(job, 400)
+    log = job.paths.stdout.read_text() + job.paths.stderr.read_text()
+    assert ok, f"{results}\n{log[-4000:]}"
+    assert [r["restarts"] for r in results] == [1, 1], results
+    assert "checkpoint(): trainer exited with code 124 (saved)" in log  # submitit's Checkpointable path
+    saved = int(log.split("[signal] checkpoint at step ", 1)[1].split()[0])
+    assert 2 <= saved < steps and f"at step {saved}" in log.split("[resume]", 1)[1].splitlines()[0]
+    assert logged_steps(run) == list(range(steps))
+    assert [s for s, _ in tb_scalars(run, "train/loss")] == list(range(1, steps + 1))
