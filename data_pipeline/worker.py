@@ -51,6 +51,7 @@ class ShardProcessor:
         if e.threads > 0 and torch.get_num_threads() != e.threads:
             torch.set_num_threads(e.threads)  # oversubscribed OpenMP threads stall a busy machine
         self.encoder = TextEncoder(e.name_or_path, device=e.device, dtype=e.dtype, max_length=e.max_length)
+        self.encoder.encode(["warm up"])  # lazy kernels/allocations now, not inside the first shard's timing
         self.out_dir = Path(cfg.out_dir)
         self.internal_errors = 0
 
