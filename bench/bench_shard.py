@@ -124,18 +124,19 @@ def floor(paths: list[str], processes: int) -> float:
         return len(paths) / (time.perf_counter() - t)
 
 
-def shard(manifest: Path, out: Path, encoder: str, workers: int) -> dict:
+def shard(manifest: Path, out: Path, encoder: str, workers: int, fmt: str = "mp4") -> dict:
     cmd = [sys.executable, "-m", "data_pipeline.shard", "--manifest", str(manifest), "--out", str(out),
            "--encoder", encoder, "--workers", str(workers), "--no-progress",
            "--samples-per-shard", "6", "--set", f"clip.frames={CLIP_FRAMES}", "--set", f"clip.fps={CLIP_FPS}",
-           "--set", f"clip.height={SIZE}", "--set", f"clip.width={SIZE}"]
+           "--set", f"clip.height={SIZE}", "--set", f"clip.width={SIZE}",
+           "--set", f"storage.format={fmt}"]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t
     stats = [json.loads(p.read_text()) for p in sorted(out.glob("shard-*.json"))]
     videos = sum(s["ok"] + s["failed"] for s in stats)
     span = max(s["finished"] for s in stats) - min(s["started"] for s in stats)
-    return {"workers": workers, "videos": videos, "failed": sum(s["failed"] for s in stats),
+    return {"workers": workers, "format": fmt, "videos": videos, "failed": sum(s["failed"] for s in stats),
             "videos_per_s": videos / span, "wall_s_with_startup": wall,
             "cpu_ms_per_video": 1000 * sum(s["cpu_seconds"] for s in stats) / videos,
             "tar_mb": sum(p.stat().st_size for p in out.glob("*.tar")) / 1e6}
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=48)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--skip-bert", action="store_true")
+    p.add_argument("--npy", action="store_true", help="also 1 worker with storage.format=npy")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -189,6 +191,12 @@ def main(argv: list[str] | None = None) -> None:
                       cpu_efficiency=result["floor_cpu_ms_per_video"] / sh["cpu_ms_per_video"])
             result["cases"].append(sh)
             print(json.dumps(sh), file=sys.stderr)
+        if a.npy:  # the same without the h264 re-encode of the output clip
+            sh = shard(manifest, tmp / "out_npy", tiny, 1, "npy")
+            fl = floor(paths, 1)
+            sh.update(floor_videos_per_s=fl, efficiency=sh["videos_per_s"] / fl,
+                      cpu_efficiency=result["floor_cpu_ms_per_video"] / sh["cpu_ms_per_video"])
+            result["cases"].append(sh)
     if not a.skip_bert:
         result["bert_large_cpu_captions_per_s"] = {d: bert_large(d) for d in ("fp32", "bf16")}
     result["load_avg_at_end"] = os.getloadavg()[0]
