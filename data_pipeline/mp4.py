@@ -1,9 +1,10 @@
 """uint8 frames → small h264 mp4 bytes, deterministically.
 
 Shards must be byte-identical whether made by local workers or a SLURM array, so the encode pins
-everything that could vary between runs: single-threaded x264 (frame threads can change decisions),
-fixed CRF/preset/GOP, and FFmpeg's `bitexact` flags (no library version string, no timestamps in
-the container).
+everything that could vary between runs: single-threaded x264 without a lookahead thread, the
+RGB → YUV conversion done by our own single-threaded swscale context (not the encoder's implicit,
+auto-threaded one), fixed CRF/preset/GOP, and FFmpeg's `bitexact` flags (no library version
+string, no timestamps in the container).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import av.video.reformatter
 import numpy as np
 
 DEFAULT_CRF = 20
@@ -21,6 +23,17 @@ DEFAULT_PRESET = "veryfast"
 
 def _rational_fps(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
+
+
+def _mux_frames(out, stream, frames: np.ndarray) -> None:
+    """RGB frames → the stream's pixel format with one single-threaded converter → encode → mux."""
+    converter = av.video.reformatter.VideoReformatter()
+    for i in range(frames.shape[0]):
+        frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+        frame = converter.reformat(frame, format=stream.pix_fmt, threads=1)
+        frame.pts = i
+        out.mux(stream.encode(frame))
+    out.mux(stream.encode(None))
 
 
 def encode_mp4(frames: np.ndarray, fps: float, *, codec: str = "libx264", crf: int = DEFAULT_CRF,
@@ -38,12 +51,9 @@ def encode_mp4(frames: np.ndarray, fps: float, *, codec: str = "libx264", crf: i
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": preset, "g": str(max(t, 1)), "threads": "1"}
-        for i in range(t):
-            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
+            stream.options = {"crf": str(crf), "preset": preset, "g": str(max(t, 1)), "threads": "1",
+                              "x264-params": "sync-lookahead=0"}
+        _mux_frames(out, stream, frames)
     return buf.getvalue()
 
 
@@ -55,10 +65,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, *, codec: str 
     with av.open(str(path), mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=_rational_fps(fps))
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        stream.codec_context.thread_count = 1
         if stream_options:
             stream.options = dict(stream_options)
-        for i in range(t):
-            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
+        _mux_frames(out, stream, frames)
