@@ -21,8 +21,9 @@
 #                    17001.. (`slurmd -N n1`); N=1 names the node after `hostname -s`.
 #   --cpus C         CPUs advertised per node (default: max(nproc, 4)). May exceed the real count
 #                    (SlurmdParameters=config_overrides) so several small tasks fit on a 2-core box.
-#   --gpus G         fake GRES gpus per node (default 0): scheduling only, there are no devices;
-#                    lets `--gpus-per-node` be exercised. SLURM sets CUDA_VISIBLE_DEVICES.
+#   --gpus G         fake GRES gpus per node (default 2; 0 = none): scheduling only, there are no
+#                    devices; lets `--gpus-per-node` and one-task-per-GPU be exercised (SLURM sets
+#                    CUDA_VISIBLE_DEVICES). Needs mknod; falls back to 0 with a warning without it.
 #   --no-accounting  skip MariaDB + slurmdbd (faster start; `sacct` then does not work).
 #   --clean          wipe DIR (state, spool, logs, database) before starting.
 #   --dir DIR        state/log directory (default /tmp/vdm-slurm).
@@ -41,7 +42,7 @@ CMD=${1:-}
 [ $# -gt 0 ] && shift
 NODES=${VDM_SLURM_NODES:-2}
 CPUS=${VDM_SLURM_CPUS:-$(( $(nproc) > 4 ? $(nproc) : 4 ))}
-GPUS=${VDM_SLURM_GPUS:-0}
+GPUS=${VDM_SLURM_GPUS:-2}
 ACCOUNTING=${VDM_SLURM_ACCOUNTING:-1}
 CLEAN=${VDM_SLURM_CLEAN:-0}
 DIR=${VDM_SLURM_DIR:-/tmp/vdm-slurm}
@@ -174,8 +175,22 @@ install_packages() {
   log "packages installed"
 }
 
+fake_gpu_devices() {  # char devices for the fake GPUs; GPUS=0 (with a warning) when mknod is not allowed
+  [ "$GPUS" -gt 0 ] || return 0
+  mkdir -p "$DIR/dev"
+  local g
+  for g in $(seq 0 $((GPUS - 1))); do
+    [ -c "$DIR/dev/nvidia$g" ] && continue
+    rm -f "$DIR/dev/nvidia$g"
+    if ! mknod -m 666 "$DIR/dev/nvidia$g" c 1 3 2>/dev/null; then
+      log "WARNING: mknod not permitted here; starting without fake GPUs (--gpus 0)"; GPUS=0; return 0
+    fi
+  done
+}
+
 write_config() {
   HOST=$(hostname -s)
+  fake_gpu_devices
   if [ "$NODES" -le 1 ]; then NODE_NAMES=("$HOST"); else NODE_NAMES=(); for i in $(seq 1 "$NODES"); do NODE_NAMES+=("n$i"); done; fi
   for n in "${NODE_NAMES[@]}"; do mkdir -p "$DIR/spool/$n"; done
   # Virtual node names (and this host's name, if it does not resolve) must resolve: slurmctld looks
@@ -254,11 +269,6 @@ EOF
   } > "$ETC/slurm.conf"
   chmod 644 "$ETC/slurm.conf"
   if [ "$GPUS" -gt 0 ]; then
-    mkdir -p "$DIR/dev"
-    local g
-    for g in $(seq 0 $((GPUS - 1))); do
-      [ -c "$DIR/dev/nvidia$g" ] || { rm -f "$DIR/dev/nvidia$g"; mknod -m 666 "$DIR/dev/nvidia$g" c 1 3; }
-    done
     { echo "# $TAG"; echo "AutoDetect=off"
       for n in "${NODE_NAMES[@]}"; do echo "NodeName=$n Name=gpu File=$DIR/dev/nvidia[0-$((GPUS - 1))]"; done; } > "$ETC/gres.conf"
   elif [ -f "$ETC/gres.conf" ] && grep -q "$TAG" "$ETC/gres.conf"; then

@@ -25,7 +25,7 @@ got: list[str] = []
 signal.signal(signal.SIGUSR1, lambda s, f: got.append("USR1"))
 signal.signal(signal.SIGTERM, lambda s, f: got.append("TERM"))
 keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURMD_NODENAME",
-        "SLURM_RESTART_COUNT", "SLURM_JOB_ID", "OMP_NUM_THREADS"]
+        "SLURM_RESTART_COUNT", "SLURM_JOB_ID", "OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "CUDA_VISIBLE_DEVICES"]
 rec = {k: os.environ.get(k) for k in keys}
 restart = rec["SLURM_RESTART_COUNT"] or "0"
 print("PROBE start", json.dumps(rec), flush=True)

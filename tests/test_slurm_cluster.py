@@ -49,6 +49,45 @@ def test_train_sh_two_nodes_ranks_and_rendezvous(tmp_path):
     assert (run / "logs" / f"slurm-{job}.out").resolve() == (tmp_path / f"vdm-train-{job}.out").resolve()
 
 
+def _require_fake_gpus():
+    gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=30).stdout
+    if "gpu:" not in gres:
+        import os
+
+        msg = f"the cluster has no GPU GRES ({gres.strip()!r}); local_cluster.sh up gives 2 fake GPUs per node"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def test_train_sh_one_task_per_gpu(tmp_path):
+    """--gpus-per-node=2 --ntasks-per-node=2 on 2 nodes: 4 ranks, local ranks 0/1 on each node."""
+    _require_fake_gpus()
+    run = tmp_path / "run"
+    job = sbatch(["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=5",
+                  f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  "--set", f"run.out_dir={run}"], env=probe_env())
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 90) == "COMPLETED"
+    recs = _records(run)
+    assert [r["RANK"] for r in recs] == ["0", "1", "2", "3"] and {r["WORLD_SIZE"] for r in recs} == {"4"}
+    by_node = {(r["SLURMD_NODENAME"], r["LOCAL_RANK"]) for r in recs}
+    assert by_node == {("n1", "0"), ("n1", "1"), ("n2", "0"), ("n2", "1")}
+    assert {r["LOCAL_WORLD_SIZE"] for r in recs} == {"2"} and {r["MASTER_ADDR"] for r in recs} == {"n1"}
+    assert {r["CUDA_VISIBLE_DEVICES"] for r in recs} == {"0,1"}  # LOCAL_RANK picks the task's GPU
+
+
+def test_launch_gpus_per_node_gives_one_task_per_gpu(tmp_path):
+    _require_fake_gpus()
+    r = _launch(tmp_path, "--gpus-per-node", "2", "--wait", "--wait-timeout", "120")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 node(s) x 2 task(s)" in r.stdout
+    recs = _records(tmp_path / "run")
+    assert [x["RANK"] for x in recs] == ["0", "1", "2", "3"] and {x["WORLD_SIZE"] for x in recs} == {"4"}
+    assert {(x["SLURMD_NODENAME"], x["LOCAL_RANK"]) for x in recs} == {("n1", "0"), ("n1", "1"), ("n2", "0"),
+                                                                       ("n2", "1")}
+    assert {x["CUDA_VISIBLE_DEVICES"] for x in recs} == {"0,1"}
+
+
 def test_train_sh_usr1_saves_requeues_and_restarts(tmp_path):
     """USR1 reaches the python tasks; exit 124 -> scontrol requeue -> same job restarts (restart 1)."""
     run = tmp_path / "run"
