@@ -68,8 +68,9 @@ def optimizer_state_nbytes(strategy) -> int:
         nonlocal total
         if isinstance(t, DTensor):
             t = t.to_local()
-        if torch.is_tensor(t) and t.numel() and id(t) not in seen:
-            seen.add(id(t))
+        key = (t.data_ptr(), t.numel()) if torch.is_tensor(t) else None
+        if key is not None and t.numel() and key not in seen:
+            seen.add(key)
             total += t.numel() * t.element_size()
 
     opt = strategy.optimizer

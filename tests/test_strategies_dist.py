@@ -116,3 +116,4 @@ def test_state_is_sharded_and_gathers_to_the_unsharded_init(case):
     for r in ranks:
         assert r["local_param_numel"] <= total / 2 + 0.1 * total, (name, r["local_param_numel"], total)
     assert total <= sum(r["local_param_numel"] for r in ranks) <= total * 1.1
+

@@ -135,6 +135,28 @@ def _skip_shm_op_build() -> None:
         pass
 
 
+def _load_checkpoints_weights_only(engine) -> None:
+    """Make the engine read its checkpoint files with `torch.load(weights_only=True)`.
+
+    DeepSpeed itself unpickles them with weights_only=False. Its files hold tensors, plain containers
+    and two kinds of DeepSpeed objects (the ZeRO stage enum, the loss scaler); only those classes are
+    allow-listed, so a tampered checkpoint cannot run code.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if ckpt_engine is None or not hasattr(ckpt_engine, "load"):
+        raise RuntimeError("this DeepSpeed version has no engine.checkpoint_engine.load to make safe")
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ckpt_engine.load = load
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
@@ -143,6 +165,11 @@ class DeepSpeedStrategy(Strategy):
         ensure_process_group(self.dist, "deepspeed")
         _skip_shm_op_build()
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        if self.cfg.run.precision == "fp16" and not get_accelerator().is_fp16_supported():
+            raise ValueError(f"run.precision=fp16 with deepspeed needs a GPU: DeepSpeed's "
+                             f"{get_accelerator().device_name()} accelerator supports only bf16 and fp32")
 
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         self.ds_config = build_ds_config(self.cfg, self.dist.world_size, on_cpu=self.device.type == "cpu")
@@ -156,6 +183,7 @@ class DeepSpeedStrategy(Strategy):
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self.ds_config, dist_init_required=False)
         self.engine = engine
+        _load_checkpoints_weights_only(engine)
         self.model = engine
         self.module = engine.module
         self.optimizer = optimizer  # the ZeRO optimizer; param_groups proxy the inner AdamW's
