@@ -408,3 +408,14 @@ def test_zero_video_frames_makes_every_frame_an_image():
     out = model(z2, logsnr, text, mask, num_video_frames=0)
     torch.testing.assert_close(out[:, :, 1:], base[:, :, 1:], atol=1e-5, rtol=1e-5)
     assert (out[:, :, 0] - base[:, :, 0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 64), (32, 128), (16, 32), (8, 16)])
+def test_relative_position_bucket_matches_t5_reference(num_buckets, max_distance):
+    """Same buckets as the original T5 implementation (as shipped in transformers)."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    rp = torch.arange(-300, 301)
+    ref = T5Attention._relative_position_bucket(rp, bidirectional=True, num_buckets=num_buckets,
+                                                max_distance=max_distance)
+    assert torch.equal(relative_position_bucket(rp, num_buckets, max_distance), ref)
