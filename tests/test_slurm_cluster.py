@@ -259,3 +259,30 @@ def test_launch_usr1_during_trainer_start_up_still_requeues(tmp_path):
     ok, results = wait_for(job, 120)
     assert ok, results
     assert [r["restarts"] for r in results] == [1, 1]
+
+
+def test_train_sh_stops_requeueing_at_the_limit(tmp_path):
+    run = tmp_path / "run"
+    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_SECONDS="60", VDM_MAX_REQUEUES="0"))
+    wait_file(run / "probe-rank0-restart0.started", 60, job)
+    wait_file(run / "probe-rank1-restart0.started", 60, job)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "FAILED"  # exit 124, not requeued
+    assert "reached VDM_MAX_REQUEUES" in (tmp_path / f"vdm-train-{job}.out").read_text()
+    assert not list(run.glob("probe-rank*-restart1.*"))
+
+
+def test_local_cluster_up_is_idempotent_and_status_reports(tmp_path):
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("local_cluster.sh needs root")
+    before = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True).stdout.split()
+    up = subprocess.run(["slurm/local_cluster.sh", "up"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "already running" in up.stdout or "not started by this script" in up.stdout
+    after = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True).stdout.split()
+    assert before == after  # nothing restarted
+    st = subprocess.run(["slurm/local_cluster.sh", "status"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert st.returncode == 0 and "n1" in st.stdout and "n2" in st.stdout
