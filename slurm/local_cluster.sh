@@ -57,7 +57,7 @@ while [ $# -gt 0 ]; do
     --clean) CLEAN=1; shift;;
     --purge) PURGE=1; shift;;
     --dir) DIR=$2; shift 2;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0;;
+    -h|--help) CMD=help; shift;;
     *) echo "local_cluster.sh: unknown argument: $1" >&2; exit 2;;
   esac
 done
@@ -388,6 +388,7 @@ do_up() {
 }
 
 case "$CMD" in
+  help|-h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0";;
   up) do_up;;
   down) do_down;;
   status) do_status;;
