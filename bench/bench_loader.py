@@ -66,8 +66,11 @@ def write_demo_shards(out: Path, samples: int, per_shard: int, frames: int, size
 
 
 def time_loader(shards: Path, *, workers: int, batch: int, frames: int, size: int, image_frames: int,
-                n_batches: int) -> tuple[float, float, float]:
-    """(steady-state samples/s, seconds to the first batch, seconds to the first batch after a resume).
+                n_batches: int) -> tuple[float, float, float, float | None]:
+    """(steady-state samples/s, s to the first batch, s to the first batch after a resume, CPU ms/sample).
+
+    CPU ms per sample (this process's CPU time, so only with 0 workers) does not depend on how
+    busy the machine is, unlike samples/s on a shared machine.
 
     The clock for samples/s starts after the first batch arrives. The resume figure is a fresh
     loader restored to the position after the timed batches (it skips, without decoding, what the
@@ -82,30 +85,31 @@ def time_loader(shards: Path, *, workers: int, batch: int, frames: int, size: in
     loader = build_loader(cfg)
     it = iter(loader)
     next(it)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n_batches):
         next(it)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     del it
     state = loader.state_dict()
     t_resume = time.perf_counter()
     resumed = build_loader(cfg)
     resumed.load_state_dict(state)
     next(iter(resumed))
-    return n_batches * batch / dt, t0 - t_start, time.perf_counter() - t_resume
+    cpu_ms = 1000 * cpu / (n_batches * batch) if workers == 0 else None
+    return n_batches * batch / dt, t0 - t_start, time.perf_counter() - t_resume, cpu_ms
 
 
-def time_bare_decode(shards: Path, frames: int, size: int) -> float:
-    """Samples/s of decode_sample alone over the raw samples (read into memory first)."""
+def time_bare_decode(shards: Path, frames: int, size: int) -> tuple[float, float]:
+    """(samples/s, CPU ms/sample) of decode_sample alone over the raw samples (read into memory first)."""
     from data_pipeline.decode import decode_sample
     from data_pipeline.index import read_index
     from data_pipeline.loader import read_shard
 
     raws = [raw for entry in read_index(shards).shards for raw in read_shard(entry.url)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for raw in raws:
         decode_sample(raw, frames=frames, height=size, width=size, max_text_len=77)
-    return len(raws) / (time.perf_counter() - t0)
+    return len(raws) / (time.perf_counter() - t0), 1000 * (time.process_time() - c0) / len(raws)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,26 +144,27 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for fmt, shards, frames, size in targets:
         size_mb = sum(f.stat().st_size for f in shards.glob("*.tar")) / 1e6
-        floor = time_bare_decode(shards, frames, size)
-        rows.append((fmt, "bare decode (1 process, no tar/batching)", floor, None, None, size_mb))
+        floor, floor_cpu = time_bare_decode(shards, frames, size)
+        rows.append((fmt, "bare decode (1 process, no tar/batching)", floor, None, None, floor_cpu, size_mb))
         print(f"{fmt:4s} bare decode: {floor:8.1f} samples/s", flush=True)
         for workers in a.workers:
             for k in (0, 4):
-                sps, first, resume = time_loader(shards, workers=workers, batch=a.batch, frames=frames,
-                                                 size=size, image_frames=k, n_batches=a.batches)
-                rows.append((fmt, f"loader, {workers} workers, K={k} image frames", sps, first, resume, size_mb))
+                sps, first, resume, cpu = time_loader(shards, workers=workers, batch=a.batch, frames=frames,
+                                                      size=size, image_frames=k, n_batches=a.batches)
+                rows.append((fmt, f"loader, {workers} workers, K={k} image frames", sps, first, resume, cpu, size_mb))
                 print(f"{fmt:4s} workers={workers} K={k}: {sps:8.1f} samples/s, first batch {first:.2f} s, "
                       f"after resume {resume:.2f} s", flush=True)
 
     what = a.shards or f"{a.samples} samples of {a.frames}x{a.size}x{a.size} in shards of {a.per_shard}"
     print(f"\n{what}, batch {a.batch}, {a.batches} timed batches, {os.cpu_count()} CPUs "
           f"({platform.processor() or platform.machine()}), load average {load_before:.1f} → {os.getloadavg()[0]:.1f}")
-    print("| format | what | samples/s | first batch (s) | first batch after resume (s) | shards MB |")
-    print("|---|---|---|---|---|---|")
-    for fmt, what, sps, first, resume, mb in rows:
+    print("| format | what | samples/s | CPU ms/sample | first batch (s) | first batch after resume (s) | shards MB |")
+    print("|---|---|---|---|---|---|---|")
+    for fmt, what, sps, first, resume, cpu, mb in rows:
         f = "" if first is None else f"{first:.2f}"
         r = "" if resume is None else f"{resume:.2f}"
-        print(f"| {fmt} | {what} | {sps:.1f} | {f} | {r} | {mb:.2f} |")
+        c = "" if cpu is None else f"{cpu:.2f}"
+        print(f"| {fmt} | {what} | {sps:.1f} | {c} | {f} | {r} | {mb:.2f} |")
 
 
 if __name__ == "__main__":
