@@ -117,3 +117,30 @@ def test_state_is_sharded_and_gathers_to_the_unsharded_init(case):
         assert r["local_param_numel"] <= total / 2 + 0.1 * total, (name, r["local_param_numel"], total)
     assert total <= sum(r["local_param_numel"] for r in ranks) <= total * 1.1
 
+
+
+def _one_process(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, str(DRIVER), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_one_process_fsdp_fp16_scales_and_skips(tmp_path):
+    """Sharded strategies also start without torchrun (a private one-rank group); fp16 loss scaling
+    survives a NaN step (skipped, then training continues with finite losses)."""
+    out = tmp_path / "r.json"
+    proc = _one_process(["--strategy", "fsdp", "--precision", "fp16", "--steps", "3", "--nan-step", "1",
+                         "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["world"] == 1 and r["skipped"] == [1]
+    assert math.isfinite(r["losses"][2]) and math.isfinite(r["grad_norms"][2])
+
+
+def test_deepspeed_fp16_on_cpu_is_refused_clearly(tmp_path):
+    proc = _one_process(["--strategy", "deepspeed", "--precision", "fp16", "--steps", "1",
+                         "--out", str(tmp_path / "r.json")])
+    assert proc.returncode != 0
+    assert "run.precision=fp16 with deepspeed needs a GPU" in proc.stderr

@@ -162,6 +162,10 @@ class DeepSpeedStrategy(Strategy):
 
     def setup(self, model: nn.Module) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
+        # DeepSpeed reads these itself; torchrun sets them, a plain one-process run or srun may not
+        for key, value in (("LOCAL_RANK", self.dist.local_rank), ("RANK", self.dist.rank),
+                           ("WORLD_SIZE", self.dist.world_size)):
+            os.environ.setdefault(key, str(value))
         ensure_process_group(self.dist, "deepspeed")
         _skip_shm_op_build()
         import deepspeed
