@@ -168,6 +168,19 @@ def test_shards_from_an_fsspec_url(tmp_path):
     assert len(build_loader(cfg(f"file://{tmp_path / 'local'}"), train=False)) == 1
 
 
+def test_fast_npy_path_matches_np_load_and_refuses_truncation():
+    from data_pipeline.decode import load_npy
+
+    arrays = [np.arange(12, dtype=np.float16).reshape(3, 4), np.zeros((0, D), np.float16), np.array(7),
+              np.asfortranarray(np.arange(15, dtype=np.float32).reshape(3, 5)), np.arange(6, dtype=">i4"),
+              np.zeros((2,), np.complex64), np.random.default_rng(0).integers(0, 255, (2, 4, 4, 3), dtype=np.uint8)]
+    for a in arrays:
+        got = load_npy(npy_bytes(a), "x")
+        assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a)
+    with pytest.raises(BadSample, match="truncated"):
+        load_npy(npy_bytes(arrays[-1])[:-5], "x")
+
+
 # ------------------------------------------------------------------------------------ splitting
 
 
