@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 from slurm_helpers import REPO, require_cluster
@@ -14,6 +15,18 @@ from slurm_helpers import REPO, require_cluster
 from data_pipeline.shard import main
 
 pytestmark = pytest.mark.slurm
+
+
+def _differing_members(a, b) -> list[str]:
+    def members(d):
+        out = {}
+        for p in sorted(d.glob("shard-*.tar")):
+            with tarfile.open(p) as tf:
+                out.update({m.name: tf.extractfile(m).read() for m in tf.getmembers()})
+        return out
+
+    ma, mb = members(a), members(b)
+    return sorted(k for k in set(ma) | set(mb) if ma.get(k) != mb.get(k))
 
 
 def test_slurm_array_matches_local_run(synthetic_videos, tiny_bert_dir, tmp_path):
@@ -29,7 +42,8 @@ def test_slurm_array_matches_local_run(synthetic_videos, tiny_bert_dir, tmp_path
     assert "submitted 2 array tasks for 4 shards" in r.stderr
     local = {p.name: p.read_bytes() for p in sorted((tmp_path / "local").glob("shard-*.tar"))}
     slurm = {p.name: p.read_bytes() for p in sorted((tmp_path / "slurm").glob("shard-*.tar"))}
-    assert len(local) == 4 and slurm == local
+    assert len(local) == 4
+    assert slurm == local, f"members differ: {_differing_members(tmp_path / 'local', tmp_path / 'slurm')}"
     assert json.loads((tmp_path / "slurm" / "index.json").read_text())["total"] == 12
     assert list((tmp_path / "slurm" / "slurm_logs").iterdir())  # submitit's per-job log folder
     # a rerun finds everything finished and submits nothing
