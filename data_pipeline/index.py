@@ -15,6 +15,7 @@ Shard directories may be local paths or fsspec URLs (`s3://bucket/shards`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -62,8 +63,6 @@ class ShardIndex:
 
 
 def hash_text(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
