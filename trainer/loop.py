@@ -107,6 +107,10 @@ class Trainer:
         self.bands = BandAccumulator(self.edges)
         self.loader = self._build_loader(train=True)
         self._iter = None
+        text_dim = getattr(self.loader, "text_dim", None)
+        if text_dim is not None and int(text_dim) != cfg.model.text_dim:
+            raise ValueError(f"the shards in {cfg.data.shards} hold {text_dim}-d text embeddings but "
+                             f"model.text_dim is {cfg.model.text_dim}; set model.text_dim={text_dim}")
 
         # counters saved in checkpoints
         self.step = 0
@@ -134,13 +138,18 @@ class Trainer:
         return factory(self.cfg.data, rank=self.rank, world_size=self.world, train=train, **kwargs)
 
     def _next_batch(self) -> dict:
-        if self._iter is None:
-            self._iter = iter(self.loader)
-        try:
-            return next(self._iter)
-        except StopIteration:  # a finite loader: start the next pass
-            self._iter = iter(self.loader)
-            return next(self._iter)
+        # The data loader must not touch the training RNG streams: torch's DataLoader draws a base
+        # seed from the global RNG whenever an iterator starts (lazily, at the first next()), and a
+        # resumed run starts its iterator at a different step than an uninterrupted one. Fencing the
+        # loader off keeps t/noise/caption-dropout draws identical (exact resume).
+        with preserved_rng():
+            if self._iter is None:
+                self._iter = iter(self.loader)
+            try:
+                return next(self._iter)
+            except StopIteration:  # a finite loader: start the next pass
+                self._iter = iter(self.loader)
+                return next(self._iter)
 
     def _cond(self, batch: dict, drop_captions: bool) -> dict:
         dev = self.dist.device
@@ -275,6 +284,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         logf = open(log_path, "a", buffering=1) if self.rank == 0 else None
         nonfinite_in_row = 0
+        save_pending = False
         interval = {"t": 0.0, "wait": 0.0, "steps": 0, "videos": 0, "loss": 0.0, "n_loss": 0}
         last_saved = self.step if self.resumed_from is not None else -1
         frames_per_video = cfg.data.num_frames + cfg.data.num_image_frames
@@ -312,7 +322,7 @@ class Trainer:
                     self.metrics.scalars({"train/skipped_steps": self.skipped_steps}, self.step)
                     if nonfinite_in_row >= max(1, run.max_nonfinite_in_row):
                         self._rollback()
-                        nonfinite_in_row = 0
+                        nonfinite_in_row, save_pending = 0, False
                         continue
 
                 if self.step % max(1, run.log_every) == 0 or self.step == run.steps:
@@ -326,10 +336,14 @@ class Trainer:
                     self.sample_to_tensorboard()
 
                 stop = s.all_reduce_max(1.0 if self._stop_requested else 0.0) > 0
-                if (run.ckpt_every > 0 and self.step % run.ckpt_every == 0) or self.step == run.steps or stop:
+                if (run.ckpt_every > 0 and self.step % run.ckpt_every == 0) or self.step == run.steps:
+                    save_pending = True
+                # never checkpoint inside a non-finite streak: a rollback must land before it
+                if (save_pending and nonfinite_in_row == 0) or stop:
                     if last_saved != self.step:
                         self.save()
                         last_saved = self.step
+                    save_pending = False
                 if stop:
                     self.metrics.print(f"[signal] checkpoint at step {self.step} written; exiting with "
                                        f"{EXIT_REQUEUE} (requeue)")
@@ -357,6 +371,9 @@ class Trainer:
                    # every extra image frame is an independent training sample (joint training)
                    "perf/samples_per_s": videos_per_s * (1 + self.cfg.data.num_image_frames),
                    "perf/frames_per_s": videos_per_s * frames_per_video}
+        skipped_samples = getattr(self.loader, "skipped_samples", None)
+        if skipped_samples is not None:
+            scalars["data/skipped_samples"] = s.all_reduce_mean(float(skipped_samples)) * self.world
         scalars.update({f"train/loss_band/{k}": v for k, v in bands.items()})
         self.metrics.scalars(scalars, self.step)
         elapsed = time.time() - t_start

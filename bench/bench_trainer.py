@@ -1,0 +1,121 @@
+"""Training-step benchmark for any strategy: step time, throughput, peak memory, and the parameter +
+optimizer bytes each rank holds (which sharded strategies should divide by the world size).
+
+    python -m bench.bench_trainer --config configs/demo.yaml --strategy single [--steps 10 --batch 4 --gc]
+    torchrun --standalone --nproc_per_node 2 -m bench.bench_trainer --config configs/demo.yaml --strategy ddp
+
+Inputs are random tensors of the config's clip geometry (T+K frames, text of 16 tokens), so the
+number is the model + strategy cost without data loading (bench/bench_loader.py measures that).
+Prints one JSON line (rank 0) with per-rank maxima; GPU runs also report MFU against --peak-tflops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def optimizer_bytes(opt) -> int:
+    if opt is None:
+        return 0
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                local = v.to_local() if hasattr(v, "to_local") else v
+                total += local.numel() * local.element_size()
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--strategy", default="single")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, help="per-rank batch (default: data.batch_size)")
+    p.add_argument("--precision", help="fp32|bf16|fp16 (default: run.precision)")
+    p.add_argument("--gc", action="store_true", help="gradient checkpointing on")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak for MFU (H100 SXM: 989)")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    a = p.parse_args(argv)
+
+    from model.diffusion import GaussianDiffusion
+    from model.unet import SpaceTimeUNet
+    from trainer.config import TrainConfig, load_config
+    from trainer.distributed import destroy_distributed, init_distributed
+    from trainer.metrics import peak_memory_gb
+    from trainer.strategies.base import build_strategy
+
+    sets = [f"parallel.strategy={a.strategy}", f"model.gradient_checkpointing={a.gc}"] + a.overrides
+    if a.precision:
+        sets.append(f"run.precision={a.precision}")
+    cfg = load_config(TrainConfig, a.config, sets)
+    dist_env = init_distributed(cfg.parallel.backend)
+    torch.manual_seed(0)
+    model = SpaceTimeUNet(cfg.model)
+    n_params = sum(p.numel() for p in model.parameters())
+    strategy = build_strategy(cfg, dist_env)
+    strategy.setup(model)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    dev = dist_env.device
+    b = a.batch or cfg.data.batch_size
+    frames = cfg.data.num_frames + cfg.data.num_image_frames
+    size = cfg.data.image_size
+    x = torch.rand(b, cfg.model.in_channels, frames, size, size, device=dev) * 2 - 1
+    emb = torch.randn(b, 16, cfg.model.text_dim, device=dev)
+    mask = torch.ones(b, 16, dtype=torch.bool, device=dev)
+    cond = {"text_emb": emb, "text_mask": mask, "num_video_frames": cfg.data.num_frames}
+
+    times = []
+    for i in range(a.warmup + a.steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with strategy.autocast():
+            per_sample, _ = diffusion.loss_terms(strategy.forward, x, **cond)
+        strategy.backward(per_sample.mean())
+        strategy.clip_grad_norm(1.0)
+        strategy.optimizer_step()
+        strategy.zero_grad()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+
+    step = statistics.median(times)
+    world = dist_env.world_size
+    result = {
+        "strategy": a.strategy, "world_size": world, "device": str(dev), "precision": cfg.run.precision,
+        "gradient_checkpointing": a.gc, "config": a.config, "params": n_params, "batch_per_rank": b,
+        "frames": frames, "size": size, "step_time_s": round(step, 4),
+        "videos_per_s": round(b * world / step, 3),
+        "peak_mem_gb_max_rank": round(strategy.all_reduce_max(peak_memory_gb(dev)), 3),
+        "param_mb_per_rank": round(strategy.all_reduce_max(tensor_bytes(strategy.local_params()) / 2**20), 2),
+        "optimizer_mb_per_rank": round(strategy.all_reduce_max(optimizer_bytes(strategy.optimizer) / 2**20), 2),
+    }
+    if dev.type == "cuda":
+        # training FLOPs ≈ 3 × forward FLOPs, forward counted with torch's FLOP counter on one micro-batch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), strategy.autocast():
+            strategy.forward(x, torch.zeros(b, device=dev), **cond)
+        flops = 3 * counter.get_total_flops()
+        result["tflops_per_s_per_gpu"] = round(flops / step / 1e12, 2)
+        result["mfu"] = round(flops / step / 1e12 / a.peak_tflops, 4)
+    if dist_env.rank == 0:
+        print(json.dumps(result), flush=True)
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

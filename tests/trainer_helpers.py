@@ -1,0 +1,93 @@
+"""Shared pieces of the trainer tests: real tiny shards (synthetic mp4 → data_pipeline.shard CLI with a
+tiny BERT), a tiny model config, and a runner for `python -m trainer.train` / torchrun subprocesses."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+    for k in ("VDM_TEST_NAN_STEPS", "VDM_TEST_KILL_AT_STEP", "VDM_TEST_SLEEP_IN_SAVE"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def make_trainer_shards(tmp_path_factory, tiny_bert_dir: str) -> tuple[str, str]:
+    """(shards dir, encoder dir): 12 real h264 clips of 4 frames 8x8 in 3 shards, tiny-BERT captions.
+
+    Made once per test session (each test module's fixture calls this; later calls reuse the shards).
+    """
+    from data_pipeline.synthetic import make_synthetic_videos
+
+    root = tmp_path_factory.getbasetemp() / "trainer_data"
+    if (root / "shards" / "index.json").is_file():
+        return str(root / "shards"), tiny_bert_dir
+    manifest = make_synthetic_videos(root / "videos", n=12, frames=8, size=16, fps=8, seed=1)
+    out = root / "shards"
+    cmd = [PY, "-m", "data_pipeline.shard", "--manifest", manifest, "--out", str(out), "--encoder", tiny_bert_dir,
+           "--workers", "1", "--samples-per-shard", "4", "--no-progress", "--set", "clip.frames=4",
+           "--set", "clip.height=8", "--set", "clip.width=8", "--set", "clip.too_short=pad"]
+    r = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((out / "index.json").read_text())["total"] == 12
+    return str(out), tiny_bert_dir
+
+
+def tiny_config(path: Path, shards: str, out_dir: Path, **sections) -> Path:
+    """A tiny-model training config (8x8, 4+1 frames, 16 channels) written to `path`."""
+    cfg = {
+        "model": {"base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1, "image_size": 8,
+                  "attention_resolutions": [4], "head_dim": 8, "cond_dim": 32, "text_dim": 32, "groups": 4},
+        "diffusion": {"prediction": "v", "loss_weighting": "v_mse"},
+        "sampling": {"steps": 2, "guidance_weight": 1.0},
+        "data": {"shards": shards, "num_frames": 4, "image_size": 8, "num_image_frames": 1, "batch_size": 2,
+                 "num_workers": 0, "shuffle_buffer": 4},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "parallel": {"strategy": "single"},
+        "run": {"out_dir": str(out_dir), "steps": 4, "precision": "fp32", "log_every": 1, "ckpt_every": 2,
+                "ema_decay": 0.9, "caption_dropout": 0.5},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_cmd(config: Path, *sets: str, nproc: int = 1) -> list[str]:
+    args = ["--config", str(config)] + [a for s in sets for a in ("--set", s)]
+    if nproc == 1:
+        return [PY, "-m", "trainer.train", *args]
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "trainer.train", *args]
+
+
+def run_train(config: Path, *sets: str, nproc: int = 1, timeout: float = 180, **env: str):
+    return subprocess.run(train_cmd(config, *sets, nproc=nproc), cwd=REPO, env=subprocess_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def step_log(out_dir: Path) -> dict[int, dict]:
+    """Last logged record per step (a resumed run re-logs the steps after its checkpoint)."""
+    records: dict[int, dict] = {}
+    for line in (Path(out_dir) / "train_log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        records[rec["step"]] = rec
+    return records
+
+
+def all_finite(values) -> bool:
+    return all(math.isfinite(v) for v in values)
