@@ -41,7 +41,7 @@ TEXT_TOKENS = 16
 # (warmup, timed) steps per case. One forward+backward of the small config at 16x64x64 is ~5.5
 # TFLOP (minutes on 2 CPU cores), so it gets a single timed step and no warmup: its tensors are far
 # above glibc's mmap threshold, so every step (the first included) pays the same page faults.
-DEFAULT_STEPS = {"demo": (1, 3), "small": (0, 1), "large": (0, 1), "9x128": (0, 1)}
+DEFAULT_STEPS = {"demo": (2, 10), "small": (0, 1), "large": (0, 1), "9x128": (0, 1)}
 
 
 def _rss_bytes() -> int:
