@@ -18,6 +18,9 @@ import submitit
 SIGNAL_DELAY_S = 120
 # How many time-limit requeues submitit allows before it gives up (preemptions are not counted).
 MAX_NUM_TIMEOUT = 20
+# srun --wait: seconds the other tasks may outlive the first task that exits. A crashed rank then
+# cannot leave the others blocked in a collective until the process-group timeout (30 min).
+SRUN_ARGS = ["--wait=120"]
 
 
 def slurm_available() -> bool:
@@ -93,6 +96,7 @@ def make_executor(
         if array_parallelism:
             params["slurm_array_parallelism"] = int(array_parallelism)
         params["slurm_additional_parameters"] = _extra_params(extra_sbatch)
+        params["slurm_srun_args"] = list(SRUN_ARGS)
         if setup:
             params["slurm_setup"] = list(setup)
     ex.update_parameters(**params)

@@ -31,7 +31,7 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from slurm import env as slurm_env
-from slurm.executor import SIGNAL_DELAY_S, make_executor, slurm_available
+from slurm.executor import SIGNAL_DELAY_S, SRUN_ARGS, make_executor, slurm_available
 
 EXIT_SAVED = 124  # trainer: "checkpoint saved after a signal, requeue me"
 TRAIN_MODULE_ENV = "VDM_TRAIN_MODULE"  # tests and debugging swap the trainer for a probe
@@ -211,6 +211,7 @@ def render_sbatch(folder: str, **kw: Any) -> str:
     if kw.get("partition"):
         params["partition"] = kw["partition"]
     params["additional_parameters"] = _extra_params(kw.get("extra_sbatch"))
+    params["srun_args"] = list(SRUN_ARGS)
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
     return _make_sbatch_string(command=command, folder=folder, **params)
 

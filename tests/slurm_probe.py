@@ -3,7 +3,8 @@
 Takes the trainer's CLI, records the rank/rendezvous environment it was started with, and behaves
 like the trainer's signal contract: on SIGUSR1/SIGTERM it "saves" and exits 124. Env knobs:
 PROBE_SECONDS (run this long on the first start, default 0), PROBE_EXIT (exit code, default 0),
-PROBE_STARTUP_S (sleep this long before installing the signal handlers, like a slow start-up).
+PROBE_STARTUP_S (sleep this long before installing the signal handlers, like a slow start-up),
+PROBE_CRASH_RANK (this rank exits 3 at once while the others run on).
 """
 
 import json
@@ -30,6 +31,9 @@ rec = {k: os.environ.get(k) for k in keys}
 restart = rec["SLURM_RESTART_COUNT"] or "0"
 print("PROBE start", json.dumps(rec), flush=True)
 open(os.path.join(cfg.run.out_dir, f"probe-rank{rec['RANK']}-restart{restart}.started"), "w").close()
+if os.environ.get("PROBE_CRASH_RANK") == rec["RANK"]:  # one rank dies, the others keep "training"
+    print(f"PROBE rank {rec['RANK']} crashing", flush=True)
+    sys.exit(3)
 seconds = 0.0 if restart != "0" else float(os.environ.get("PROBE_SECONDS", "0"))
 t0 = time.time()
 while time.time() - t0 < seconds and not got:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from slurm_helpers import REPO, probe_env, require_cluster, sbatch, wait_file, wait_state
@@ -169,6 +170,19 @@ def test_train_sh_crash_fails_the_job(tmp_path):
                                text=True).stdout.split()[0]
     assert exit_code == "3:0"
     assert "training tasks exited with code 3" in (tmp_path / f"vdm-train-{job}.out").read_text()
+
+
+def test_train_sh_one_crashed_rank_does_not_leave_the_job_hanging(tmp_path):
+    """Rank 1 dies, rank 0 would run for 5 minutes: srun --wait ends the job soon after the crash."""
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  "--set", f"run.out_dir={run}"],
+                 env=probe_env(PROBE_SECONDS="300", PROBE_CRASH_RANK="1", VDM_SRUN_WAIT="5"))
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 120) == "FAILED"
+    assert time.monotonic() - t0 < 120
+    log = (tmp_path / f"vdm-train-{job}.out").read_text()
+    assert "PROBE rank 1 crashing" in log and "requeueing" not in log
 
 
 def _launch(tmp_path, *extra, env=None, timeout=180):

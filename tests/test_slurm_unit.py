@@ -69,7 +69,7 @@ def test_dry_run_prints_the_sbatch_script_without_submitting(tmp_path):
                  "--partition=gpu", "--time=2880", "--signal=USR2@120", "--requeue", "--qos=high",
                  f"--output={out_dir}/slurm/%j/%j_0_log.out"):
         assert f"#SBATCH {flag}\n" in s, (flag, s)
-    assert "srun --unbuffered" in s and "submitit.core._submit" in s
+    assert "srun --unbuffered" in s and "--wait=120" in s and "submitit.core._submit" in s
     assert f"-m trainer.train --config {REPO}/configs/demo.yaml --set run.out_dir={out_dir}" in s
     assert not (out_dir / "slurm").exists()  # nothing submitted, nothing written
 
