@@ -73,6 +73,15 @@ def _check_args(sampler: str, steps: int, gamma: float, langevin_delta: float) -
         raise ValueError(f"langevin_delta must be >= 0, got {langevin_delta}")
 
 
+def _infer_device(guide: Any, cond: dict[str, Any]) -> torch.device:
+    """Where the caller's tensors live (guide's x_a, then conditioning tensors); CPU if none."""
+    candidates = [getattr(guide, "x_a", None), *cond.values()]
+    for c in candidates:
+        if torch.is_tensor(c):
+            return c.device
+    return torch.device("cpu")
+
+
 def sample(
     denoiser: Denoiser,
     diffusion: GaussianDiffusion,
@@ -102,9 +111,7 @@ def sample(
     cond = dict(cond or {})
     uncond = dict(uncond or {})
     if device is None:
-        device = torch.device("cpu")
-        if guide is not None and torch.is_tensor(getattr(guide, "x_a", None)):
-            device = guide.x_a.device
+        device = _infer_device(guide, cond)
     shape = tuple(shape)
     lam = diffusion.logsnr(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)).to(device)
 

@@ -358,3 +358,29 @@ def test_replacement_keeps_observed_values_and_validates_mask():
 def test_sample_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sample(lambda z, lam: z, GaussianDiffusion("eps"), (1, 1, 2, 1, 1), **kwargs)
+
+
+def test_real_unet_cfg_extend_with_reconstruction_guidance():
+    """The contract with SpaceTimeUNet: text kwargs as cond, None text as the CFG null branch, gradients
+    through the network for reconstruction guidance, windows of the model's frame count."""
+    from model.config import UNetConfig
+    from model.unet import SpaceTimeUNet
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(in_channels=3, out_channels=3, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                     image_size=8, attention_resolutions=(4,), head_dim=8, cond_dim=16, text_dim=12, groups=4)
+    net = SpaceTimeUNet(cfg).eval()
+    cond = {"text_emb": torch.randn(2, 3, 12), "text_mask": torch.tensor([[True, True, False], [True, False, False]])}
+    uncond = {"text_emb": None, "text_mask": None}
+    kw = dict(steps=2, guidance_weight=2.0, cond=cond, uncond=uncond, clip_x=True)
+    with torch.no_grad():
+        a = extend(net, GaussianDiffusion("v"), (2, 3, 4, 8, 8), 6, context_frames=2,
+                   generator=torch.Generator().manual_seed(1), **kw)
+        b = extend(net, GaussianDiffusion("v"), (2, 3, 4, 8, 8), 6, context_frames=2,
+                   generator=torch.Generator().manual_seed(1), **kw)
+        c = sample(net, GaussianDiffusion("v"), (2, 3, 4, 8, 8), sampler="pc",
+                   generator=torch.Generator().manual_seed(1), **kw)
+    assert a.shape == (2, 3, 6, 8, 8) and torch.isfinite(a).all() and a.abs().max() <= 1.0
+    assert torch.equal(a, b)
+    assert c.shape == (2, 3, 4, 8, 8) and torch.isfinite(c).all()
+    assert all(p.grad is None for p in net.parameters())
