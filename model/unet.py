@@ -202,7 +202,9 @@ class SpaceTimeUNet(nn.Module):
             else:
                 hid = self._stage(layer, torch.cat([hid, skips.pop().to(hid.dtype)], dim=1), *args)
         out = self.conv_out(F.silu(self.norm_out(hid)))
-        return rearrange(out, "(b f) c h w -> b c f h w", b=b)
+        # a fresh tensor, not a view: FSDP2 hooks the root's output for backward, and an in-place op
+        # by the caller on a view would silently bypass that hook
+        return rearrange(out, "(b f) c h w -> b c f h w", b=b).clone(memory_format=torch.contiguous_format)
 
 
 def count_parameters(model: nn.Module) -> int:
