@@ -459,3 +459,17 @@ def test_blocks_can_be_wrapped_one_by_one_with_fsdp2():
     res = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT, str(Path(__file__).parent)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "FSDP2-OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_checkpointing_under_bf16_autocast_matches():
+    """Recompute in backward must replay the forward's autocast state (bf16), not run in fp32."""
+    plain = make_model().train()
+    ckpt = make_model(gradient_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    z, logsnr, text, mask = inputs(f=3)
+    for model in (plain, ckpt):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(z, logsnr, text, mask, num_video_frames=2)
+        out.float().square().mean().backward()
+    for (name, p1), (_, p2) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, msg=name)
