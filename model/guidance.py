@@ -95,7 +95,10 @@ class ReconstructionGuidance:
             if observed.shape != x_a.shape:
                 raise ValueError(f"observe(x) has shape {tuple(observed.shape)} but x_a is {tuple(x_a.shape)}")
             # sum over the batch: rows are independent, so each row gets its own gradient
-            err = (x_a - observed).float().square().sum()
+            diff = x_a - observed
+            if diff.dtype in (torch.float16, torch.bfloat16):
+                diff = diff.float()  # the squared error in at least fp32; float64 stays float64
+            err = diff.square().sum()
             (grad,) = torch.autograd.grad(err, z_in)
         alpha, _ = alpha_sigma(torch.as_tensor(logsnr, dtype=torch.float64, device=z.device))
         step = broadcast_to((0.5 * self.weight * alpha).to(z.dtype), z)

@@ -384,3 +384,37 @@ def test_real_unet_cfg_extend_with_reconstruction_guidance():
     assert torch.equal(a, b)
     assert c.shape == (2, 3, 4, 8, 8) and torch.isfinite(c).all()
     assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x"])
+def test_float32_state_is_accurate_at_both_ends_of_the_schedule(prediction):
+    """fp32 sampling (the default) divides by α ≈ 5e-5 at λ = -20 (eps) and by σ at λ = +20 (x):
+    the coefficients are formed in float64, so the fp32 samples still have the data's moments."""
+    n = 8_000
+    den = GaussianDenoiser(MU4, COV4, prediction)
+    with torch.no_grad():
+        x = sample(den, GaussianDiffusion(prediction), (n, 1, T4, 1, 1), steps=100, gamma=1.0,
+                   generator=torch.Generator().manual_seed(10))
+    assert x.dtype == torch.float32
+    mean_ratio, cov_ratio = moment_errors(x.double(), MU4, COV4)
+    assert mean_ratio < 1 and cov_ratio < 1
+
+
+def test_reconstruction_guidance_correction_matches_closed_form():
+    """For Gaussian data x̂ = μ + A(z − αμ) with A = αΣM⁻¹, M = α²Σ + σ²I, so eq. 7/8 gives
+    x̃ − x̂ = w_r α Aᵀ Hᵀ (x_a − H x̂) = w_r (α²/σ²) P Hᵀ (x_a − H x̂), P = Cov(x | z) = σ² Σ M⁻¹."""
+    g = torch.Generator().manual_seed(11)
+    lam, w = torch.tensor(0.7, dtype=F64), 3.0
+    a, s = alpha_sigma(lam)
+    h = torch.tensor([[1.0, 0, 0, 0], [0, 0.5, 0.5, 0]], dtype=F64)  # first frame + a pooled pair
+    x_a = torch.randn(5, 2, generator=g, dtype=F64)
+    z = torch.randn(5, 1, T4, 1, 1, generator=g, dtype=F64)
+    den = GaussianDenoiser(MU4, COV4, "x")
+    guide = ReconstructionGuidance(x_a.reshape(5, 1, 2, 1, 1), lambda x: (x.reshape(-1, T4) @ h.T).reshape(-1, 1, 2, 1, 1), w)
+    lam_b = lam.expand(5)
+    with torch.no_grad():
+        x_tilde = guide.predict_x(lambda zz: den(zz, lam_b), z, lam).reshape(5, T4)
+    x_hat = den(z, lam_b).reshape(5, T4)
+    p = s**2 * COV4 @ torch.linalg.inv(a**2 * COV4 + s**2 * torch.eye(T4, dtype=F64))
+    expected = x_hat + w * a**2 / s**2 * (x_a - x_hat @ h.T) @ h @ p.T
+    torch.testing.assert_close(x_tilde, expected, rtol=1e-9, atol=1e-12)
