@@ -54,3 +54,5 @@ class SamplingConfig:
     langevin_delta: float = 0.1
     guidance_weight: float = 0.0
     clip_x: bool = True
+    # reconstruction guidance weight w_r (eqs. 7/8) when extending videos window by window
+    guide_weight: float = 4.0
