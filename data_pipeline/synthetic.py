@@ -70,7 +70,8 @@ def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: i
         key = f"vid{i:06d}"
         path = out_dir / "videos" / f"{key}.mp4"
         write_video(path, render_clip(shape, colour, direction, frames, h, w, start), fps, codec=codec,
-                    **({"crf": "20", "preset": "veryfast", "threads": "1"} if codec == "libx264" else {}))
+                    **({"crf": "20", "preset": "veryfast", "threads": "1", "x264-params": "sync-lookahead=0"}
+                       if codec == "libx264" else {}))
         rows.append((key, str(path.resolve()), f"a {colour} {shape} moving {direction}"))
     manifest = out_dir / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as f:
