@@ -115,10 +115,16 @@ def sample(
     shape = tuple(shape)
     lam = diffusion.logsnr(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)).to(device)
 
+    def call(z: Tensor, lam_b: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        out = denoiser(z, lam_b, **kwargs)
+        if out.shape != z.shape:
+            raise ValueError(f"denoiser returned shape {tuple(out.shape)} for z of shape {tuple(z.shape)}")
+        return out
+
     def predict_native(z: Tensor, lam_b: Tensor) -> Tensor:
-        out = denoiser(z, lam_b, **cond)
+        out = call(z, lam_b, cond)
         if guidance_weight != 0.0:
-            out = cfg_combine(out.to(z.dtype), denoiser(z, lam_b, **uncond).to(z.dtype), guidance_weight)
+            out = cfg_combine(out.to(z.dtype), call(z, lam_b, uncond).to(z.dtype), guidance_weight)
         return out
 
     def predict(z: Tensor, lam_t: Tensor) -> tuple[Tensor, Tensor]:

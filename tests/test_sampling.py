@@ -360,6 +360,11 @@ def test_sample_rejects_bad_arguments(kwargs, match):
         sample(lambda z, lam: z, GaussianDiffusion("eps"), (1, 1, 2, 1, 1), **kwargs)
 
 
+def test_sample_names_a_denoiser_with_the_wrong_output_shape():
+    with pytest.raises(ValueError, match=r"denoiser returned shape \(1, 1, 1, 1, 1\)"):
+        sample(lambda z, lam: z[:, :, :1], GaussianDiffusion("eps"), (1, 1, 2, 1, 1), steps=2)
+
+
 def test_real_unet_cfg_extend_with_reconstruction_guidance():
     """The contract with SpaceTimeUNet: text kwargs as cond, None text as the CFG null branch, gradients
     through the network for reconstruction guidance, windows of the model's frame count."""
