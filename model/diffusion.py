@@ -290,7 +290,7 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x)
         logsnr = self.logsnr(t.to(device=x.device, dtype=torch.float32))
-        z = self.q_sample(x, logsnr.to(x.dtype), noise.to(x.dtype))
+        z = self.q_sample(x, logsnr, noise.to(x.dtype))  # coefficients from fp32 λ via float64
         out = denoiser(z, logsnr, **cond)
         if out.shape != x.shape:
             raise ValueError(f"denoiser returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
