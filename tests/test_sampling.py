@@ -312,6 +312,10 @@ def test_extend_window_accounting_and_errors():
     assert all(s == (1, 1, 4, 1, 1) for s in calls)
     with torch.no_grad():
         assert extend(den, GaussianDiffusion("eps"), (1, 1, 4, 1, 1), 3, steps=1).shape == (1, 1, 3, 1, 1)
+        calls.clear()
+        # the paper's 16 -> 64 frames with half-window context: 1 free window + 6 conditioned ones
+        long = extend(den, GaussianDiffusion("eps"), (1, 1, 16, 1, 1), 64, steps=1, guidance="replacement")
+    assert long.shape == (1, 1, 64, 1, 1) and len(calls) == 7
     with pytest.raises(ValueError, match="context_frames"):
         extend(den, GaussianDiffusion("eps"), (1, 1, 4, 1, 1), 8, context_frames=4)
     with pytest.raises(ValueError, match="guidance="):
