@@ -82,6 +82,9 @@ def main() -> None:
             rows.append(f"| {name} | {'yes' if ckpt else 'no'} | {step:.3f} | {rss} | {mb(p)} | {mb(o)} | {ratio} | "
                         f"{mb(max(x['local_ema_bytes'] for x in ranks))} | {r['setup_s']:.1f} |")
             print(rows[-1], flush=True)
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    rows.append(f"\n(load average 1/5/15 min at the end: {load} on {os.cpu_count()} cores; precision {args.precision}, "
+                f"{args.steps} steps per run)")
     table = "\n".join(rows)
     print(table)
     if args.out:

@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--resume", default="", help="checkpoint dir to load (EMA from ema-rank{r}.pt)")
     ap.add_argument("--ckpt", default="", help="checkpoint dir to write at --save-at")
     ap.add_argument("--nan-step", type=int, default=-1, help="feed a NaN batch at this step")
+    ap.add_argument("--zero-lr-step", type=int, default=-1, help="set lr=0 at this step (set_lr must reach "
+                    "the optimizer: the weights may not move)")
     ap.add_argument("--dump", default="", help="directory for torch.save dumps of full states")
     ap.add_argument("--dump-steps", action="store_true", help="also dump full weights after every step")
     ap.add_argument("--ds-json", default="")
@@ -164,7 +166,7 @@ def main() -> None:
     losses, norms, times, skipped = [], [], [], []
     for step in range(start, args.steps):
         ts = time.perf_counter()
-        strategy.set_lr(cfg.optim.lr)
+        strategy.set_lr(0.0 if step == args.zero_lr_step else cfg.optim.lr)
         total = 0.0
         for micro in range(args.accum):
             x, cond, t, noise = batch(step, micro, rank, cfg.model, args.frames, args.bs)

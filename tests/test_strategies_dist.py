@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "strategy_driver.py"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-STEPS, SAVE_AT, NAN_STEP, DECAY = 5, 3, 1, 0.9
+STEPS, SAVE_AT, NAN_STEP, ZERO_LR_STEP, DECAY = 5, 3, 1, 2, 0.9
 
 CASES = {
     "fsdp-bf16": ["--strategy", "fsdp", "--precision", "bf16"],
@@ -46,7 +46,8 @@ def case(request, tmp_path_factory):
     """Run once per strategy: straight run (checkpoint at SAVE_AT) + resumed run from that checkpoint."""
     name = request.param
     d = tmp_path_factory.mktemp(name)
-    common = [*CASES[name], "--steps", str(STEPS), "--nan-step", str(NAN_STEP), "--ema-decay", str(DECAY)]
+    common = [*CASES[name], "--steps", str(STEPS), "--nan-step", str(NAN_STEP), "--zero-lr-step", str(ZERO_LR_STEP),
+              "--ema-decay", str(DECAY)]
     torchrun([*common, "--save-at", str(SAVE_AT), "--ckpt", str(d / "ckpt"), "--dump", str(d / "full"),
               "--dump-steps", "--out", str(d / "full.json")])
     torchrun([*common, "--resume", str(d / "ckpt"), "--dump", str(d / "resumed"), "--out", str(d / "resumed.json")])
@@ -67,6 +68,10 @@ def test_trains_and_skips_the_nan_step(case):
     assert all(math.isfinite(x) for x in finite) and len(set(finite)) == len(finite), losses
     before, after = _load(d / "full" / f"step{NAN_STEP - 1}.pt"), _load(d / "full" / f"step{NAN_STEP}.pt")
     assert all(torch.equal(before[k], after[k]) for k in before), f"{name}: the NaN step changed weights"
+    # set_lr reaches the optimizer: with lr 0 (and no weight decay) a finite step moves nothing
+    assert math.isfinite(full["grad_norms"][ZERO_LR_STEP])
+    zero_before, zero_after = _load(d / "full" / f"step{ZERO_LR_STEP - 1}.pt"), _load(d / "full" / f"step{ZERO_LR_STEP}.pt")
+    assert all(torch.equal(zero_before[k], zero_after[k]) for k in zero_before), f"{name}: lr=0 step moved weights"
     last = _load(d / "full" / f"step{STEPS - 1}.pt")
     assert any(not torch.equal(before[k], last[k]) for k in before), f"{name}: training changed nothing"
 

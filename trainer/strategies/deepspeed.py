@@ -139,13 +139,14 @@ def _load_checkpoints_weights_only(engine) -> None:
     """Make the engine read its checkpoint files with `torch.load(weights_only=True)`.
 
     DeepSpeed itself unpickles them with weights_only=False. Its files hold tensors, plain containers
-    and two kinds of DeepSpeed objects (the ZeRO stage enum, the loss scaler); only those classes are
-    allow-listed, so a tampered checkpoint cannot run code.
+    and a few plain DeepSpeed records (the ZeRO stage enum, the loss scaler, ZeRO-1/2 fragment
+    addresses); only those classes are allow-listed, so a tampered checkpoint cannot run code.
     """
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
     ckpt_engine = getattr(engine, "checkpoint_engine", None)
     if ckpt_engine is None or not hasattr(ckpt_engine, "load"):
         raise RuntimeError("this DeepSpeed version has no engine.checkpoint_engine.load to make safe")
