@@ -202,6 +202,10 @@ def run_slurm(cfg: ShardConfig, todo: list[int]) -> None:
 
 def run(cfg: ShardConfig, *, slurm: bool = False, progress: bool = True, retry_transient: bool = False) -> Summary:
     cfg.validate()
+    # absolute paths: SLURM tasks (and spawned workers) may start in another working directory
+    cfg.out_dir = str(Path(cfg.out_dir).resolve())
+    if "://" not in cfg.manifest:
+        cfg.manifest = str(Path(cfg.manifest).resolve())
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(cfg.manifest, cfg.manifest_format, cfg.columns)
