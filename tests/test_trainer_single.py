@@ -179,3 +179,13 @@ def test_nan_batches_are_skipped_then_rolled_back(tmp_path, trainer_shards):
     assert acc.Scalars("train/rollbacks")[-1].value == 1
     assert acc.Scalars("train/skipped_steps")[-1].value == 3
     assert read_state(find_latest(out))["rollbacks"] == 1
+
+
+def test_bad_config_key_and_text_dim_mismatch_are_named(tmp_path, trainer_shards):
+    shards, _ = trainer_shards
+    cfg = tiny_config(tmp_path / "c.yaml", shards, tmp_path / "run")
+    r = run_train(cfg, "run.nope=1")
+    assert r.returncode == 2 and "unknown config key run.nope" in r.stderr
+    r = run_train(cfg, "model.text_dim=48")
+    assert r.returncode == 1
+    assert "hold 32-d text embeddings but model.text_dim is 48" in r.stderr
