@@ -82,3 +82,48 @@ def test_progress_line_has_eta():
     line = progress_line(50, 100, 0.25, 1e-3, 2.0, 0.1, 0)
     assert "step 50/100" in line and "ETA 0:00:25" in line and "loss 0.2500" in line
     assert format_eta(math.nan) == "?"
+
+
+class _Loader:
+    def __init__(self, pos: int):
+        self.pos = pos
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+
+def test_checkpoints_keep_last_k_and_latest_fallback(tmp_path):
+    from torch import nn
+
+    from trainer.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from trainer.config import TrainConfig
+    from trainer.distributed import init_distributed
+    from trainer.strategies.base import build_strategy
+
+    cfg = TrainConfig()
+    cfg.run.precision = "fp32"
+    s = build_strategy(cfg, init_distributed())
+    s.setup(nn.Linear(3, 2))
+    ema = EMA(s.local_params(), 0.5)
+    for step in (1, 2, 3, 4):
+        with torch.no_grad():
+            s.local_params()[0].fill_(float(step))
+        ema.update(s.local_params())
+        save_checkpoint(s, tmp_path, step, ema=ema, loader_state=_Loader(step).state_dict(), state={"x": step},
+                        keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-000004"
+    (root / "latest").unlink()  # a kill between rename and pointer update
+    assert resolve_checkpoint(tmp_path).name == "step-000004"
+    assert resolve_checkpoint(root / "step-000003").name == "step-000003"
+
+    t = build_strategy(cfg, init_distributed())
+    t.setup(nn.Linear(3, 2))
+    ema2 = EMA(t.local_params(), 0.5)
+    state = load_checkpoint(t, root / "step-000003", ema=ema2)
+    assert state["step"] == 3 and state["x"] == 3 and state["loader"] == {"pos": 3}
+    assert float(t.local_params()[0][0, 0]) == 3.0
+    assert not torch.equal(ema2.shadow[0], ema.shadow[0])  # the EMA of step 3, not the live step-4 EMA
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_checkpoint(tmp_path / "elsewhere")

@@ -101,14 +101,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if is_complete(path):
         return path
-    for out_dir in (path, path.parent):
-        found = find_latest(out_dir) if (out_dir / "checkpoints").is_dir() else None
-        if found is not None:
-            return found
-    if path.name == "checkpoints":
-        found = find_latest(path.parent)
-        if found is not None:
-            return found
+    out_dir = path.parent if path.name == "checkpoints" else path
+    found = find_latest(out_dir) if (out_dir / "checkpoints").is_dir() else None
+    if found is not None:
+        return found
     raise FileNotFoundError(f"{path}: no complete checkpoint (a step-* directory with {STATE_FILE})")
 
 
