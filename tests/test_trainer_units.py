@@ -123,7 +123,7 @@ def test_checkpoints_keep_last_k_and_latest_fallback(tmp_path):
     ema2 = EMA(t.local_params(), 0.5)
     state = load_checkpoint(t, root / "step-000003", ema=ema2)
     assert state["step"] == 3 and state["x"] == 3 and state["loader"] == {"pos": 3}
-    assert float(t.local_params()[0][0, 0]) == 3.0
+    assert float(t.local_params()[0].detach()[0, 0]) == 3.0
     assert not torch.equal(ema2.shadow[0], ema.shadow[0])  # the EMA of step 3, not the live step-4 EMA
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         resolve_checkpoint(tmp_path / "elsewhere")
