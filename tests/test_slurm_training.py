@@ -8,6 +8,7 @@ every wait has a timeout and every test has its own run directory.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -22,6 +23,10 @@ from slurm import env as slurm_env
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+# Step HOLD (0-based) waits mid-step for the signal (trainer.loop's VDM_TEST_HOLD_AT_STEP): the tests
+# signal once steps 0..HOLD-1 are logged, so the save lands at exactly HOLD + 1 with steps still left
+# however fast the machine is (unheld, 6 tiny steps can end before `scancel` arrives).
+HOLD = 2
 SHARD_SETS = ["--set", "clip.frames=8", "--set", "clip.height=16", "--set", "clip.width=16",
               "--samples-per-shard", "6", "--no-progress"]
 
@@ -108,9 +113,10 @@ def test_preempted_job_saves_requeues_and_resumes_without_repeating_steps(tmp_pa
     """USR1 mid-run: checkpoint at step k, requeue, resume at k, finish at the target step."""
     run, steps = tmp_path / "run", 8
     job = sbatch([*TWO_NODES, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
-                  *tiny_sets(tiny_shards, run, steps=steps, ckpt_every=100)])
+                  *tiny_sets(tiny_shards, run, steps=steps, ckpt_every=100)],
+                 env={**os.environ, "VDM_TEST_HOLD_AT_STEP": str(HOLD)})
     deadline = time.monotonic() + 240
-    while not ((run / "train_log.jsonl").exists() and len(logged_steps(run)) >= 2):
+    while not ((run / "train_log.jsonl").exists() and len(logged_steps(run)) >= HOLD):
         assert time.monotonic() < deadline, "training did not reach step 2 in time"
         assert wait_state(job, {"RUNNING", "PENDING", "COMPLETED", "FAILED"}, 30) in ("RUNNING", "PENDING")
         time.sleep(0.5)
@@ -118,8 +124,9 @@ def test_preempted_job_saves_requeues_and_resumes_without_repeating_steps(tmp_pa
     state = wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 400)
     log = (tmp_path / f"vdm-train-{job}.out").read_text()
     assert state == "COMPLETED", log[-4000:]
+    assert "[signal] checkpoint at step " in log, log[-4000:]
     saved = int(log.split("[signal] checkpoint at step ", 1)[1].split()[0])
-    assert 2 <= saved < steps, log[-3000:]
+    assert saved == HOLD + 1, log[-3000:]
     assert "[resume]" in log and f"at step {saved}" in log.split("[resume]", 1)[1].splitlines()[0]
     assert "restart 1:" in log and "requeueing job" in log
     # one continuous loss log: every step exactly once, in order, across the requeue
@@ -167,17 +174,18 @@ def _decode(data: bytes):
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
-def test_submitit_timeout_signal_checkpoints_through_the_trainer_and_resumes(tmp_path, tiny_shards):
+def test_submitit_timeout_signal_checkpoints_through_the_trainer_and_resumes(tmp_path, tiny_shards, monkeypatch):
     """submitit's pre-timeout USR2 -> trainer saves (USR1) -> checkpoint() -> requeue -> exact resume."""
     from slurm.executor import make_executor
     from slurm.launch import TrainTask, wait_for
 
     run, steps = tmp_path / "run", 8
+    monkeypatch.setenv("VDM_TEST_HOLD_AT_STEP", str(HOLD))  # exported to the job by sbatch
     ex = make_executor(run / "slurm" / "%j", nodes=2, tasks_per_node=1, cpus_per_task=1, time_min=10)
     job = ex.submit(TrainTask(str(REPO / "configs/demo.yaml"),
                               tiny_sets(tiny_shards, run, steps=steps, ckpt_every=100)[1::2], str(REPO)))
     deadline = time.monotonic() + 240
-    while not ((run / "train_log.jsonl").exists() and len(logged_steps(run)) >= 2):
+    while not ((run / "train_log.jsonl").exists() and len(logged_steps(run)) >= HOLD):
         assert time.monotonic() < deadline and not job.done(), "training did not reach step 2 in time"
         time.sleep(0.5)
     job._interrupt(timeout=True)  # exactly what SLURM sends signal_delay_s before the time limit
@@ -186,7 +194,8 @@ def test_submitit_timeout_signal_checkpoints_through_the_trainer_and_resumes(tmp
     assert ok, f"{results}\n{log[-4000:]}"
     assert [r["restarts"] for r in results] == [1, 1], results
     assert "checkpoint(): trainer exited with code 124 (saved)" in log  # submitit's Checkpointable path
+    assert "[signal] checkpoint at step " in log, log[-4000:]
     saved = int(log.split("[signal] checkpoint at step ", 1)[1].split()[0])
-    assert 2 <= saved < steps and f"at step {saved}" in log.split("[resume]", 1)[1].splitlines()[0]
+    assert saved == HOLD + 1 and f"at step {saved}" in log.split("[resume]", 1)[1].splitlines()[0]
     assert logged_steps(run) == list(range(steps))
     assert [s for s, _ in tb_scalars(run, "train/loss")] == list(range(1, steps + 1))

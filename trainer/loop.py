@@ -5,7 +5,11 @@ What it guarantees (tests/test_trainer_*.py check each):
   its per-step losses are bitwise those of an uninterrupted run (data position, RNG of every rank,
   optimizer/scaler state and EMA are restored; the LR is a pure function of the step).
 - SIGUSR1/SIGTERM: the current step finishes, a checkpoint is written, and `train()` returns
-  EXIT_REQUEUE (124) so a scheduler wrapper knows to requeue the job.
+  EXIT_REQUEUE (124) so a scheduler wrapper knows to requeue the job. A signal at or after the last
+  step (during the final checkpoint, or while the finished process shuts down) is not a reason to
+  requeue: the run is complete and saved, so it returns EXIT_OK and says so; after a finished run a
+  late SIGUSR1 is only logged (it would otherwise kill the exiting process with 128+10, which the
+  wrappers read as "died during start-up, requeue me").
 - A step whose loss or gradient norm is non-finite is skipped (no optimizer/EMA update) and counted;
   after `run.max_nonfinite_in_row` such steps in a row the run rolls back to the last checkpoint.
 
@@ -13,6 +17,9 @@ Test hooks (environment variables, read once at start; harmless when unset):
   VDM_TEST_NAN_STEPS="5,6"   replace the batch of these (0-based) steps with NaNs, once each
   VDM_TEST_KILL_AT_STEP=N    SIGKILL this process when step N (0-based) is about to start
   VDM_TEST_SLEEP_IN_SAVE=S   sleep S seconds inside a checkpoint write (trainer.checkpoint)
+  VDM_TEST_HOLD_AT_STEP=N    step N (0-based) waits mid-step, up to 120 s, for SIGUSR1/SIGTERM: a test
+                             can signal a multi-node job at a known step with steps left (a run
+                             resumed at or after step N does not wait)
 """
 
 from __future__ import annotations
@@ -47,6 +54,12 @@ from trainer.strategies.base import build_strategy
 EXIT_OK = 0
 EXIT_REQUEUE = 124  # "checkpoint saved, please requeue me" (SIGUSR1/SIGTERM)
 MAX_ROLLBACKS_PER_CHECKPOINT = 3
+HOLD_FOR_SIGNAL_S = 120.0
+
+
+def _usr1_after_finish(signum, frame) -> None:
+    print(f"[signal] received {signal.Signals(signum).name} after training finished; the final checkpoint is "
+          "written, nothing to save or requeue", flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -123,7 +136,10 @@ class Trainer:
         self._nan_steps = _env_steps("VDM_TEST_NAN_STEPS")
         kill = os.environ.get("VDM_TEST_KILL_AT_STEP", "")
         self._kill_at = int(kill) if kill else None
+        hold = os.environ.get("VDM_TEST_HOLD_AT_STEP", "")
+        self._hold_at = int(hold) if hold else None
         self._stop_requested = False
+        self._stop_signal = ""
         self._prompt_cache = None
         self._encoder = None
         self._val_batches = None
@@ -218,6 +234,7 @@ class Trainer:
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
         self._stop_requested = True
+        self._stop_signal = signal.Signals(signum).name
         print(f"[rank {self.rank}] received {signal.Signals(signum).name}: will checkpoint after this step "
               f"and exit {EXIT_REQUEUE}", flush=True)
 
@@ -232,11 +249,24 @@ class Trainer:
         try:
             yield
         finally:
+            finished = self.step >= self.cfg.run.steps
             for sig, handler in old.items():
-                signal.signal(sig, handler)
+                # A finished run keeps a harmless USR1 handler: a scheduler's "save and requeue" that
+                # lands while the process exits must not kill it (128+10 reads as "requeue me").
+                signal.signal(sig, _usr1_after_finish if finished and sig == signal.SIGUSR1 else handler)
+
+    def _hold_for_signal(self, first_step: int) -> None:
+        """VDM_TEST_HOLD_AT_STEP: wait (mid-step) until a stop signal arrives, so a test's signal lands
+        at a known step with steps left however fast or slow the machine is."""
+        if self._hold_at is None or self.step != self._hold_at or first_step >= self._hold_at:
+            return
+        print(f"[rank {self.rank}] VDM_TEST_HOLD_AT_STEP: step {self.step} waits for SIGUSR1/SIGTERM", flush=True)
+        deadline = time.monotonic() + HOLD_FOR_SIGNAL_S
+        while not self._stop_requested and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> dict:
+    def train_step(self, first_step: int | None = None) -> dict:
         cfg, s = self.cfg, self.strategy
         accum = cfg.optim.grad_accum
         lr = lr_from_config(self.step, cfg)
@@ -262,6 +292,7 @@ class Trainer:
             self.bands.add(per_sample, logsnr)
             loss_sum += loss.detach().double().cpu()
         self._nan_steps.discard(self.step)
+        self._hold_for_signal(self.step if first_step is None else first_step)
         grad_norm = s.clip_grad_norm(cfg.optim.grad_clip)
         loss_mean = s.all_reduce_mean(float(loss_sum) / accum)
         ok = math.isfinite(loss_mean) and math.isfinite(grad_norm)
@@ -295,7 +326,7 @@ class Trainer:
                 if self._kill_at is not None and self.step == self._kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 t0 = time.perf_counter()
-                out = self.train_step()
+                out = self.train_step(first_step=step_start)
                 dt = time.perf_counter() - t0
                 step_index = self.step
                 self.step += 1
@@ -344,14 +375,22 @@ class Trainer:
                         self.save()
                         last_saved = self.step
                     save_pending = False
+                if stop and self.step >= run.steps:
+                    break  # the run is complete and saved: nothing to requeue (reported below)
                 if stop:
                     self.metrics.print(f"[signal] checkpoint at step {self.step} written; exiting with "
                                        f"{EXIT_REQUEUE} (requeue)")
                     exit_code = EXIT_REQUEUE
                     break
-        if logf is not None:
-            logf.close()
-        self.metrics.flush()
+            if exit_code == EXIT_OK and self._stop_requested:
+                # Arrived during the last step or its final checkpoint (after the ranks' last stop check):
+                # still inside the handlers, so it did not kill the process.
+                self.metrics.print(f"[signal] {self._stop_signal or 'stop signal'} arrived at the end of training; "
+                                   f"the final checkpoint at step {self.step} is written, exiting with "
+                                   f"{EXIT_OK} (finished, not requeued)")
+            if logf is not None:
+                logf.close()
+            self.metrics.flush()
         return exit_code
 
     def _log(self, interval: dict, out: dict, frames_per_video: int, t_start: float, step_start: int) -> None:
