@@ -20,7 +20,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
-    for k in ("VDM_TEST_NAN_STEPS", "VDM_TEST_KILL_AT_STEP", "VDM_TEST_SLEEP_IN_SAVE"):
+    for k in ("VDM_TEST_NAN_STEPS", "VDM_TEST_KILL_AT_STEP", "VDM_TEST_SLEEP_IN_SAVE", "VDM_TEST_HOLD_AT_STEP"):
         env.pop(k, None)
     env.update(extra)
     return env
