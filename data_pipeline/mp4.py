@@ -1,7 +1,8 @@
 """uint8 frames → small h264 mp4 bytes, deterministically.
 
 Shards must be byte-identical whether made by local workers or a SLURM array, so the encode pins
-everything that could vary between runs: single-threaded x264 without a lookahead thread, the
+everything that could vary between runs: single-threaded x264 without a lookahead thread and without mb-tree rate control (its
+floating-point propagation made one clip differ between processes under load), the
 RGB → YUV conversion done by our own single-threaded swscale context (not the encoder's implicit,
 auto-threaded one), fixed CRF/preset/GOP, and FFmpeg's `bitexact` flags (no library version
 string, no timestamps in the container).
@@ -52,7 +53,7 @@ def encode_mp4(frames: np.ndarray, fps: float, *, codec: str = "libx264", crf: i
         stream.codec_context.thread_count = 1
         if codec == "libx264":
             stream.options = {"crf": str(crf), "preset": preset, "g": str(max(t, 1)), "threads": "1",
-                              "x264-params": "sync-lookahead=0"}
+                              "x264-params": "sync-lookahead=0:mbtree=0"}
         _mux_frames(out, stream, frames)
     return buf.getvalue()
 
