@@ -1,8 +1,8 @@
 """uint8 frames → small h264 mp4 bytes, deterministically.
 
 Shards must be byte-identical whether made by local workers or a SLURM array, so the encode pins
-everything that could vary between runs: single-threaded x264 without a lookahead thread and without mb-tree rate control (its
-floating-point propagation made one clip differ between processes under load), the
+everything that could vary between runs: single-threaded x264 without a lookahead thread and
+without mb-tree rate control (with it, one clip's bytes differed between processes under load), the
 RGB → YUV conversion done by our own single-threaded swscale context (not the encoder's implicit,
 auto-threaded one), fixed CRF/preset/GOP, and FFmpeg's `bitexact` flags (no library version
 string, no timestamps in the container).
