@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 
 import pytest
-from trainer_helpers import REPO, make_trainer_shards, step_log, subprocess_env, tiny_config, train_cmd
+from trainer_helpers import (
+    REPO,
+    make_trainer_shards,
+    step_log,
+    subprocess_env,
+    tiny_config,
+    train_cmd,
+    wait_for_line,
+)
 
 from trainer.checkpoint import find_latest, read_state
 
@@ -18,21 +25,6 @@ from trainer.checkpoint import find_latest, read_state
 @pytest.fixture(scope="session")
 def trainer_shards(tmp_path_factory, tiny_bert_dir):
     return make_trainer_shards(tmp_path_factory, tiny_bert_dir)
-
-
-def _read_until(proc: subprocess.Popen, text: str, lines: list[str], timeout: float = 150) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        lines.append(line)
-        if text in line:
-            return
-    proc.kill()
-    raise AssertionError(f"never saw {text!r}; output:\n{''.join(lines)}")
 
 
 def test_usr1_during_the_last_step_and_during_shutdown_finishes_with_exit_0(tmp_path, trainer_shards):
@@ -44,9 +36,9 @@ def test_usr1_during_the_last_step_and_during_shutdown_finishes_with_exit_0(tmp_
                             env=subprocess_env(VDM_TEST_HOLD_AT_STEP=str(steps - 1)))
     lines: list[str] = []
     try:
-        _read_until(proc, f"step {steps - 1} waits for SIGUSR1", lines)
+        wait_for_line(proc, f"step {steps - 1} waits for SIGUSR1", lines)
         proc.send_signal(signal.SIGUSR1)
-        _read_until(proc, "arrived at the end of training", lines)
+        wait_for_line(proc, "arrived at the end of training", lines)
         # a second one while the finished process tears down (a no-op if it has already exited)
         proc.send_signal(signal.SIGUSR1)
         rest, _ = proc.communicate(timeout=120)

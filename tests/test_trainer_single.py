@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import av
@@ -20,6 +19,7 @@ from trainer_helpers import (
     subprocess_env,
     tiny_config,
     train_cmd,
+    wait_for_line,
 )
 
 from trainer.checkpoint import find_latest, read_state
@@ -100,21 +100,6 @@ def test_exact_resume_after_kill9_single(tmp_path, trainer_shards):
         assert a[step]["grad_norm"] == b[step]["grad_norm"], step
 
 
-def _wait_for(proc: subprocess.Popen, text: str, lines: list[str], timeout: float = 150) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        lines.append(line)
-        if text in line:
-            return
-    proc.kill()
-    raise AssertionError(f"never saw {text!r}; output:\n{''.join(lines)}")
-
-
 def test_sigusr1_checkpoints_and_exits_124_then_resumes(tmp_path, trainer_shards):
     shards, _ = trainer_shards
     out = tmp_path / "run"
@@ -122,7 +107,7 @@ def test_sigusr1_checkpoints_and_exits_124_then_resumes(tmp_path, trainer_shards
     proc = subprocess.Popen(train_cmd(cfg), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
-    _wait_for(proc, "step 1/1000", lines)
+    wait_for_line(proc, "step 1/1000", lines)
     proc.send_signal(signal.SIGUSR1)
     rest, _ = proc.communicate(timeout=120)
     output = "".join(lines) + rest
@@ -145,7 +130,7 @@ def test_kill_during_checkpoint_write_keeps_previous_loadable(tmp_path, trainer_
     proc = subprocess.Popen(train_cmd(cfg, "run.steps=4"), cwd=REPO, env=subprocess_env(VDM_TEST_SLEEP_IN_SAVE="60"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
-    _wait_for(proc, "CHECKPOINT-WRITE-IN-PROGRESS", lines)
+    wait_for_line(proc, "CHECKPOINT-WRITE-IN-PROGRESS", lines)
     proc.kill()
     proc.wait(timeout=30)
     root = out / "checkpoints"

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -91,3 +92,19 @@ def step_log(out_dir: Path) -> dict[int, dict]:
 
 def all_finite(values) -> bool:
     return all(math.isfinite(v) for v in values)
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, lines: list[str], timeout: float = 150) -> None:
+    """Read a trainer subprocess's output until a line contains `text` (kill it and fail on timeout)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        if text in line:
+            return
+    proc.kill()
+    raise AssertionError(f"never saw {text!r}; output:\n{''.join(lines)}")
