@@ -75,6 +75,16 @@ def init_distributed(backend: str = "") -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device, backend)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(synchronize: bool = True) -> None:
+    """Leave the process group.
+
+    On a clean exit every rank first waits at a barrier: a rank that tears its gloo group down while a
+    peer is still writing its output (rank 0 saving a file while rank 1 has nothing left to do) can
+    abort with "terminate called without an active exception" and fail the whole torchrun job. After
+    an error `synchronize=False` skips the barrier, since the failed peers may never arrive
+    (torchtitan learnt the same, pytorch/torchtitan#1342).
+    """
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

@@ -37,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from trainer.distributed import destroy_distributed
 
+    finished = False
     try:
         code = run_training(cfg)
+        finished = True
     finally:
-        destroy_distributed()
+        destroy_distributed(synchronize=finished)
     return code
 
 
