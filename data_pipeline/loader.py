@@ -19,6 +19,7 @@ How it stays exact (docs/loader.md has the long version):
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import multiprocessing.context
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.decode import BadSample, Sample, decode_sample
 from data_pipeline.index import ShardIndex, check_matches, open_binary, read_index
+from data_pipeline.lifetime import exit_when_process_exits
 from data_pipeline.plan import Plan, check_enough_samples, num_streams, seed_words, train_plan, val_plan
 
 log = logging.getLogger(__name__)
@@ -342,6 +344,11 @@ def worker_context(method: str) -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def _worker_init(trainer_pid: int, worker_id: int) -> None:
+    """Each loader worker ends when the trainer does, even after a kill -9 (see data_pipeline.lifetime)."""
+    exit_when_process_exits(trainer_pid)
+
+
 def _passthrough(batch):
     """DataLoader collate_fn for ready-made batches (module level so spawn workers can pickle it)."""
     return batch
@@ -397,6 +404,7 @@ class VideoTextLoader:
         kwargs = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": worker_context(self.start_method),
+                      "worker_init_fn": functools.partial(_worker_init, os.getpid()),
                       "pin_memory": torch.cuda.is_available()}  # page-locked batches for non_blocking copies
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough,
                           **kwargs)

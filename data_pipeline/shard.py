@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from data_pipeline.config import ShardConfig, config_hash
+from data_pipeline.lifetime import die_with_parent
 from data_pipeline.manifest import Manifest, ManifestError
 from data_pipeline.stats import Summary, merge_index, read_stats, shard_done
 from data_pipeline.writer import remove_temp_files, write_json_atomic
@@ -39,21 +40,10 @@ _PROCESSOR = None
 _QUEUE = None
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when the parent dies, so no orphan keeps writing after a kill."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _init_worker(cfg_dict: dict, queue, log_level: int) -> None:
     """Runs once per spawned worker: manifest + text encoder are loaded here, not per shard."""
     global _PROCESSOR, _QUEUE
-    _die_with_parent()
+    die_with_parent()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     from data_pipeline.worker import ShardProcessor
     from trainer.config import from_dict

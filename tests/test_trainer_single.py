@@ -83,7 +83,7 @@ def test_single_run_writes_tensorboard_samples_and_checkpoints(tmp_path, trainer
 def test_exact_resume_after_kill9_single(tmp_path, trainer_shards):
     shards, _ = trainer_shards
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    data = {"num_workers": 0}  # (workers of a SIGKILLed trainer outlive it under forkserver: see docs)
+    data = {"num_workers": 0}  # in-process loading keeps the three runs quick; workers: the next test
     r = run_train(tiny_config(tmp_path / "a.yaml", shards, straight, data=data))
     assert r.returncode == 0, r.stderr
     cfg_b = tiny_config(tmp_path / "b.yaml", shards, resumed, data=data)
@@ -98,6 +98,23 @@ def test_exact_resume_after_kill9_single(tmp_path, trainer_shards):
     for step in a:  # bitwise: JSON keeps the full float repr
         assert a[step]["loss"] == b[step]["loss"], step
         assert a[step]["grad_norm"] == b[step]["grad_norm"], step
+
+
+def test_kill9_of_trainer_takes_its_forkserver_loader_workers_down(tmp_path, trainer_shards):
+    """Forkserver loader workers are not the trainer's children and keep the forkserver alive, so
+    torch's parent watchdog never fires for them; they must still exit when the trainer is killed.
+    They inherit its stdout: the pipe reaching EOF means every one of them is gone."""
+    shards, _ = trainer_shards
+    cfg = tiny_config(tmp_path / "w.yaml", shards, tmp_path / "run", data={"num_workers": 2})
+    proc = subprocess.Popen(train_cmd(cfg), cwd=REPO, env=subprocess_env(VDM_TEST_KILL_AT_STEP="3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc.wait(timeout=180)
+    assert proc.returncode == -signal.SIGKILL
+    try:
+        output, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loader workers of the SIGKILLed trainer still hold its stdout 30 s later")
+    assert "step 2/4" in output  # the workers did deliver batches before the kill
 
 
 def test_sigusr1_checkpoints_and_exits_124_then_resumes(tmp_path, trainer_shards):
