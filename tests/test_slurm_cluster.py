@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from slurm_helpers import REPO, probe_env, require_cluster, sbatch, wait_file, wait_state
@@ -89,13 +90,26 @@ def test_launch_gpus_per_node_gives_one_task_per_gpu(tmp_path):
     assert {x["CUDA_VISIBLE_DEVICES"] for x in recs} == {"0,1"}
 
 
+def _probe_job(tmp_path: Path, run: Path, opts: list[str] = SMALL, ready: str | None = "-restart0.started",
+               **probe: str) -> str:
+    """sbatch slurm/train.sh with the probe trainer on 2 nodes; returns the job id once both ranks wrote
+    probe-rank{r}{ready} (at once with ready=None). The job's log is tmp_path/vdm-train-<job>.out."""
+    job = sbatch([*opts, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  "--set", f"run.out_dir={run}"], env=probe_env(**probe))
+    if ready is not None:
+        _wait_ranks_ready(run, job, ready)
+    return job
+
+
+def _wait_ranks_ready(run: Path, job: str, ready: str = "-restart0.started") -> None:
+    for rank in (0, 1):
+        wait_file(run / f"probe-rank{rank}{ready}", 60, job)
+
+
 def test_train_sh_usr1_saves_requeues_and_restarts(tmp_path):
     """USR1 reaches the python tasks; exit 124 -> scontrol requeue -> same job restarts (restart 1)."""
     run = tmp_path / "run"
-    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
-                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_SECONDS="60"))
-    wait_file(run / "probe-rank1-restart0.started", 60, job)
-    wait_file(run / "probe-rank0-restart0.started", 60, job)
+    job = _probe_job(tmp_path, run, PROBE_SECONDS="60")
     subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
     wait_file(run / "probe-rank0-restart1.json", 90, job)
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "COMPLETED"
@@ -109,10 +123,7 @@ def test_train_sh_usr1_saves_requeues_and_restarts(tmp_path):
 def test_train_sh_usr1_to_batch_shell_is_forwarded(tmp_path):
     """With --signal=B:USR1@.. only the batch script gets the signal; it must forward it to srun's tasks."""
     run = tmp_path / "run"
-    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
-                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_SECONDS="60"))
-    wait_file(run / "probe-rank1-restart0.started", 60, job)
-    wait_file(run / "probe-rank0-restart0.started", 60, job)
+    job = _probe_job(tmp_path, run, PROBE_SECONDS="60")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
     wait_file(run / "probe-rank1-restart1.json", 90, job)
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "COMPLETED"
@@ -122,10 +133,7 @@ def test_train_sh_usr1_to_batch_shell_is_forwarded(tmp_path):
 def test_train_sh_usr1_during_trainer_start_up_still_requeues(tmp_path):
     """A signal before the trainer has its handler kills it (128+USR1); the job must still come back."""
     run = tmp_path / "run"
-    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
-                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_STARTUP_S="60"))
-    wait_file(run / "probe-rank0.booting", 60, job)
-    wait_file(run / "probe-rank1.booting", 60, job)
+    job = _probe_job(tmp_path, run, ready=".booting", PROBE_STARTUP_S="60")
     subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
     wait_file(run / "probe-rank1-restart1.json", 90, job)
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "COMPLETED"
@@ -138,8 +146,7 @@ def test_train_sh_time_limit_warning_requeues(tmp_path):
     """SLURM's own pre-time-limit signal (--time=3 --signal=USR1@100) -> save, requeue, finish."""
     run = tmp_path / "run"
     opts = [o for o in SMALL if not o.startswith("--time")] + ["--time=3", "--signal=USR1@100"]
-    job = sbatch([*opts, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
-                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_SECONDS="170"))
+    job = _probe_job(tmp_path, run, opts=opts, ready=None, PROBE_SECONDS="170")
     wait_file(run / "probe-rank0-restart1.json", 170, job)
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 60) == "COMPLETED"
     first = _records(run, 0)
@@ -148,10 +155,7 @@ def test_train_sh_time_limit_warning_requeues(tmp_path):
 
 def test_train_sh_cancel_saves_but_is_not_requeued(tmp_path):
     run = tmp_path / "run"
-    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
-                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_SECONDS="60"))
-    wait_file(run / "probe-rank0-restart0.started", 60, job)
-    wait_file(run / "probe-rank1-restart0.started", 60, job)
+    job = _probe_job(tmp_path, run, PROBE_SECONDS="60")
     subprocess.run(["scancel", job], check=True, timeout=30)
     assert wait_state(job, {"CANCELLED", "COMPLETED", "FAILED"}, 60) == "CANCELLED"
     wait_file(run / "probe-rank0-restart0.json", 30)
@@ -237,8 +241,7 @@ def test_launch_usr1_saves_requeues_and_finishes(tmp_path):
 
     run = tmp_path / "run"
     job = _submit_probe(tmp_path, PROBE_SECONDS="60")
-    wait_file(run / "probe-rank0-restart0.started", 60, job.job_id)
-    wait_file(run / "probe-rank1-restart0.started", 60, job.job_id)
+    _wait_ranks_ready(run, job.job_id)
     subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True, timeout=30)
     ok, results = wait_for(job, 120)
     assert ok, results
@@ -267,8 +270,7 @@ def test_launch_usr1_during_trainer_start_up_still_requeues(tmp_path):
 
     run = tmp_path / "run"
     job = _submit_probe(tmp_path, PROBE_STARTUP_S="60")
-    wait_file(run / "probe-rank0.booting", 60, job.job_id)
-    wait_file(run / "probe-rank1.booting", 60, job.job_id)
+    _wait_ranks_ready(run, job.job_id, ".booting")
     subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True, timeout=30)
     ok, results = wait_for(job, 120)
     assert ok, results
@@ -277,10 +279,7 @@ def test_launch_usr1_during_trainer_start_up_still_requeues(tmp_path):
 
 def test_train_sh_stops_requeueing_at_the_limit(tmp_path):
     run = tmp_path / "run"
-    job = sbatch([*SMALL, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
-                  "--set", f"run.out_dir={run}"], env=probe_env(PROBE_SECONDS="60", VDM_MAX_REQUEUES="0"))
-    wait_file(run / "probe-rank0-restart0.started", 60, job)
-    wait_file(run / "probe-rank1-restart0.started", 60, job)
+    job = _probe_job(tmp_path, run, PROBE_SECONDS="60", VDM_MAX_REQUEUES="0")
     subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "FAILED"  # exit 124, not requeued
     assert "reached VDM_MAX_REQUEUES" in (tmp_path / f"vdm-train-{job}.out").read_text()

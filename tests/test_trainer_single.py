@@ -52,7 +52,7 @@ def test_single_run_writes_tensorboard_samples_and_checkpoints(tmp_path, trainer
     acc = _events(out)
     scalars = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "perf/samples_per_s",
-                "perf/videos_per_s", "perf/step_time_s", "perf/data_wait_s", "perf/peak_mem_gb", "val/loss"):
+                "perf/videos_per_s", "perf/step_time_s", "perf/data_wait_s", "perf/peak_mem_gb", "val/loss", "val/loss_band_mean"):
         assert tag in scalars, (tag, sorted(scalars))
         assert all_finite(e.value for e in acc.Scalars(tag)), tag
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]

@@ -12,7 +12,15 @@ import torch
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.ema import EMA
 from trainer.lr import lr_at
-from trainer.metrics import BandAccumulator, band_edges, band_index, band_labels, format_eta, progress_line
+from trainer.metrics import (
+    BandAccumulator,
+    band_edges,
+    band_index,
+    band_labels,
+    band_training_weights,
+    format_eta,
+    progress_line,
+)
 
 
 def test_lr_warmup_then_constant():
@@ -67,6 +75,21 @@ def test_bands_cover_range_and_accumulate():
     acc = BandAccumulator(edges)
     acc.add(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([-19.0, -18.0, 10.0]))
     assert acc.sums[0] == 4.0 and acc.counts[0] == 2 and acc.sums[6] == 5.0
+
+
+def test_band_training_weights_match_how_often_training_draws_each_band():
+    """val/loss weights = the share of training's t ~ U[0,1] draws landing in each band (Monte Carlo)."""
+    from model.diffusion import GaussianDiffusion
+
+    diffusion = GaussianDiffusion()
+    edges = band_edges(-20, 20)
+    weights = band_training_weights(edges, diffusion.t_of_logsnr)
+    drawn = band_index(diffusion.logsnr(torch.rand(400_000, generator=torch.Generator().manual_seed(0))), edges)
+    freq = torch.bincount(drawn, minlength=len(weights)).double() / drawn.numel()
+    assert sum(weights) == pytest.approx(1.0)
+    assert weights == pytest.approx(freq.tolist(), abs=3e-3)
+    assert weights == pytest.approx(weights[::-1])  # the cosine schedule is symmetric in λ
+    assert weights[3] + weights[4] > 0.3 > weights[0] + weights[-1]  # |λ| < 5 dominates, the ends barely count
 
 
 def test_rng_state_roundtrip_all_generators(tmp_path):

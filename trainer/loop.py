@@ -46,6 +46,7 @@ from trainer.metrics import (
     band_centers,
     band_edges,
     band_labels,
+    band_training_weights,
     peak_memory_gb,
     progress_line,
 )
@@ -465,7 +466,9 @@ class Trainer:
             s.model.train()
         n = len(self._val_batches)
         result = {f"val/loss_band/{label}": tot / n for label, tot in zip(labels, totals)}
-        result["val/loss"] = sum(totals) / (n * len(totals))
+        weights = band_training_weights(self.edges, self.diffusion.t_of_logsnr)
+        result["val/loss"] = sum(w * tot / n for w, tot in zip(weights, totals))
+        result["val/loss_band_mean"] = sum(totals) / (n * len(totals))
         self.metrics.scalars(result, self.step)
         self.metrics.print(f"[val] step {self.step}: loss {result['val/loss']:.4f}")
         return result

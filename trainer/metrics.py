@@ -2,7 +2,8 @@
 
 Tags (see docs/trainer.md): train/loss, train/loss_band/<band>, train/lr, train/grad_norm,
 train/skipped_steps, train/rollbacks, perf/samples_per_s, perf/videos_per_s, perf/step_time_s,
-perf/data_wait_s (max over ranks), perf/peak_mem_gb (max over ranks), val/loss, val/loss_band/<band>,
+perf/data_wait_s (max over ranks), perf/peak_mem_gb (max over ranks), val/loss (weighted like training),
+val/loss_band_mean, val/loss_band/<band>,
 samples/<i> (animated). Loss per log-SNR band shows which noise levels the model is still bad at,
 which the mean loss hides (high-SNR bands dominate nothing, low-SNR bands everything).
 """
@@ -31,6 +32,20 @@ def band_labels(edges: list[float]) -> list[str]:
 
 def band_centers(edges: list[float]) -> list[float]:
     return [(edges[i] + edges[i + 1]) / 2 for i in range(len(edges) - 1)]
+
+
+def band_training_weights(edges: list[float], t_of_logsnr) -> list[float]:
+    """Probability that training (t ~ U[0, 1]) draws a log-SNR in each band: |t(lo) - t(hi)|.
+
+    Validation evaluates every band at its centre; weighting the band losses by these numbers
+    makes `val/loss` a stratified estimate of the training objective, so it is directly
+    comparable to `train/loss` (a plain mean over bands would overweight the extreme bands, where
+    v/eps losses sit near their ceilings, and read several times higher).
+    """
+    t = [float(t_of_logsnr(torch.tensor(e, dtype=torch.float64))) for e in edges]
+    weights = [abs(t[i] - t[i + 1]) for i in range(len(edges) - 1)]
+    total = sum(weights)
+    return [w / total for w in weights]
 
 
 def band_index(logsnr: torch.Tensor, edges: list[float]) -> torch.Tensor:
