@@ -97,3 +97,30 @@ def test_shard_units_prefers_model_blocks_then_modulelists_innermost_first():
     outer = nn.Sequential(nn.ModuleList([nn.Sequential(inner)]), nn.ModuleList([nn.ReLU()]))
     units = shard_units(outer)
     assert units[0] is inner[0] and len(units) == 2  # parameter-free ReLU is not a unit
+
+
+def test_deepspeed_bf16_casts_activations_but_keeps_logsnr_fp32():
+    """bf16 cannot tell λ = 1.5 from 1.504 (spacing 0.0078); the model must still see the difference."""
+    import torch
+
+    from model.config import UNetConfig
+    from model.unet import SpaceTimeUNet
+    from trainer.strategies.deepspeed import DeepSpeedStrategy
+
+    torch.manual_seed(0)
+    unet = SpaceTimeUNet(UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, image_size=8,
+                                    attention_resolutions=(4,), head_dim=8, cond_dim=16, text_dim=16, groups=4))
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.2)  # the zero-initialised output conv would hide any difference
+    unet = unet.to(torch.bfloat16)
+    strategy = object.__new__(DeepSpeedStrategy)  # only the input casting, no engine
+    strategy.dtype = torch.bfloat16
+    z = torch.randn(1, 3, 2, 8, 8)
+    outs = []
+    for lam in (1.5, 1.504):
+        args = strategy._cast((z, torch.tensor([lam])))
+        assert args[0].dtype == torch.bfloat16 and args[1].dtype == torch.float32
+        with torch.no_grad():
+            outs.append(unet(*args))
+    assert outs[0].dtype == torch.bfloat16 and not torch.equal(outs[0], outs[1])

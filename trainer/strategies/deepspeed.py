@@ -12,8 +12,10 @@ Facts this file relies on (DeepSpeed 0.19, checked on CPU with gloo):
   `torch_adam: false` in the JSON on GPU machines that have a compiler, if you want them).
 - `deepspeed.init_distributed` compiles a shared-memory op (~1 min on 2 cores) that only inference
   all-reduce uses; it is marked incompatible before init so it is never built.
-- bf16/fp16 turn the module itself into bf16/fp16, so `forward` casts floating inputs to the module's
-  dtype and returns fp32 (the diffusion loss is computed in fp32).
+- bf16/fp16 turn the module itself into bf16/fp16, so `forward` casts floating activations (tensors
+  of 2+ dims) to the module's dtype and returns fp32 (the diffusion loss is computed in fp32).
+  Per-sample scalars ([B], the log-SNR) stay fp32: bf16 would round λ by up to 0.06, and the model
+  computes its λ embedding in fp32 and casts only the features.
 - The engine computes the grad norm, clips and skips non-finite steps inside `engine.step()`; the loop
   wants the norm *before* stepping, so `clip_grad_norm` evaluates the same norm function the engine
   will use, and `skip_step` makes the engine take its own overflow path (no update, gradients
@@ -228,7 +230,7 @@ class DeepSpeedStrategy(Strategy):
 
     def _cast(self, value):
         if isinstance(value, Tensor):
-            return value.to(self.dtype) if value.is_floating_point() else value
+            return value.to(self.dtype) if value.is_floating_point() and value.ndim > 1 else value
         if isinstance(value, (list, tuple)):
             return type(value)(self._cast(v) for v in value)
         if isinstance(value, dict):
