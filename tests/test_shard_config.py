@@ -12,10 +12,15 @@ def cfg(*overrides: str) -> ShardConfig:
     return load_config(ShardConfig, None, ["manifest=m.csv", *overrides]).validate()
 
 
-def test_repo_configs_load():
-    for name in ("demo", "webvid10m", "webvid10m_9x128"):
-        c = load_config(ShardConfig, f"configs/shard/{name}.yaml").validate()
-        assert c.clip.frames in (16, 9)
+def test_repo_configs_load_and_match_the_training_configs_they_feed():
+    """The loader refuses shards whose geometry differs from the run's, so each pair must agree."""
+    from trainer.config import TrainConfig
+
+    for shard_name, train_name in (("demo", "demo"), ("webvid10m", "vdm_t2v_small_16x64"),
+                                   ("webvid10m_9x128", "vdm_t2v_9x128")):
+        c = load_config(ShardConfig, f"configs/shard/{shard_name}.yaml").validate()
+        t = load_config(TrainConfig, f"configs/{train_name}.yaml")
+        assert (c.clip.frames, c.clip.height, c.clip.width) == (t.data.num_frames,) + (t.data.image_size,) * 2, shard_name
     assert load_config(ShardConfig, "configs/shard/webvid10m_9x128.yaml").validate().clip.stride == 4
 
 
