@@ -1,6 +1,6 @@
 """`make demo`: synthetic captioned videos → shards → a few CPU minutes of training → samples.
 
-    python -m trainer.demo [--out demo_out] [--videos 64] [--steps 300] [--set key=value ...]
+    python -m trainer.demo [--out demo_out] [--videos 64] [--steps 600] [--set key=value ...]
 
 Every stage is a real command of this repository (data_pipeline.synthetic, data_pipeline.shard with
 the offline MiniLM encoder, trainer.train on configs/demo.yaml, trainer.export, trainer.sample).
