@@ -10,8 +10,10 @@ sources give evenly timed clips. Every refusal is a DecodeError with a stable re
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import av
@@ -21,6 +23,13 @@ import numpy as np
 from data_pipeline.config import ClipConfig
 
 _MAX_BAD_PACKETS = 50  # consecutive undecodable packets before we call the file corrupt
+# Where skip_frame=NONREF is safe to use: codecs whose decoders honour it per packet, in containers
+# that store real presentation timestamps (AVI stores decode order only; MPEG-4 part 2 packs B-frames).
+_DISCARD_CODECS = {"h264", "hevc"}
+_DISCARD_CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts"}
+# Packets demuxed ahead of the decoder; more than h264/hevc's deepest frame reordering (16), so the
+# display-order neighbours of a packet's frame are known before it is decoded.
+_LOOKAHEAD_PACKETS = 48
 
 
 class DecodeError(Exception):
@@ -38,6 +47,7 @@ class VideoInfo:
     codec: str
     container: str
     rotation: int = 0  # degrees counter-clockwise applied to display the video
+    frames_decoded: int = 0  # frames the decoder produced (discarded non-reference frames excluded)
 
 
 @dataclass
@@ -113,18 +123,24 @@ def _open(src: str | bytes):
         raise DecodeError("unreadable_container", str(e)) from None
 
 
-def decode_clips(src: str | bytes, cfg: ClipConfig, decode_threads: int = 1) -> tuple[VideoInfo, list[Clip]]:
-    """Decode the clips of one video (path or bytes). Raises DecodeError with a reason."""
+def decode_clips(src: str | bytes, cfg: ClipConfig, decode_threads: int = 1, *,
+                 discard_unneeded: bool = True) -> tuple[VideoInfo, list[Clip]]:
+    """Decode the clips of one video (path or bytes). Raises DecodeError with a reason.
+
+    discard_unneeded=False decodes every frame; the clips are the same either way (tested), only
+    slower: it exists to prove that.
+    """
     container = _open(src)
     try:
-        return _decode(container, cfg, decode_threads)
+        return _decode(container, cfg, decode_threads, discard_unneeded)
     except av.error.FFmpegError as e:
         raise DecodeError("decode_error", f"{type(e).__name__}: {e}") from None
     finally:
         container.close()
 
 
-def _decode(container, cfg: ClipConfig, decode_threads: int) -> tuple[VideoInfo, list[Clip]]:
+def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: bool = True
+            ) -> tuple[VideoInfo, list[Clip]]:
     if not container.streams.video:
         raise DecodeError("no_video_stream", f"streams: {[s.type for s in container.streams]}")
     stream = container.streams.video[0]
@@ -165,7 +181,12 @@ def _decode(container, cfg: ClipConfig, decode_threads: int) -> tuple[VideoInfo,
     sar = float(stream.sample_aspect_ratio) if stream.sample_aspect_ratio else 1.0
     sar = sar if 0.1 < sar < 10 else 1.0
 
-    reader = _FrameReader(container, stream, t0, src_fps)
+    # Every target time of every clip (fps mode): frames no target can pick need not be decoded.
+    # Stride mode counts decoded frames, so there every frame is decoded.
+    discard = (discard_unneeded and cfg.stride is None and cc.name in _DISCARD_CODECS
+               and container.format.name in _DISCARD_CONTAINERS)
+    targets = [t for start in starts for t in _targets(start, cfg)] if discard else None
+    reader = _FrameReader(container, stream, t0, src_fps, targets)
     converter: _FrameConverter | None = None
     clips: list[Clip] = []
     for ci, start in enumerate(starts):
@@ -196,6 +217,7 @@ def _decode(container, cfg: ClipConfig, decode_threads: int) -> tuple[VideoInfo,
             frames += [frames[-1]] * padded
         clips.append(Clip(frames=np.stack(frames), index=ci, start_s=round(start, 6), fps=out_fps,
                           padded=padded, times=[round(t, 6) for t, _ in picked]))
+    info.frames_decoded = reader.frames_decoded
     return info, clips
 
 
@@ -208,21 +230,86 @@ def _frame_rotation(frame: av.VideoFrame) -> int:
 
 
 class _FrameReader:
-    """Sequential decoded frames with their times (seconds from stream start); tolerant of bad packets."""
+    """Sequential decoded frames with their times (seconds from stream start); tolerant of bad packets.
 
-    def __init__(self, container, stream, t0: float, src_fps: float | None):
+    With `targets` (every clip's target times) it also tells the decoder to drop frames no target
+    can pick: a non-keyframe packet whose frame has display-order neighbours p < t < n (known from
+    the packets demuxed ahead) is picked only by targets in [(p+t)/2, (t+n)/2), the nearest-frame
+    rule of `_pick_by_time`; with none there, the packet is decoded with skip_frame=NONREF, which
+    drops it if no other frame references it (B-frames, typically half of an h264 stream) and
+    decodes it normally otherwise. Dropping frames that are never picked changes no pick, so the
+    clips are identical to decoding everything.
+    """
+
+    def __init__(self, container, stream, t0: float, src_fps: float | None, targets: list[float] | None = None):
         self.container, self.stream, self.t0 = container, stream, t0
         self.frame_dur = 1.0 / src_fps if src_fps else 0.04
         self.position = 0.0  # time of the last frame handed out
         self.bad_packets = 0
         self.errors: list[str] = []
+        self.frames_decoded = 0
+        self.targets = sorted(targets) if targets else None
+        self._known: list[float] = []  # display times of the packets demuxed since the last seek, sorted
         self._count = 0
         self._iter = self._frames()
         self._pushback: list[tuple[float, av.VideoFrame]] = []
 
+    def _packet_time(self, packet) -> float | None:
+        if packet.pts is None or packet.time_base is None:
+            return None
+        return float(packet.pts * packet.time_base) - self.t0
+
+    def _unneeded(self, packet) -> bool:
+        if self.targets is None or packet.is_keyframe:
+            return False
+        t = self._packet_time(packet)
+        if t is None:
+            return False
+        known = self._known
+        i = bisect.bisect_left(known, t)
+        if i == 0 or i + 1 >= len(known) or known[i] != t or known[i - 1] == t or known[i + 1] == t:
+            return False  # a neighbour not demuxed yet, or duplicate timestamps: keep it
+        lo = (known[i - 1] + t) / 2 - 1e-6  # the margins only ever keep more frames
+        hi = (t + known[i + 1]) / 2 + 1e-6
+        j = bisect.bisect_left(self.targets, lo)
+        return not (j < len(self.targets) and self.targets[j] <= hi)
+
+    def _packets(self):
+        """Demuxed packets, read _LOOKAHEAD_PACKETS ahead; a demux error surfaces only where the
+        decoder reaches it, as it would without the lookahead."""
+        demux = self.container.demux(self.stream)
+        ahead: deque = deque()
+        error: Exception | None = None
+        ended = False
+        while True:
+            while not ended and len(ahead) < _LOOKAHEAD_PACKETS:
+                try:
+                    packet = next(demux)
+                except StopIteration:
+                    ended = True
+                    break
+                except av.error.FFmpegError as e:
+                    error, ended = e, True
+                    break
+                ahead.append(packet)
+                t = self._packet_time(packet)
+                if t is not None:
+                    bisect.insort(self._known, t)
+            if not ahead:
+                if error is not None:
+                    raise error
+                return
+            yield ahead.popleft()
+
     def _frames(self):
         consecutive_bad = 0
-        for packet in self.container.demux(self.stream):
+        codec = self.stream.codec_context
+        skipping = None
+        for packet in self._packets():
+            unneeded = self._unneeded(packet)
+            if unneeded is not skipping:
+                codec.skip_frame = "NONREF" if unneeded else "DEFAULT"
+                skipping = unneeded
             try:
                 decoded = packet.decode()
                 consecutive_bad = 0
@@ -233,6 +320,7 @@ class _FrameReader:
                 if consecutive_bad > _MAX_BAD_PACKETS:
                     return
                 continue
+            self.frames_decoded += len(decoded)
             yield from decoded
 
     def seek(self, start: float) -> None:
@@ -241,6 +329,7 @@ class _FrameReader:
                                 backward=True, any_frame=False)
         except av.error.FFmpegError:
             return  # keep decoding sequentially from where we are
+        self._known = []
         self._iter = self._frames()
         self._pushback.clear()
 
@@ -266,9 +355,13 @@ class _FrameReader:
         return DecodeError(reason, detail)
 
 
+def _targets(start: float, cfg: ClipConfig) -> list[float]:
+    return [start + k / cfg.fps for k in range(cfg.frames)]
+
+
 def _pick_by_time(reader: _FrameReader, start: float, cfg: ClipConfig) -> list[tuple[float, av.VideoFrame]]:
     """Nearest source frame to each target time start + k/fps (sample-and-hold across VFR gaps)."""
-    targets = [start + k / cfg.fps for k in range(cfg.frames)]
+    targets = _targets(start, cfg)
     picked: list[tuple[float, av.VideoFrame]] = []
     prev: tuple[float, av.VideoFrame] | None = None
     while len(picked) < len(targets):

@@ -101,6 +101,30 @@ def test_variable_frame_rate_picks_nearest_frame_per_target_time(tmp_path):
     assert np.all(np.abs(grey - np.array([0, 20, 30, 30, 40, 50, 60, 70])) < 8)
 
 
+@pytest.mark.parametrize("container,fps,clip", [
+    ("mp4", 24, dict(fps=8.0)),
+    ("mp4", 30000 / 1001, dict(fps=10.0, clips_per_video=3)),
+    ("matroska", 25, dict(fps=5.0, frames=6, too_short="pad")),
+    ("mp4", 24, dict(fps=24.0)),  # every frame is wanted: nothing may be dropped
+])
+def test_dropping_unneeded_frames_gives_the_same_clips(tmp_path, container, fps, clip):
+    """B-frame h264 (x264's default preset): frames no target picks are not decoded, the clips are
+    bitwise those of decoding every frame."""
+    path = tmp_path / "v.bin"
+    src = np.concatenate([frames(40, 48, 64, seed=i) for i in range(3)])  # 120 frames, 3 scenes
+    write_video(path, src, fps, codec="libx264", container=container, preset="medium")
+    cfg = clip_cfg(height=32, width=32, **clip)
+    info_all, every = decode_clips(str(path), cfg, discard_unneeded=False)
+    info, fewer = decode_clips(str(path), cfg)
+    assert len(every) == len(fewer) == cfg.clips_per_video
+    for a, b in zip(every, fewer):
+        assert np.array_equal(a.frames, b.frames) and a.times == b.times and a.start_s == b.start_s
+    if clip["fps"] < fps:
+        assert info.frames_decoded < 0.8 * info_all.frames_decoded, (info.frames_decoded, info_all.frames_decoded)
+    else:
+        assert info.frames_decoded == info_all.frames_decoded
+
+
 def test_stride_and_multiple_clips_seek_to_their_start(tmp_path):
     path = make_h264(tmp_path / "long.mp4", t=80, fps=8, g="8")  # 10 s, keyframe every second
     _, clips = decode_clips(str(path), clip_cfg(frames=8, fps=None, stride=2, clips_per_video=3))
