@@ -101,21 +101,22 @@ def test_variable_frame_rate_picks_nearest_frame_per_target_time(tmp_path):
     assert np.all(np.abs(grey - np.array([0, 20, 30, 30, 40, 50, 60, 70])) < 8)
 
 
-@pytest.mark.parametrize("container,fps,clip", [
-    ("mp4", 24, dict(fps=8.0)),
-    ("mp4", 30000 / 1001, dict(fps=10.0, clips_per_video=3)),
-    ("matroska", 25, dict(fps=5.0, frames=6, too_short="pad")),
-    ("mp4", 24, dict(fps=24.0)),  # every frame is wanted: nothing may be dropped
+@pytest.mark.parametrize("container,fps,clip,threads", [
+    ("mp4", 24, dict(fps=8.0), 1),
+    ("mp4", 24, dict(fps=8.0), 2),  # frame-threaded decoding takes skip_frame per packet too
+    ("mp4", 30000 / 1001, dict(fps=10.0, clips_per_video=3), 1),
+    ("matroska", 25, dict(fps=5.0, frames=6, too_short="pad"), 1),
+    ("mp4", 24, dict(fps=24.0), 1),  # every frame is wanted: nothing may be dropped
 ])
-def test_dropping_unneeded_frames_gives_the_same_clips(tmp_path, container, fps, clip):
+def test_dropping_unneeded_frames_gives_the_same_clips(tmp_path, container, fps, clip, threads):
     """B-frame h264 (x264's default preset): frames no target picks are not decoded, the clips are
     bitwise those of decoding every frame."""
     path = tmp_path / "v.bin"
     src = np.concatenate([frames(40, 48, 64, seed=i) for i in range(3)])  # 120 frames, 3 scenes
     write_video(path, src, fps, codec="libx264", container=container, preset="medium")
     cfg = clip_cfg(height=32, width=32, **clip)
-    info_all, every = decode_clips(str(path), cfg, discard_unneeded=False)
-    info, fewer = decode_clips(str(path), cfg)
+    info_all, every = decode_clips(str(path), cfg, threads, discard_unneeded=False)
+    info, fewer = decode_clips(str(path), cfg, threads)
     assert len(every) == len(fewer) == cfg.clips_per_video
     for a, b in zip(every, fewer):
         assert np.array_equal(a.frames, b.frames) and a.times == b.times and a.start_s == b.start_s
