@@ -167,3 +167,15 @@ def test_truncated_streamable_file_is_too_short(tmp_path):
         decode_clips(data[: len(data) // 3], clip_cfg(frames=32))
     assert e.value.reason in ("too_short", "decode_error")
     assert "of 32 frames" in e.value.detail
+
+
+def test_file_cut_after_the_clip_still_gives_the_clip(tmp_path):
+    """Packets are demuxed ahead of the decoder; a cut past the clip's end must not fail the clip."""
+    noise = np.random.default_rng(1).integers(0, 256, (80, 32, 32, 3), dtype=np.uint8)  # incompressible
+    write_video(tmp_path / "t.mkv", noise, 24, codec="libx264", container="matroska")
+    data = (tmp_path / "t.mkv").read_bytes()
+    cut = data[: len(data) * 2 // 3]  # ~53 of 80 frames; the clip needs the first ~24 (8 frames at 8 fps)
+    _, whole = decode_clips(data, clip_cfg())
+    for discard in (False, True):
+        _, clips = decode_clips(cut, clip_cfg(), discard_unneeded=discard)
+        assert np.array_equal(clips[0].frames, whole[0].frames)
