@@ -278,6 +278,9 @@ class _FrameReader:
         """Demuxed packets, read _LOOKAHEAD_PACKETS ahead; a demux error surfaces only where the
         decoder reaches it, as it would without the lookahead."""
         demux = self.container.demux(self.stream)
+        if self.targets is None:  # nothing will be dropped: no lookahead needed
+            yield from demux
+            return
         ahead: deque = deque()
         error: Exception | None = None
         ended = False

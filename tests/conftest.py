@@ -19,6 +19,14 @@ def tiny_bert_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def trainer_shards(tmp_path_factory, tiny_bert_dir) -> tuple[str, str]:
+    """(shards dir, encoder dir) for the trainer tests: see trainer_helpers.make_trainer_shards."""
+    from trainer_helpers import make_trainer_shards
+
+    return make_trainer_shards(tmp_path_factory, tiny_bert_dir)
+
+
+@pytest.fixture(scope="session")
 def synthetic_videos(tmp_path_factory) -> str:
     """Manifest (key,path,caption) of 12 real h264 mp4s, 16 frames of 32x32 at 8 fps."""
     from data_pipeline.synthetic import make_synthetic_videos

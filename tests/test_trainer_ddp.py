@@ -3,15 +3,9 @@ files, and bitwise-exact resume after kill -9."""
 
 from __future__ import annotations
 
-import pytest
-from trainer_helpers import make_trainer_shards, run_train, step_log, tiny_config
+from trainer_helpers import run_train, step_log, tiny_config
 
 from trainer.checkpoint import find_latest, read_state
-
-
-@pytest.fixture(scope="session")
-def trainer_shards(tmp_path_factory, tiny_bert_dir):
-    return make_trainer_shards(tmp_path_factory, tiny_bert_dir)
 
 
 def test_ddp_two_processes_exact_resume_after_kill9(tmp_path, trainer_shards):

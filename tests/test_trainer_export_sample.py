@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from trainer_helpers import PY, REPO, make_trainer_shards, run_train, subprocess_env, tiny_config
+from trainer_helpers import PY, REPO, run_train, subprocess_env, tiny_config
 
 from trainer.checkpoint import find_latest
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_bert_dir):
-    shards, bert = make_trainer_shards(tmp_path_factory, tiny_bert_dir)
+def trained_run(tmp_path_factory, trainer_shards):
+    shards, bert = trainer_shards
     root = tmp_path_factory.mktemp("export_run")
     out = root / "run"
     r = run_train(tiny_config(root / "c.yaml", shards, out, run={"steps": 2, "ckpt_every": 2}))

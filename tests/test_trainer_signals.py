@@ -8,10 +8,8 @@ from __future__ import annotations
 import signal
 import subprocess
 
-import pytest
 from trainer_helpers import (
     REPO,
-    make_trainer_shards,
     step_log,
     subprocess_env,
     tiny_config,
@@ -20,11 +18,6 @@ from trainer_helpers import (
 )
 
 from trainer.checkpoint import find_latest, read_state
-
-
-@pytest.fixture(scope="session")
-def trainer_shards(tmp_path_factory, tiny_bert_dir):
-    return make_trainer_shards(tmp_path_factory, tiny_bert_dir)
 
 
 def test_usr1_during_the_last_step_and_during_shutdown_finishes_with_exit_0(tmp_path, trainer_shards):

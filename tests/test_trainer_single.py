@@ -13,7 +13,6 @@ import pytest
 from trainer_helpers import (
     REPO,
     all_finite,
-    make_trainer_shards,
     run_train,
     step_log,
     subprocess_env,
@@ -23,11 +22,6 @@ from trainer_helpers import (
 )
 
 from trainer.checkpoint import find_latest, read_state
-
-
-@pytest.fixture(scope="session")
-def trainer_shards(tmp_path_factory, tiny_bert_dir):
-    return make_trainer_shards(tmp_path_factory, tiny_bert_dir)
 
 
 def _events(out_dir: Path):

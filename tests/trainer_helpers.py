@@ -30,13 +30,11 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def make_trainer_shards(tmp_path_factory, tiny_bert_dir: str) -> tuple[str, str]:
     """(shards dir, encoder dir): 12 real h264 clips of 4 frames 8x8 in 3 shards, tiny-BERT captions.
 
-    Made once per test session (each test module's fixture calls this; later calls reuse the shards).
+    Made once per test session, by the `trainer_shards` fixture in conftest.py.
     """
     from data_pipeline.synthetic import make_synthetic_videos
 
-    root = tmp_path_factory.getbasetemp() / "trainer_data"
-    if (root / "shards" / "index.json").is_file():
-        return str(root / "shards"), tiny_bert_dir
+    root = tmp_path_factory.mktemp("trainer_data")
     manifest = make_synthetic_videos(root / "videos", n=12, frames=8, size=16, fps=8, seed=1)
     out = root / "shards"
     cmd = [PY, "-m", "data_pipeline.shard", "--manifest", manifest, "--out", str(out), "--encoder", tiny_bert_dir,

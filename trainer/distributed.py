@@ -7,6 +7,7 @@ the environment, never assumed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -88,3 +89,15 @@ def destroy_distributed(synchronize: bool = True) -> None:
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def leave_process_group_on_exit():
+    """Run a distributed command's body, then leave the process group: synchronised after a clean
+    finish (a `return` included), without the barrier when the body raised."""
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        destroy_distributed(synchronize=finished)

@@ -122,17 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run's out_dir (its latest)")
     p.add_argument("--out", required=True, help="output .safetensors path")
     a = p.parse_args(argv)
-    from trainer.distributed import destroy_distributed
+    from trainer.distributed import leave_process_group_on_exit
 
-    finished = False
     try:
-        out = export(a.checkpoint, a.out)
-        finished = True
+        with leave_process_group_on_exit():
+            out = export(a.checkpoint, a.out)
     except FileNotFoundError as e:
         print(f"export: {e}", file=sys.stderr)
         return 1
-    finally:
-        destroy_distributed(synchronize=finished)
     if out is not None:
         print(f"wrote {out}")
     return 0

@@ -119,6 +119,7 @@ class Trainer:
         self.ema = EMA(self.strategy.local_params(), cfg.run.ema_decay)
         self.edges = band_edges(cfg.diffusion.logsnr_min, cfg.diffusion.logsnr_max)
         self.bands = BandAccumulator(self.edges)
+        self.val_weights = band_training_weights(self.edges, self.diffusion.t_of_logsnr)
         self.loader = self._build_loader(train=True)
         self._iter = None
         text_dim = getattr(self.loader, "text_dim", None)
@@ -466,8 +467,7 @@ class Trainer:
             s.model.train()
         n = len(self._val_batches)
         result = {f"val/loss_band/{label}": tot / n for label, tot in zip(labels, totals)}
-        weights = band_training_weights(self.edges, self.diffusion.t_of_logsnr)
-        result["val/loss"] = sum(w * tot / n for w, tot in zip(weights, totals))
+        result["val/loss"] = sum(w * tot / n for w, tot in zip(self.val_weights, totals))
         result["val/loss_band_mean"] = sum(totals) / (n * len(totals))
         self.metrics.scalars(result, self.step)
         self.metrics.print(f"[val] step {self.step}: loss {result['val/loss']:.4f}")

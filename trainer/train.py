@@ -35,15 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from trainer.distributed import destroy_distributed
+    from trainer.distributed import leave_process_group_on_exit
 
-    finished = False
-    try:
-        code = run_training(cfg)
-        finished = True
-    finally:
-        destroy_distributed(synchronize=finished)
-    return code
+    with leave_process_group_on_exit():
+        return run_training(cfg)
 
 
 if __name__ == "__main__":
