@@ -81,3 +81,12 @@ def test_trainer_cli_resumes_exactly_and_exports(tmp_path, extra):
     model = SpaceTimeUNet(cfg.model)
     model.load_state_dict(exported)  # every key, every shape
     assert all(torch.isfinite(v).all() for v in exported.values())
+
+    # the way out of a sharded checkpoint: its export warm-starts a run of another strategy (lr=0 keeps
+    # the first step from moving the weights, so the new run's weights are exactly the export's)
+    warm = tmp_path / "warm"
+    stdout = _train(warm, shards, {"parallel.strategy": "ddp", "run.init_from": out, "optim.lr": 0.0,
+                                   "run.steps": 1, "run.ckpt_every": 1})
+    assert f"[init] model and EMA weights from {out} (step 4 of its run)" in stdout
+    live = torch.load(warm / "checkpoints" / "step-000001" / "model.pt", weights_only=True)
+    assert set(live) == set(exported) and all(torch.equal(live[k], exported[k]) for k in exported)

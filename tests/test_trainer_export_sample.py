@@ -56,6 +56,56 @@ def test_export_roundtrips_ema_and_config(trained_run, tmp_path):
     model.load_state_dict(tensors)  # complete state dict
 
 
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    target = tmp_path_factory.mktemp("exported") / "model.safetensors"
+    r = _cli("-m", "trainer.export", "--checkpoint", str(trained_run[0]), "--out", str(target))
+    assert r.returncode == 0, r.stderr
+    return target
+
+
+def test_init_from_starts_a_new_run_on_another_world_size_from_the_exported_weights(trained_run, exported,
+                                                                                   tmp_path):
+    """A single-process run's export warm-starts a 2-process DDP run (a sharded checkpoint could not be
+    resumed that way). With lr=0 the first step leaves the weights as loaded, so the new checkpoint's
+    model and EMA must equal the export; a rerun then resumes from its own checkpoint, not the export."""
+    import yaml
+
+    from trainer.config import TrainConfig, from_dict
+
+    src = from_dict(TrainConfig, yaml.safe_load((trained_run[0] / "config.yaml").read_text()))
+    out = tmp_path / "warm"
+    cfg = tiny_config(tmp_path / "c.yaml", src.data.shards, out, run={"steps": 1, "ckpt_every": 1},
+                      parallel={"strategy": "ddp", "backend": "gloo"}, optim={"lr": 0.0, "warmup_steps": 0})
+    r = run_train(cfg, f"run.init_from={exported}", nproc=2, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"[init] model and EMA weights from {exported} (step 2 of its run)" in r.stdout
+    tensors = load_file(str(exported))
+    ckpt = find_latest(out)
+    live = torch.load(ckpt / "model.pt", weights_only=True)
+    assert set(live) == set(tensors) and all(torch.equal(live[k], tensors[k]) for k in tensors)
+    from model.unet import SpaceTimeUNet
+
+    names = [n for n, p in SpaceTimeUNet(src.model).named_parameters() if p.requires_grad]
+    ema = torch.load(ckpt / "ema-rank0.pt", weights_only=True)
+    assert all(torch.allclose(e, tensors[n], rtol=1e-6, atol=1e-7) for n, e in zip(names, ema, strict=True))
+    r = run_train(cfg, f"run.init_from={exported}", "run.steps=2", nproc=2, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[init]" not in r.stdout and "[resume]" in r.stdout and "at step 1" in r.stdout
+
+
+def test_init_from_a_different_model_names_what_differs(exported):
+    from model.unet import SpaceTimeUNet
+    from trainer.config import TrainConfig, from_dict
+    from trainer.export import load_initial_weights
+
+    with safe_open(str(exported), framework="pt") as f:
+        cfg = from_dict(TrainConfig, json.loads(f.metadata()["config"])).model
+    wider = type(cfg)(**{**cfg.__dict__, "base_channels": cfg.base_channels * 2})
+    with pytest.raises(ValueError, match=r"run.init_from=.*do not fit.*base_channels: 16 there, 32 here"):
+        load_initial_weights(SpaceTimeUNet(wider), exported, wider)
+
+
 def _frames(path) -> int:
     with av.open(str(path)) as c:
         return sum(1 for _ in c.decode(video=0))
@@ -87,3 +137,9 @@ def test_sample_cli_names_a_missing_checkpoint(tmp_path):
     r = _cli("-m", "trainer.sample", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "x", "--out",
              str(tmp_path / "z.mp4"))
     assert r.returncode == 1 and "no complete checkpoint" in r.stderr
+
+
+def test_init_from_a_missing_file_names_the_setting(tmp_path):
+    cfg = tiny_config(tmp_path / "c.yaml", str(tmp_path / "no-shards"), tmp_path / "run")
+    r = run_train(cfg, f"run.init_from={tmp_path / 'gone.safetensors'}")
+    assert r.returncode == 1 and f"run.init_from={tmp_path / 'gone.safetensors'}: No such file" in r.stderr, r.stderr

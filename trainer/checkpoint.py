@@ -179,7 +179,9 @@ def load_checkpoint(strategy, ckpt_dir: str | Path, *, ema, restore_rng: bool = 
     if state.get("world_size", world) != world:
         raise RuntimeError(
             f"{ckpt_dir} was written by {state['world_size']} processes, this run has {world}: resume with "
-            f"the same number of processes (data order and sharded state are per rank)")
+            f"the same number of processes (data order and sharded state are per rank), or export it "
+            f"(python -m trainer.export) and start a new run with run.init_from=<the .safetensors>: the "
+            f"weights carry over, the optimizer state and data position do not")
     if state.get("strategy", strategy.name) != strategy.name:
         raise RuntimeError(f"{ckpt_dir} was written by strategy {state['strategy']!r}, this run uses "
                            f"{strategy.name!r}")

@@ -262,6 +262,10 @@ class RunConfig:
     sample_steps: int = 64  # sampling steps for the periodic TensorBoard samples
     max_nonfinite_in_row: int = 5  # then roll back to the last checkpoint
     text_encoder: str = ""  # encoder for sample prompts (name or local path); "" = from the shards' index
+    # warm start: an exported .safetensors (or a single/ddp checkpoint) whose EMA weights become this
+    # run's initial model and EMA; optimizer, step and data order start afresh. Ignored once the run
+    # has its own checkpoint (a rerun resumes from that).
+    init_from: str = ""
 
 
 @dataclass

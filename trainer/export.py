@@ -95,26 +95,51 @@ def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainConfi
     return load_file(str(path)), from_dict(TrainConfig, json.loads(meta["config"])), meta
 
 
+def load_ema_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainConfig, dict[str, str]]:
+    """(EMA state dict, training config, metadata) from an exported .safetensors or a single/ddp checkpoint."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_exported(path)
+    ckpt_dir = resolve_checkpoint(path)
+    state = read_state(ckpt_dir)
+    cfg = from_dict(TrainConfig, state["config"])
+    if state.get("strategy", cfg.parallel.strategy) not in REPLICATED:
+        raise ValueError(f"{ckpt_dir} is a sharded {state.get('strategy')} checkpoint: export it first "
+                         f"(python -m trainer.export --checkpoint {ckpt_dir} --out model.safetensors, with "
+                         f"{state.get('world_size')} processes) and use the .safetensors file")
+    return ema_state_replicated(ckpt_dir, cfg), cfg, _metadata(cfg, state, ckpt_dir)
+
+
 def load_ema_model(path: str | Path, device: str | torch.device = "cpu"):
     """EMA model (eval mode) + config + metadata from an exported .safetensors or a single/ddp checkpoint."""
     from model.unet import SpaceTimeUNet
 
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        tensors, cfg, meta = load_exported(path)
-    else:
-        ckpt_dir = resolve_checkpoint(path)
-        state = read_state(ckpt_dir)
-        cfg = from_dict(TrainConfig, state["config"])
-        if state.get("strategy", cfg.parallel.strategy) not in REPLICATED:
-            raise ValueError(f"{ckpt_dir} is a sharded {state.get('strategy')} checkpoint: export it first "
-                             f"(python -m trainer.export --checkpoint {ckpt_dir} --out model.safetensors, with "
-                             f"{state.get('world_size')} processes) and sample from the .safetensors file")
-        tensors = ema_state_replicated(ckpt_dir, cfg)
-        meta = _metadata(cfg, state, ckpt_dir)
+    tensors, cfg, meta = load_ema_weights(path)
     model = SpaceTimeUNet(cfg.model)
     model.load_state_dict(tensors)
     return model.to(device).eval(), cfg, meta
+
+
+def load_initial_weights(model: torch.nn.Module, path: str | Path, model_cfg) -> dict[str, str]:
+    """Warm start (run.init_from): put another run's EMA weights into a freshly built, not yet
+    parallelised model. This is how a run continues on a different number of processes or another
+    strategy (sharded checkpoints resume only with their own), or fine-tunes: the weights carry over,
+    the optimizer moments, step and data position start afresh. Returns the source's metadata."""
+    tensors, src_cfg, meta = load_ema_weights(path)
+    own = model.state_dict()
+    missing = sorted(own.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - own.keys())
+    reshaped = sorted(k for k in own.keys() & tensors.keys() if own[k].shape != tensors[k].shape)
+    if missing or unexpected or reshaped:
+        mine, theirs = to_dict(model_cfg), to_dict(src_cfg.model)
+        differ = [f"{k}: {theirs.get(k)!r} there, {mine[k]!r} here" for k in mine if theirs.get(k) != mine[k]]
+        examples = [f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped[:3]]
+        raise ValueError(
+            f"run.init_from={path}: its weights do not fit this model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(reshaped)} of another shape{': ' if examples else ''}"
+            f"{'; '.join(examples)}). Its model config differs in: {'; '.join(differ) or 'nothing'}")
+    model.load_state_dict(tensors)
+    return meta
 
 
 def main(argv: list[str] | None = None) -> int:
