@@ -184,7 +184,8 @@ def load_checkpoint(strategy, ckpt_dir: str | Path, *, ema, restore_rng: bool = 
             f"weights carry over, the optimizer state and data position do not")
     if state.get("strategy", strategy.name) != strategy.name:
         raise RuntimeError(f"{ckpt_dir} was written by strategy {state['strategy']!r}, this run uses "
-                           f"{strategy.name!r}")
+                           f"{strategy.name!r}: resume with that strategy, or export it (python -m "
+                           f"trainer.export) and start a new run with run.init_from=<the .safetensors>")
     strategy.load(ckpt_dir)
     if ema is not None:
         ema.load_state_dict(torch.load(ckpt_dir / f"ema-rank{rank}.pt", weights_only=True))

@@ -113,7 +113,7 @@ class Trainer:
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         model = SpaceTimeUNet(cfg.model)
-        self.initialised_from = self._warm_start(model)
+        self._warm_start(model)
         self.strategy = build_strategy(cfg, self.dist)
         self.strategy.setup(model)
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
@@ -204,12 +204,12 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
         self._iter = None
 
-    def _warm_start(self, model) -> str | None:
+    def _warm_start(self, model) -> None:
         """run.init_from, applied to the bare model before the strategy wraps (and maybe shards) it, so
         every strategy starts from these weights and the EMA, built from the wrapped parameters, too."""
         source = self.cfg.run.init_from
         if not source or ckpt.find_latest(self.out_dir) is not None:
-            return None  # nothing asked, or a rerun: its own checkpoint wins
+            return  # nothing asked, or a rerun: its own checkpoint wins
         from trainer.export import load_initial_weights
 
         try:
@@ -219,7 +219,6 @@ class Trainer:
         self.metrics.print(f"[init] model and EMA weights from {source} (step {meta.get('step') or '?'} of "
                            f"its run); optimizer, step and data order start afresh")
         self.metrics.text("train/events", f"initialised from {source}", 0)
-        return source
 
     def _maybe_resume(self) -> Path | None:
         latest = ckpt.find_latest(self.out_dir)
