@@ -11,11 +11,11 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
+from shard_helpers import decode_mp4_bytes, tar_members
 from slurm_helpers import REPO, require_cluster, sbatch, wait_state
 
 from slurm import env as slurm_env
@@ -143,11 +143,6 @@ def test_preempted_job_saves_requeues_and_resumes_without_repeating_steps(tmp_pa
     assert f"step-{saved:06d}" in ckpts and f"step-{steps:06d}" in ckpts
 
 
-def _tar_members(path: Path) -> dict[str, bytes]:
-    with tarfile.open(path) as t:
-        return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
-
-
 def test_shard_array_job_gives_the_same_shards_as_the_local_run(tmp_path, tiny_shards, synthetic_videos,
                                                                tiny_bert_dir):
     out = tmp_path / "slurm_shards"
@@ -161,24 +156,13 @@ def test_shard_array_job_gives_the_same_shards_as_the_local_run(tmp_path, tiny_s
     slurm_index = json.loads((out / "index.json").read_text())
     assert slurm_index["shards"] == local_index["shards"] and slurm_index["total"] == 12
     assert slurm_index["config_hash"] == local_index["config_hash"]
-    for entry in local_index["shards"]:
-        a, b = _tar_members(tiny_shards / entry["name"]), _tar_members(out / entry["name"])
-        assert sorted(a) == sorted(b)
-        for name in a:
-            if name.endswith(".mp4") and a[name] != b[name]:  # x264 may differ in bytes, never in pixels
-                assert (_decode(a[name]) == _decode(b[name])).all(), name
-            else:  # captions, embeddings, metadata: byte-identical
-                assert a[name] == b[name], name
-
-
-def _decode(data: bytes):
-    import io
-
-    import av
-    import numpy as np
-
-    with av.open(io.BytesIO(data)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    a, b = tar_members(tiny_shards), tar_members(out)  # "shard-N.tar/member" -> bytes
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if name.endswith(".mp4") and a[name] != b[name]:  # x264 may differ in bytes, never in pixels
+            assert (decode_mp4_bytes(a[name]) == decode_mp4_bytes(b[name])).all(), name
+        else:  # captions, embeddings, metadata: byte-identical
+            assert a[name] == b[name], name
 
 
 def test_submitit_timeout_signal_checkpoints_through_the_trainer_and_resumes(tmp_path, tiny_shards, monkeypatch):

@@ -126,19 +126,13 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, model_cfg) ->
     strategy (sharded checkpoints resume only with their own), or fine-tunes: the weights carry over,
     the optimizer moments, step and data position start afresh. Returns the source's metadata."""
     tensors, src_cfg, meta = load_ema_weights(path)
-    own = model.state_dict()
-    missing = sorted(own.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - own.keys())
-    reshaped = sorted(k for k in own.keys() & tensors.keys() if own[k].shape != tensors[k].shape)
-    if missing or unexpected or reshaped:
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:  # torch's message (chained below) lists every missing and misshapen key
         mine, theirs = to_dict(model_cfg), to_dict(src_cfg.model)
         differ = [f"{k}: {theirs.get(k)!r} there, {mine[k]!r} here" for k in mine if theirs.get(k) != mine[k]]
-        examples = [f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped[:3]]
-        raise ValueError(
-            f"run.init_from={path}: its weights do not fit this model ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(reshaped)} of another shape{': ' if examples else ''}"
-            f"{'; '.join(examples)}). Its model config differs in: {'; '.join(differ) or 'nothing'}")
-    model.load_state_dict(tensors)
+        raise ValueError(f"run.init_from={path}: its weights do not fit this model. Its model config differs "
+                         f"in: {'; '.join(differ) or 'nothing'}") from e
     return meta
 
 

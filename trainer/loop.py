@@ -113,7 +113,9 @@ class Trainer:
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         model = SpaceTimeUNet(cfg.model)
-        self._warm_start(model)
+        latest = ckpt.find_latest(self.out_dir)  # a rerun resumes from it (after the strategy is set up)
+        if latest is None:
+            self._warm_start(model)
         self.strategy = build_strategy(cfg, self.dist)
         self.strategy.setup(model)
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
@@ -147,7 +149,7 @@ class Trainer:
         self._encoder = None
         self._val_batches = None
         self._rollbacks_from: dict[str, int] = {}
-        self.resumed_from = self._maybe_resume()
+        self.resumed_from = self._maybe_resume(latest)
 
     # ------------------------------------------------------------------ data
     def _build_loader(self, train: bool, **kwargs):
@@ -205,11 +207,12 @@ class Trainer:
         self._iter = None
 
     def _warm_start(self, model) -> None:
-        """run.init_from, applied to the bare model before the strategy wraps (and maybe shards) it, so
-        every strategy starts from these weights and the EMA, built from the wrapped parameters, too."""
+        """run.init_from, for a new run only (a rerun resumes from its own checkpoint), applied to the
+        bare model before the strategy wraps (and maybe shards) it, so every strategy starts from these
+        weights and the EMA, built from the wrapped parameters, too."""
         source = self.cfg.run.init_from
-        if not source or ckpt.find_latest(self.out_dir) is not None:
-            return  # nothing asked, or a rerun: its own checkpoint wins
+        if not source:
+            return
         from trainer.export import load_initial_weights
 
         try:
@@ -220,8 +223,7 @@ class Trainer:
                            f"its run); optimizer, step and data order start afresh")
         self.metrics.text("train/events", f"initialised from {source}", 0)
 
-    def _maybe_resume(self) -> Path | None:
-        latest = ckpt.find_latest(self.out_dir)
+    def _maybe_resume(self, latest: Path | None) -> Path | None:
         if latest is None:
             if self.rank == 0:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
