@@ -1,6 +1,8 @@
 """Samplers for the continuous-time diffusion (paper section 2): ancestral (eqs. 3/4), DDIM, and
 predictor-corrector with a Langevin corrector (eq. 5); classifier-free guidance (eq. 6) and guides
 (reconstruction guidance eqs. 7/8, replacement) plug in; `extend` builds long videos window by window.
+Classifier-free guidance evaluates both branches in one denoiser call on a doubled batch where the
+branches' keywords can be merged (`merge_cfg_batch`), and in two calls otherwise.
 
 The time grid is uniform in t from 1 to 0; λ(t) comes from the diffusion's cosine schedule. The state
 z is kept in fp32 (or the dtype asked for) whatever dtype the denoiser returns; per-step coefficients
@@ -10,9 +12,11 @@ are computed in float64.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from model.diffusion import (
@@ -32,9 +36,12 @@ __all__ = [
     "ReconstructionGuidance",
     "Replacement",
     "ancestral_step",
+    "cfg_output",
     "ddim_step",
     "extend",
     "langevin_step",
+    "merge_cfg_batch",
+    "pad_cfg_sequences",
     "sample",
 ]
 
@@ -82,6 +89,101 @@ def _infer_device(guide: Any, cond: dict[str, Any]) -> torch.device:
     return torch.device("cpu")
 
 
+# Conditioning sequences whose length may differ between the CFG branches: token key -> its boolean
+# mask key (True = real token). A denoiser that honours the mask (SpaceTimeUNet: padded tokens get no
+# attention weight) gives the same output for a sequence and its zero-padded, mask-False extension.
+PADDABLE_SEQUENCES = {"text_emb": "text_mask"}
+
+# Values that can be shared by both halves of a merged batch when equal: they describe the call, not a
+# row (num_video_frames, a None kept in both). Lists, arrays and other containers may be per row, so
+# they are never shared.
+_SHARED_SCALARS = (type(None), bool, int, float, str)
+
+
+def pad_cfg_sequences(cond: dict[str, Any], uncond: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """cond, uncond with each PADDABLE_SEQUENCES pair padded to the longer branch's length.
+
+    Why: a negative or empty prompt is usually shorter than the caption; zero tokens with mask False
+    let both branches share one batch without changing what the denoiser sees. A pair is padded only
+    when both branches hold tensors of the expected form (tokens [B, L, D], bool mask [B, L], equal
+    B and D); otherwise it is left as is and `merge_cfg_batch` decides (usually: two calls).
+    """
+    cond, uncond = dict(cond), dict(uncond)
+    for tok_key, mask_key in PADDABLE_SEQUENCES.items():
+        pair = [(d.get(tok_key), d.get(mask_key)) for d in (cond, uncond)]
+        if not all(_is_token_sequence(tok, mask) for tok, mask in pair):
+            continue
+        (tok_c, _), (tok_u, _) = pair
+        if tok_c.shape[0] != tok_u.shape[0] or tok_c.shape[2] != tok_u.shape[2]:
+            continue
+        length = max(tok_c.shape[1], tok_u.shape[1])
+        for d, (tok, mask) in zip((cond, uncond), pair):
+            pad = length - tok.shape[1]
+            if pad:
+                d[tok_key] = F.pad(tok, (0, 0, 0, pad))  # zeros; F.pad keeps dtype and device
+                d[mask_key] = F.pad(mask, (0, pad), value=False)
+    return cond, uncond
+
+
+def _is_token_sequence(tok: Any, mask: Any) -> bool:
+    return (torch.is_tensor(tok) and torch.is_tensor(mask) and tok.ndim == 3 and mask.dtype == torch.bool
+            and mask.shape == tok.shape[:2])
+
+
+def merge_cfg_batch(cond: dict[str, Any], uncond: dict[str, Any], batch: int) -> dict[str, Any] | None:
+    """Keywords for one denoiser call on the rows [cond; uncond] (2 * batch rows), or None when the
+    two branches cannot share a call and must run as two calls.
+
+    Why: CFG needs both branches at the same z every step; one call on a doubled batch (as SGM's
+    VanillaCFG does) pays the per-call overhead once and gives the device a fuller batch. It is exact
+    when the denoiser treats rows independently (SpaceTimeUNet in eval mode keeps no batch statistics)
+    and every tensor keyword is per row, which is what dim 0 == batch is taken to mean. Per key:
+    - tensors with dim 0 == batch, equal other dims (after `pad_cfg_sequences`), dtype and device on
+      both sides: concatenated along dim 0, cond first;
+    - equal scalars (None, bool, int, float, str; e.g. num_video_frames): passed once;
+    - anything else (a key on one side only, a tensor against None, a tensor without the batch dim,
+      containers): no merge. Falling back keeps every cond/uncond that worked before working.
+    The merged call holds twice the activations of one branch at once, and on one CPU thread it was
+    not faster at 16 prompts (BENCHMARKS.md); uncond text None still gives two calls.
+    """
+    if cond.keys() != uncond.keys():
+        return None
+    cond, uncond = pad_cfg_sequences(cond, uncond)
+    merged: dict[str, Any] = {}
+    for key, c in cond.items():
+        u = uncond[key]
+        if torch.is_tensor(c) and torch.is_tensor(u):
+            if not (c.ndim >= 1 and c.shape[0] == batch and c.shape == u.shape and c.dtype == u.dtype
+                    and c.device == u.device):
+                return None
+            merged[key] = torch.cat([c, u], dim=0)
+        elif isinstance(c, _SHARED_SCALARS) and type(c) is type(u) and c == u:
+            merged[key] = c
+        else:
+            return None
+    return merged
+
+
+def cfg_output(
+    call: Callable[[Tensor, Tensor, dict[str, Any]], Tensor],
+    z: Tensor,
+    logsnr: Tensor,
+    weight: float,
+    cond: dict[str, Any],
+    uncond: dict[str, Any],
+    merged: dict[str, Any] | None,
+) -> Tensor:
+    """The guided prediction (eq. 6) at z: one call on [z; z] with the merged keywords when there are
+    any (`merge_cfg_batch`), else one call per branch. Differentiable in z either way, so
+    reconstruction guidance takes its gradient through both branches."""
+    if merged is None:
+        out_c, out_u = call(z, logsnr, cond), call(z, logsnr, uncond)
+    else:
+        out = call(torch.cat([z, z]), torch.cat([logsnr, logsnr]), merged)
+        out_c, out_u = out[: z.shape[0]], out[z.shape[0]:]
+    return cfg_combine(out_c.to(z.dtype), out_u.to(z.dtype), weight)
+
+
 def sample(
     denoiser: Denoiser,
     diffusion: GaussianDiffusion,
@@ -103,8 +205,10 @@ def sample(
     """Draw samples of `shape` by integrating from t = 1 (pure noise) to t = 0 in `steps` steps.
 
     cond/uncond are keyword arguments for the denoiser's two branches; guidance_weight w ≠ 0 runs both
-    and combines them (eq. 6). The last step returns x̂(z_{t_1}) (its posterior at λ_max has σ ≈ 5e-5,
-    so this is the ancestral step without that noise). Call under torch.no_grad(); reconstruction
+    and combines them (eq. 6), in one call on a doubled batch when `merge_cfg_batch` can merge their
+    keywords (e.g. uncond = zero tokens with an all-False mask), else in two calls (e.g. uncond text
+    None). The last step returns x̂(z_{t_1}) (its posterior at λ_max has σ ≈ 5e-5, so this is the
+    ancestral step without that noise). Call under torch.no_grad(); reconstruction
     guidance re-enables gradients for its own backward pass.
     """
     _check_args(sampler, steps, gamma, langevin_delta)
@@ -114,6 +218,7 @@ def sample(
         device = _infer_device(guide, cond)
     shape = tuple(shape)
     lam = diffusion.logsnr(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)).to(device)
+    merged = merge_cfg_batch(cond, uncond, shape[0]) if guidance_weight != 0.0 else None
 
     def call(z: Tensor, lam_b: Tensor, kwargs: dict[str, Any]) -> Tensor:
         out = denoiser(z, lam_b, **kwargs)
@@ -122,10 +227,9 @@ def sample(
         return out
 
     def predict_native(z: Tensor, lam_b: Tensor) -> Tensor:
-        out = call(z, lam_b, cond)
-        if guidance_weight != 0.0:
-            out = cfg_combine(out.to(z.dtype), call(z, lam_b, uncond).to(z.dtype), guidance_weight)
-        return out
+        if guidance_weight == 0.0:
+            return call(z, lam_b, cond)
+        return cfg_output(call, z, lam_b, guidance_weight, cond, uncond, merged)
 
     def predict(z: Tensor, lam_t: Tensor) -> tuple[Tensor, Tensor]:
         """(x̂, ε̂) at z_t with CFG, the guide's correction and optional clipping applied."""

@@ -174,7 +174,9 @@ def test_classifier_free_guidance_shifts_mean_exactly(prediction, sampler, w):
     target = (1 + w) * mu_c - w * mu_u
     mean_ratio, cov_ratio = moment_errors(x, target, cov)
     assert mean_ratio < 1 and cov_ratio < 1
-    assert den.calls == 2 * 100  # both branches every step
+    # both branches every step, in two calls: uncond={} (the denoiser's own μ_u) cannot be merged with
+    # cond's "mean" into one batch (tests/test_cfg_batched.py covers the batched path)
+    assert den.calls == 2 * 100
     # without guidance the conditional branch alone gives μ_c
     with torch.no_grad():
         x0 = sample(den, GaussianDiffusion(prediction), (n, 1, T4, 1, 1), steps=50, cond={"mean": mu_c},

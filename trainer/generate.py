@@ -25,6 +25,16 @@ def load_text_encoder(name: str, max_length: int = 77):
     return TextEncoder(name, device="cpu", dtype="fp32", max_length=max_length)
 
 
+def null_text_branch(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CFG's unconditional branch as zero tokens with an all-False mask, shaped like the caption.
+
+    SpaceTimeUNet gives a row without a real token the null-caption conditioning of text_emb=None
+    (tests/test_cfg_batched.py checks this), but unlike None this branch has the caption's shapes, so
+    the sampler can run both branches in one batched call (model.sampling.merge_cfg_batch).
+    """
+    return {"text_emb": torch.zeros_like(cond["text_emb"]), "text_mask": torch.zeros_like(cond["text_mask"])}
+
+
 @torch.no_grad()
 def generate(model: nn.Module, diffusion: GaussianDiffusion, text_emb: torch.Tensor, text_mask: torch.Tensor, *,
              frames: int, height: int, width: int, channels: int = 3, sampler: str = "ancestral", steps: int = 64,
@@ -41,7 +51,7 @@ def generate(model: nn.Module, diffusion: GaussianDiffusion, text_emb: torch.Ten
     model.eval()
     b = text_emb.shape[0]
     cond = {"text_emb": text_emb.to(device), "text_mask": text_mask.to(device)}
-    uncond = {"text_emb": None, "text_mask": None}
+    uncond = null_text_branch(cond)
 
     def denoiser(z, logsnr, **c):
         return model(z, logsnr, **c).float()
