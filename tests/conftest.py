@@ -32,3 +32,11 @@ def synthetic_videos(tmp_path_factory) -> str:
     from data_pipeline.synthetic import make_synthetic_videos
 
     return make_synthetic_videos(tmp_path_factory.mktemp("synthetic"), n=12, frames=16, size=32, fps=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def standin_i3d_file(tmp_path_factory):
+    """A TorchScript file with the I3D FVD detector's call signature (tests/fvd_helpers.py)."""
+    from fvd_helpers import save_standin_i3d
+
+    return save_standin_i3d(tmp_path_factory.mktemp("detector") / "standin_i3d.pt")

@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.fvd import (
@@ -222,34 +221,9 @@ def test_fvd_from_stats_is_frechet_distance_of_the_fits():
 # --------------------------------------------------------------------------------------------------
 # The extractor, with a scripted stand-in for i3d_torchscript.pt
 # --------------------------------------------------------------------------------------------------
-class StandInI3D(nn.Module):
-    """Same call signature as the I3D TorchScript: uint8 [B, 3, T, H, W]; rescale maps [0, 255] → [-1, 1];
-    resize brings frames to a fixed size (16 here, 224 in the real one); features or logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv3d(3, 8, kernel_size=3, padding=1)
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                return_features: bool = False) -> torch.Tensor:
-        x = x.float()
-        if rescale:
-            x = x / 255.0 * 2.0 - 1.0
-        if resize:
-            x = F.interpolate(x, size=[x.shape[2], 16, 16], mode="trilinear", align_corners=False)
-        feats = torch.relu(self.conv(x)).mean(dim=(2, 3, 4))
-        if return_features:
-            return feats
-        return self.head(feats)
-
-
 @pytest.fixture(scope="module")
-def standin_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("detector") / "standin_i3d.pt"
-    torch.jit.script(StandInI3D().eval()).save(str(path))
-    return path
+def standin_file(standin_i3d_file):
+    return standin_i3d_file
 
 
 def _videos(n: int, seed: int, shift: float = 0.0, channels: int = 3) -> torch.Tensor:

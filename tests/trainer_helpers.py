@@ -61,7 +61,7 @@ def tiny_config(path: Path, shards: str, out_dir: Path, **sections) -> Path:
                 "ema_decay": 0.9, "caption_dropout": 0.5},
     }
     for section, values in sections.items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
     return path
 

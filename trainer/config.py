@@ -102,6 +102,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
+        if value is None:  # `--set key=` (YAML reads an empty value as null): the empty string
+            return ""
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -266,6 +268,31 @@ class RunConfig:
     # run's initial model and EMA; optimizer, step and data order start afresh. Ignored once the run
     # has its own checkpoint (a rerun resumes from that).
     init_from: str = ""
+    eval_every: int = 0  # 0 = never; else the `eval:` section runs on the EMA weights every this many steps
+
+
+@dataclass
+class EvalConfig:
+    """What `run.eval_every` and `python -m trainer.evaluate` measure, on the EMA weights.
+
+    Both metrics sample with the `sampling:` section (steps: `steps`, or `run.sample_steps`).
+    """
+
+    # sample every colour x direction prompt of the synthetic captions ("a red square moving right")
+    # `seeds` times and read colour, shape and direction back from the pixels (data_pipeline.synthetic_reader);
+    # only meaningful for models trained on data_pipeline.synthetic videos
+    synthetic: bool = False
+    seeds: int = 2
+    # also extend each synthetic prompt to 2x the clip length (reconstruction guidance) and score the
+    # direction of motion after the window boundary
+    extension: bool = False
+    # FVD: a TorchScript I3D feature extractor (local path or http(s) URL, downloaded once into
+    # $VDM_CACHE or ~/.cache/vdm/fvd); "" = no FVD. Real clips and their captions come from data.val_shards.
+    fvd_detector: str = ""
+    fvd_clips: int = 256  # real clips (the first ones of data.val_shards) and as many generated for their captions
+    steps: int = 0  # sampling steps; 0 = run.sample_steps
+    batch_size: int = 32  # clips sampled per forward
+    seed: int = 0  # noise seed of the generated clips (logged with the scores)
 
 
 @dataclass
@@ -277,3 +304,4 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

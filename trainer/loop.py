@@ -150,6 +150,8 @@ class Trainer:
         self._val_batches = None
         self._rollbacks_from: dict[str, int] = {}
         self.resumed_from = self._maybe_resume(latest)
+        # every rank takes part in evaluate() (the EMA gather is collective); only rank 0 samples
+        self._evaluator = self._evaluator_for_run() if cfg.run.eval_every > 0 and self.rank == 0 else None
 
     # ------------------------------------------------------------------ data
     def _build_loader(self, train: bool, **kwargs):
@@ -386,6 +388,8 @@ class Trainer:
                     self.validate()
                 if run.sample_every > 0 and self.step % run.sample_every == 0 and run.sample_prompts:
                     self.sample_to_tensorboard()
+                if run.eval_every > 0 and self.step % run.eval_every == 0:
+                    self.evaluate()
 
                 stop = s.all_reduce_max(1.0 if self._stop_requested else 0.0) > 0
                 if (run.ckpt_every > 0 and self.step % run.ckpt_every == 0) or self.step == run.steps:
@@ -504,21 +508,28 @@ class Trainer:
             self._prompt_cache = encode_prompts(enc, list(self.cfg.run.sample_prompts))
         return self._prompt_cache
 
+    def _ema_model_on_rank0(self):
+        """The EMA weights as a plain SpaceTimeUNet on rank 0 (None elsewhere); a collective call."""
+        from model.unet import SpaceTimeUNet
+
+        full = self.strategy.gather_full_state(self.ema.shadow)  # collective
+        if self.rank != 0:
+            return None
+        model = SpaceTimeUNet(self.cfg.model)
+        model.load_state_dict(full)
+        return model.to(self.dist.device)
+
     def sample_to_tensorboard(self) -> list[Path]:
         """EMA-weight samples for run.sample_prompts → TensorBoard (samples/<i>) and out_dir/samples/."""
-        from model.unet import SpaceTimeUNet
         from trainer.generate import generate
         from trainer.video_io import to_uint8_frames, write_gif, write_mp4
 
-        full = self.strategy.gather_full_state(self.ema.shadow)  # collective
+        model = self._ema_model_on_rank0()
         written: list[Path] = []
         if self.rank == 0:
             cfg = self.cfg
             with preserved_rng():
                 emb, mask = self._prompts()
-                model = SpaceTimeUNet(cfg.model)
-                model.load_state_dict(full)
-                model.to(self.dist.device)
                 sc = cfg.sampling
                 videos = generate(model, self.diffusion, emb, mask, frames=cfg.data.num_frames,
                                   height=cfg.data.image_size, width=cfg.data.image_size,
@@ -539,6 +550,37 @@ class Trainer:
             self.metrics.flush()
         self.strategy.barrier()
         return written
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluator_for_run(self):
+        """The run's Evaluator (rank 0), checked at start-up so a missing detector or val shards fail
+        before hours of training rather than at the first evaluation."""
+        from trainer.evaluate import Evaluator
+
+        evaluator = Evaluator(self.cfg, self.text_encoder_name, self.dist.device, loader_factory=self._loader_factory)
+        evaluator.check()
+        return evaluator
+
+    def evaluate(self) -> dict[str, float]:
+        """run.eval_every: the `eval:` section on the EMA weights → TensorBoard eval/*, an [eval] line
+        and out_dir/eval_log.jsonl. Rank 0 samples while the others wait at a barrier."""
+        model = self._ema_model_on_rank0()
+        scalars: dict[str, float] = {}
+        if self.rank == 0:
+            with preserved_rng():
+                result = self._evaluator.run(model)
+            del model
+            scalars = {f"eval/{k}": v for k, v in result.metrics.items()}
+            self.metrics.scalars(scalars, self.step)
+            self.metrics.text("eval/settings", json.dumps(result.info, sort_keys=True), self.step)
+            for line in result.lines:
+                self.metrics.print(line)
+            self.metrics.print(f"[eval] step {self.step}: {result.summary()}")
+            with open(self.out_dir / "eval_log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.step, **result.metrics, "info": result.info}) + "\n")
+            self.metrics.flush()
+        self.strategy.barrier()
+        return scalars
 
     def close(self) -> None:
         self.metrics.close()
