@@ -33,12 +33,17 @@ def _shape_mask(shape: str, h: int, w: int, cy: float, cx: float, r: float) -> n
     return (dy <= r) & (dy >= -r) & (np.abs(dx) <= (dy + r) / 2)
 
 
+def shape_radius(height: int, width: int) -> float:
+    return max(2.0, min(height, width) / 6)
+
+
 def render_clip(shape: str, colour: str, direction: str, frames: int, height: int, width: int,
-                start: tuple[float, float], background: int = 24) -> np.ndarray:
-    """[T, H, W, 3] uint8: the shape crosses about 60% of the frame over the clip."""
-    r = max(2.0, min(height, width) / 6)
+                start: tuple[float, float], background: int = 24, travel: float = 0.6) -> np.ndarray:
+    """[T, H, W, 3] uint8: the shape crosses `travel` of the frame over the clip; a shape that
+    leaves the frame wraps around (`inside_start` picks starts where it never does)."""
+    r = shape_radius(height, width)
     dx, dy = DIRECTIONS[direction]
-    travel = 0.6 * (width if dx else height)
+    travel = travel * (width if dx else height)
     step = travel / max(frames - 1, 1)
     out = np.full((frames, height, width, 3), background, dtype=np.uint8)
     cy0, cx0 = start
@@ -49,12 +54,36 @@ def render_clip(shape: str, colour: str, direction: str, frames: int, height: in
     return out
 
 
+def inside_start(rng: np.random.Generator, direction: str, height: int, width: int,
+                 travel: float) -> tuple[float, float]:
+    """A start (cy, cx) from which the shape stays wholly inside the frame for the whole clip.
+
+    Why not wrap around: a shape leaving at one edge and re-entering at the other is a jump across
+    the frame, not motion. With the old uniform starts about 40% of clips wrapped, and a model
+    trained on them learns that shapes may jump, not which way they move (docs/model.md, "Learning
+    the direction of motion").
+    """
+    r = shape_radius(height, width) + 0.5  # pixel p is inside when |p - centre| <= radius
+    dx, dy = DIRECTIONS[direction]
+    start = []
+    for side, d in ((height, dy), (width, dx)):
+        span = travel * side if d else 0.0
+        low, high = r + (span if d < 0 else 0.0), side - 1 - r - (span if d > 0 else 0.0)
+        if low > high:
+            raise ValueError(f"travel={travel} does not fit a {height}x{width} frame without wrapping "
+                             f"(at most {(side - 1 - 2 * r) / side:.2f})")
+        start.append(float(rng.uniform(low, high)))
+    return start[0], start[1]
+
+
 def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: int = 32, fps: float = 8,
                           seed: int = 0, *, height: int | None = None, width: int | None = None,
-                          codec: str = "libx264") -> str:
+                          codec: str = "libx264", travel: float = 0.3, wrap: bool = False) -> str:
     """Write n mp4 files + manifest.csv (key,path,caption) under out_dir; returns the manifest path.
 
-    height/width override the square `size` (benchmarks use realistic 320x240).
+    height/width override the square `size` (benchmarks use realistic 320x240). The shape crosses
+    `travel` of the frame over the video; it stays inside the frame unless `wrap` (the old
+    behaviour: uniform starts in the middle 60% of the frame, wrapping around the edges).
     """
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
@@ -66,10 +95,13 @@ def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: i
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = colours[int(rng.integers(len(colours)))]
         direction = directions[int(rng.integers(len(directions)))]
-        start = (float(rng.uniform(0.2, 0.8) * h), float(rng.uniform(0.2, 0.8) * w))
+        if wrap:
+            start = (float(rng.uniform(0.2, 0.8) * h), float(rng.uniform(0.2, 0.8) * w))
+        else:
+            start = inside_start(rng, direction, h, w, travel)
         key = f"vid{i:06d}"
         path = out_dir / "videos" / f"{key}.mp4"
-        write_video(path, render_clip(shape, colour, direction, frames, h, w, start), fps, codec=codec,
+        write_video(path, render_clip(shape, colour, direction, frames, h, w, start, travel=travel), fps, codec=codec,
                     **({"crf": "20", "preset": "veryfast", "threads": "1", "x264-params": "sync-lookahead=0"}
                        if codec == "libx264" else {}))
         rows.append((key, str(path.resolve()), f"a {colour} {shape} moving {direction}"))

@@ -50,19 +50,50 @@ def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int =
 
 
 class RelativePositionBias(nn.Module):
-    """Learned per-head additive bias for temporal attention, indexed by frame-offset bucket."""
+    """Learned per-head additive bias for temporal attention, indexed by frame-offset bucket; with
+    `value_dim`, also a learned vector per head and bucket that is added to the attended values
+    (Shaw et al. 2018, the relative position representations the paper's temporal attention cites).
 
-    def __init__(self, heads: int, num_buckets: int = 32, max_distance: int = 64):
+    Why the values matter: a bias only reweights which frames are attended; the attended content
+    then carries no trace of *when* it was seen, so an output that should say "the shape was here one
+    frame ago, there one frame later" (the sign of motion) has to be pieced together from sharply
+    one-sided attention heads. With value embeddings the output of frame i includes
+    sum_j a_ij r(j - i): the weighted time offset of the frames whose content matched, which next
+    to its spatial neighbours reads directly as the direction of motion. See docs/model.md
+    ("Relative position values") for the ablation that found this.
+    """
+
+    def __init__(self, heads: int, num_buckets: int = 32, max_distance: int = 64, value_dim: int = 0):
         super().__init__()
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.embedding = nn.Embedding(num_buckets, heads)
+        self.values = nn.Embedding(num_buckets, heads * value_dim) if value_dim else None
+        self.heads = heads
+
+    def buckets(self, frames: int) -> torch.Tensor:
+        pos = torch.arange(frames, device=self.embedding.weight.device)
+        return relative_position_bucket(pos[None, :] - pos[:, None], self.num_buckets, self.max_distance)
 
     def forward(self, frames: int) -> torch.Tensor:
         """-> [heads, frames, frames]; entry (h, i, j) is the bias of query frame i on key frame j."""
-        pos = torch.arange(frames, device=self.embedding.weight.device)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.num_buckets, self.max_distance)
-        return self.embedding(buckets).permute(2, 0, 1)
+        return self.embedding(self.buckets(frames)).permute(2, 0, 1)
+
+    def value_embeddings(self, frames: int) -> torch.Tensor | None:
+        """-> [heads, frames, frames, value_dim]: r(j - i) added to key frame j's value for query frame i."""
+        if self.values is None:
+            return None
+        rel = self.values(self.buckets(frames))  # [F, F, heads * d]
+        return rearrange(rel, "i j (h d) -> h i j d", h=self.heads)
+
+
+def attention_with_relative_values(q, k, v, bias: torch.Tensor, rel_values: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) (v + r): attention over [N, heads, S, d] whose values get a
+    per-(query, key) relative embedding r [heads, S, S, d]. Written out (SDPA has no such term);
+    temporal attention has S = frames (<= a few dozen), so the [N, heads, S, S] weights are small."""
+    logits = torch.einsum("nhid,nhjd->nhij", q, k) * q.shape[-1] ** -0.5 + bias
+    weights = logits.float().softmax(dim=-1).to(q.dtype)
+    return weights @ v + torch.einsum("nhij,hijd->nhid", weights, rel_values.to(q.dtype))
 
 
 def temporal_attention_mask(frames: int, num_video_frames: int | None, device=None) -> torch.Tensor | None:
@@ -107,13 +138,18 @@ class MultiHeadAttention(nn.Module):
         self.to_kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
         self.to_out = zero_module(nn.Linear(dim, dim))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, attn_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, attn_mask=None,
+                rel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """rel_values [heads, S, S, d]: relative value embeddings (then attn_mask must be a float bias)."""
         q = rearrange(self.to_q(x), "n s (h d) -> n h s d", h=self.heads)
         k, v = rearrange(self.to_kv(x if context is None else context), "n s (two h d) -> two n h s d",
                          two=2, h=self.heads)
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype
-        out = chunked_sdpa(q, k, v, attn_mask=attn_mask)
+        if rel_values is not None:
+            out = attention_with_relative_values(q, k, v, attn_mask, rel_values)
+        else:
+            out = chunked_sdpa(q, k, v, attn_mask=attn_mask)
         return self.to_out(rearrange(out, "n h s d -> n s (h d)"))
 
 
@@ -126,14 +162,15 @@ class SpaceTimeAttention(nn.Module):
     """
 
     def __init__(self, ch: int, head_dim: int, groups: int, context_dim: int | None,
-                 rel_pos_buckets: int = 32, rel_pos_max_distance: int = 64):
+                 rel_pos_buckets: int = 32, rel_pos_max_distance: int = 64, rel_pos_values: bool = False):
         super().__init__()
         heads = num_heads(ch, head_dim)
         self.norm_space = FrameGroupNorm(ch, groups)
         self.attn_space = MultiHeadAttention(ch, heads)
         self.norm_time = FrameGroupNorm(ch, groups)
         self.attn_time = MultiHeadAttention(ch, heads)
-        self.rel_pos = RelativePositionBias(heads, rel_pos_buckets, rel_pos_max_distance)
+        self.rel_pos = RelativePositionBias(heads, rel_pos_buckets, rel_pos_max_distance,
+                                            value_dim=ch // heads if rel_pos_values else 0)
         if context_dim is not None:
             self.norm_cross = FrameGroupNorm(ch, groups)
             self.attn_cross = MultiHeadAttention(ch, heads, context_dim=context_dim)
@@ -156,7 +193,7 @@ class SpaceTimeAttention(nn.Module):
         if frame_mask is not None:
             bias = bias.masked_fill(~frame_mask, float("-inf"))
         y = rearrange(self.norm_time(x), "(b f) c h w -> (b h w) f c", f=f)
-        y = self.attn_time(y, attn_mask=bias[None])
+        y = self.attn_time(y, attn_mask=bias[None], rel_values=self.rel_pos.value_embeddings(f))
         x = x + rearrange(y, "(b h w) f c -> (b f) c h w", f=f, h=h, w=w)
 
         if self.attn_cross is not None and context is not None:

@@ -137,3 +137,59 @@ class LogSNREmbedding(nn.Module):
     def forward(self, logsnr: torch.Tensor) -> torch.Tensor:
         feats = sinusoidal_embedding(1000.0 * logsnr_to_time(logsnr), self.feature_dim)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class FramePositionEmbedding(nn.Module):
+    """Frame index -> a vector added to each video frame's conditioning (FiLM in every block).
+
+    Why: everything else in the network is per frame or relative in time (the temporal attention's
+    relative position bias), so on pure noise, where sampling starts, the frames are exchangeable:
+    the network cannot tell frame 0 from frame 7 and cannot put the shape at "start + v t"; the
+    caption then sets the axis of motion but the noise sets its sign (docs/model.md, "Learning the
+    direction of motion"). Sinusoidal features of the index through a zero-initialised linear map,
+    so a new model starts as the pure relative design. Image frames (joint training) get none.
+    """
+
+    def __init__(self, feature_dim: int, cond_dim: int):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.proj = zero_module(nn.Linear(feature_dim, cond_dim))
+
+    def forward(self, frames: int, device=None) -> torch.Tensor:
+        """-> [frames, cond_dim]."""
+        index = torch.arange(frames, device=device or self.proj.weight.device, dtype=torch.float32)
+        return self.proj(sinusoidal_embedding(index, self.feature_dim, max_period=100.0).to(self.proj.weight.dtype))
+
+
+class TemporalConv(nn.Module):
+    """A residual convolution over frames only (kernel k x 1 x 1), per pixel: x + conv_t(silu(norm(x))).
+
+    Why, next to temporal attention: attention mixes frames with weights, but the value it takes
+    from frame t+k is the same projection for every offset k, so "an edge to my left one frame ago"
+    and "one frame later" arrive looking alike and the sign of motion must be pieced together from
+    one-sided heads. A temporal kernel has its own weights per offset, so a single layer after a
+    spatial conv is a motion detector for a direction (see docs/model.md, "Learning the direction
+    of motion"). Zero-initialised, so the block starts as the identity (Make-A-Video's pseudo-3D
+    convolution starts the same way). Only the video frames are convolved: frames beyond
+    `num_video_frames` are independent images and pass through unchanged.
+    """
+
+    def __init__(self, ch: int, groups: int, kernel: int = 3):
+        super().__init__()
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"temporal conv kernel must be odd and >= 1, got {kernel}")
+        self.norm = FrameGroupNorm(ch, groups)
+        self.conv = zero_module(nn.Conv1d(ch, ch, kernel, padding=kernel // 2))
+
+    def forward(self, x: torch.Tensor, frames: int, num_video_frames: int | None = None) -> torch.Tensor:
+        """x [(B F), C, H, W] (frames folded into the batch, F = `frames`)."""
+        nv = frames if num_video_frames is None else num_video_frames
+        if nv < 2:
+            return x
+        n, c, h, w = x.shape
+        y = F.silu(self.norm(x)).reshape(n // frames, frames, c, h, w)[:, :nv]
+        y = y.permute(0, 3, 4, 2, 1).reshape(-1, c, nv)  # [(b h w), C, F_video]
+        y = self.conv(y).reshape(n // frames, h, w, c, nv).permute(0, 4, 3, 1, 2)
+        if nv < frames:
+            y = torch.cat([y, y.new_zeros(n // frames, frames - nv, c, h, w)], dim=1)
+        return x + y.reshape(n, c, h, w)

@@ -29,6 +29,16 @@ class UNetConfig:
     groups: int = 32  # GroupNorm groups (clipped to divide the channel count)
     rel_pos_buckets: int = 32  # T5-style relative position buckets for temporal attention
     rel_pos_max_distance: int = 64
+    # relative position embeddings added to the temporal attention's values as well (Shaw et al. 2018),
+    # not only a bias on its weights: lets the model tell forward from backward motion (docs/model.md)
+    rel_pos_values: bool = False
+    # add an embedding of the frame index to each video frame's conditioning (docs/model.md, "Learning
+    # the direction of motion"): without it the frames of pure noise are exchangeable and the sign of
+    # the captioned motion is left to chance
+    frame_position_embedding: bool = False
+    # kernel (frames) of a residual temporal convolution after every residual block; 0 = none (the paper's
+    # pure 1x3x3 + attention design). Lets a small model learn the direction of motion (docs/model.md)
+    temporal_conv_kernel: int = 0
     gradient_checkpointing: bool = False
 
 
@@ -42,6 +52,9 @@ class DiffusionConfig:
     # "eps_mse": ||eps - eps_hat||^2 (paper's default for eps-prediction);
     # "v_mse": ||v - v_hat||^2 = (1 + SNR) ||x - x_hat||^2; "x_mse": ||x - x_hat||^2.
     loss_weighting: Literal["eps_mse", "v_mse", "x_mse"] = "eps_mse"
+    # shifted cosine schedule (Hoogeboom et al. 2023): λ(t) + shift, in training and sampling alike;
+    # negative = more time at low SNR, where a clip's layout and motion are decided
+    logsnr_shift: float = 0.0
 
 
 @dataclass

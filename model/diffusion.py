@@ -36,25 +36,32 @@ def _cosine_ab(logsnr_min: float, logsnr_max: float) -> tuple[float, float]:
     return a, b
 
 
-def cosine_logsnr(t: Tensor | float, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> Tensor:
-    """λ(t) = -2 log tan(a t + b): the cosine schedule (α_t = cos(πt/2)) truncated to [min, max].
+def cosine_logsnr(t: Tensor | float, logsnr_min: float = -20.0, logsnr_max: float = 20.0,
+                  shift: float = 0.0) -> Tensor:
+    """λ(t) = -2 log tan(a t + b) + shift: the cosine schedule (α_t = cos(πt/2)) truncated to [min, max].
+
+    `shift` moves the whole curve in log-SNR ("shifted cosine", Hoogeboom et al. 2023, simple
+    diffusion): a negative shift spends more of t, in training and in the sampler's grid, at low
+    SNR, where the coarse layout of a clip (where the shape is, which way it moves) is decided. a, b
+    are chosen so that λ(0) = max and λ(1) = min exactly whatever the shift.
 
     Computed in float64 because near t = 1 the tangent argument sits within 1e-4 of π/2, where float32
     rounding visibly moves λ; the result is cast back to the input's float dtype.
     """
     t = torch.as_tensor(t)
     out_dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
-    a, b = _cosine_ab(logsnr_min, logsnr_max)
-    lam = -2.0 * torch.log(torch.tan(a * t.to(torch.float64) + b))
+    a, b = _cosine_ab(logsnr_min - shift, logsnr_max - shift)
+    lam = -2.0 * torch.log(torch.tan(a * t.to(torch.float64) + b)) + shift
     return lam.clamp(logsnr_min, logsnr_max).to(out_dtype)
 
 
-def cosine_logsnr_inverse(logsnr: Tensor | float, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> Tensor:
-    """t(λ) = (atan(exp(-λ/2)) - b) / a, the inverse of `cosine_logsnr` on [min, max]."""
+def cosine_logsnr_inverse(logsnr: Tensor | float, logsnr_min: float = -20.0, logsnr_max: float = 20.0,
+                          shift: float = 0.0) -> Tensor:
+    """t(λ) = (atan(exp(-(λ - shift)/2)) - b) / a, the inverse of `cosine_logsnr` on [min, max]."""
     lam = torch.as_tensor(logsnr)
     out_dtype = lam.dtype if lam.is_floating_point() else torch.get_default_dtype()
-    a, b = _cosine_ab(logsnr_min, logsnr_max)
-    lam64 = lam.to(torch.float64).clamp(logsnr_min, logsnr_max)
+    a, b = _cosine_ab(logsnr_min - shift, logsnr_max - shift)
+    lam64 = lam.to(torch.float64).clamp(logsnr_min, logsnr_max) - shift
     return ((torch.atan(torch.exp(-0.5 * lam64)) - b) / a).clamp(0.0, 1.0).to(out_dtype)
 
 
@@ -205,12 +212,16 @@ class GaussianDiffusion:
         logsnr_min: float = -20.0,
         logsnr_max: float = 20.0,
         loss_weighting: str = "eps_mse",
+        logsnr_shift: float = 0.0,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r} is not one of {', '.join(PREDICTIONS)}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting={loss_weighting!r} is not one of {', '.join(LOSS_WEIGHTINGS)}")
         _cosine_ab(logsnr_min, logsnr_max)  # validates the range
+        if not logsnr_min < logsnr_shift < logsnr_max:
+            raise ValueError(f"logsnr_shift={logsnr_shift} must lie inside ({logsnr_min}, {logsnr_max})")
+        self.logsnr_shift = float(logsnr_shift)
         self.prediction = prediction
         self.logsnr_min = float(logsnr_min)
         self.logsnr_max = float(logsnr_max)
@@ -223,20 +234,21 @@ class GaussianDiffusion:
             logsnr_min=cfg.logsnr_min,
             logsnr_max=cfg.logsnr_max,
             loss_weighting=cfg.loss_weighting,
+            logsnr_shift=cfg.logsnr_shift,
         )
 
     def __repr__(self) -> str:
         return (
             f"GaussianDiffusion(prediction={self.prediction!r}, logsnr=[{self.logsnr_min}, {self.logsnr_max}], "
-            f"loss_weighting={self.loss_weighting!r})"
+            f"loss_weighting={self.loss_weighting!r}, logsnr_shift={self.logsnr_shift})"
         )
 
     # schedule -------------------------------------------------------------------------------------
     def logsnr(self, t: Tensor | float) -> Tensor:
-        return cosine_logsnr(t, self.logsnr_min, self.logsnr_max)
+        return cosine_logsnr(t, self.logsnr_min, self.logsnr_max, self.logsnr_shift)
 
     def t_of_logsnr(self, logsnr: Tensor | float) -> Tensor:
-        return cosine_logsnr_inverse(logsnr, self.logsnr_min, self.logsnr_max)
+        return cosine_logsnr_inverse(logsnr, self.logsnr_min, self.logsnr_max, self.logsnr_shift)
 
     # forward process --------------------------------------------------------------------------------
     def q_sample(self, x: Tensor, logsnr: Tensor, noise: Tensor) -> Tensor:

@@ -21,8 +21,10 @@ from model.attention import AttentionPool, SpaceTimeAttention, temporal_attentio
 from model.blocks import (
     Downsample,
     FrameGroupNorm,
+    FramePositionEmbedding,
     LogSNREmbedding,
     ResBlock,
+    TemporalConv,
     Upsample,
     space_conv,
     zero_module,
@@ -49,16 +51,20 @@ def validate_config(cfg: UNetConfig) -> None:
         )
     if cfg.rel_pos_buckets < 2:
         raise ValueError(f"model.rel_pos_buckets must be >= 2, got {cfg.rel_pos_buckets}")
+    if cfg.temporal_conv_kernel < 0 or (cfg.temporal_conv_kernel and cfg.temporal_conv_kernel % 2 == 0):
+        raise ValueError(f"model.temporal_conv_kernel must be 0 (none) or odd, got {cfg.temporal_conv_kernel}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
 
 
 class _Stage(nn.Module):
-    """One U-Net step at a fixed resolution: a residual block, then attention where configured."""
+    """One U-Net step at a fixed resolution: a residual block, a temporal convolution if configured,
+    then attention where configured."""
 
-    def __init__(self, res: ResBlock, attn: SpaceTimeAttention | None):
+    def __init__(self, res: ResBlock, attn: SpaceTimeAttention | None, tconv: TemporalConv | None = None):
         super().__init__()
         self.res = res
+        self.tconv = tconv
         self.attn = attn
 
 
@@ -75,14 +81,20 @@ class SpaceTimeUNet(nn.Module):
 
         def attention(ch: int) -> SpaceTimeAttention:
             return SpaceTimeAttention(ch, cfg.head_dim, cfg.groups, ctx_dim, cfg.rel_pos_buckets,
-                                      cfg.rel_pos_max_distance)
+                                      cfg.rel_pos_max_distance, cfg.rel_pos_values)
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, cfg.cond_dim, cfg.groups, cfg.dropout)
 
+        def stage(cin: int, cout: int, attend: bool) -> _Stage:
+            attn = attention(cout) if attend else None
+            tconv = TemporalConv(cout, cfg.groups, cfg.temporal_conv_kernel) if cfg.temporal_conv_kernel else None
+            return _Stage(res(cin, cout), attn, tconv)
+
         # conditioning: log-SNR embedding + attention-pooled caption; a learned null token stands
         # for "no caption" (classifier-free guidance's unconditional branch)
         self.logsnr_embed = LogSNREmbedding(ch0, cfg.cond_dim)
+        self.frame_embed = FramePositionEmbedding(ch0, cfg.cond_dim) if cfg.frame_position_embedding else None
         self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) * 0.02)
         self.text_norm = nn.LayerNorm(cfg.text_dim)
         self.text_pool = AttentionPool(cfg.text_dim, cfg.cond_dim, cfg.head_dim)
@@ -96,25 +108,23 @@ class SpaceTimeUNet(nn.Module):
         for level, mult in enumerate(cfg.channel_mults):
             side = cfg.image_size // 2**level
             for _ in range(cfg.num_res_blocks):
-                block = res(ch, ch0 * mult)
+                self.down.append(stage(ch, ch0 * mult, side in cfg.attention_resolutions))
                 ch = ch0 * mult
-                self.down.append(_Stage(block, attention(ch) if side in cfg.attention_resolutions else None))
                 skip_channels.append(ch)
             if level != levels - 1:
                 self.down.append(Downsample(ch))
                 skip_channels.append(ch)
 
         # the middle always has attention (as in DDPM): it is the cheapest place to mix globally
-        self.mid = nn.ModuleList([_Stage(res(ch, ch), attention(ch)), _Stage(res(ch, ch), None)])
+        self.mid = nn.ModuleList([stage(ch, ch, attend=True), stage(ch, ch, attend=False)])
 
         self.up = nn.ModuleList()
         for level in reversed(range(levels)):
             side = cfg.image_size // 2**level
             mult = cfg.channel_mults[level]
             for _ in range(cfg.num_res_blocks + 1):
-                block = res(ch + skip_channels.pop(), ch0 * mult)
+                self.up.append(stage(ch + skip_channels.pop(), ch0 * mult, side in cfg.attention_resolutions))
                 ch = ch0 * mult
-                self.up.append(_Stage(block, attention(ch) if side in cfg.attention_resolutions else None))
             if level != 0:
                 self.up.append(Upsample(ch))
 
@@ -125,7 +135,7 @@ class SpaceTimeUNet(nn.Module):
     def blocks(self) -> list[nn.Module]:
         """The residual and attention blocks, in forward order: the units a strategy shards
         (FSDP2 `fully_shard` per block) and the units of gradient checkpointing."""
-        return [m for m in self.modules() if isinstance(m, (ResBlock, SpaceTimeAttention))]
+        return [m for m in self.modules() if isinstance(m, (ResBlock, TemporalConv, SpaceTimeAttention))]
 
     # ------------------------------------------------------------------ forward
     def _run(self, block: nn.Module, *args):
@@ -133,8 +143,10 @@ class SpaceTimeUNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _stage(self, stage: _Stage, h, cond, frames, context, context_mask, frame_mask):
+    def _stage(self, stage: _Stage, h, cond, frames, context, context_mask, frame_mask, num_video_frames):
         h = self._run(stage.res, h, cond)
+        if stage.tconv is not None:
+            h = self._run(stage.tconv, h, frames, num_video_frames)
         if stage.attn is not None:
             h = self._run(stage.attn, h, frames, context, context_mask, frame_mask)
         return h
@@ -166,6 +178,16 @@ class SpaceTimeUNet(nn.Module):
         context = self.text_proj(tokens) if self.text_proj is not None else None
         return pooled, context, mask
 
+    def per_frame_cond(self, cond: torch.Tensor, frames: int, num_video_frames: int | None) -> torch.Tensor:
+        """[B, cond_dim] -> [(B F), cond_dim]: each video frame's conditioning plus its position;
+        image frames (beyond num_video_frames) and a lone frame (no time axis) keep the plain one."""
+        nv = frames if num_video_frames is None else num_video_frames
+        if nv < 2:
+            return cond.repeat_interleave(frames, dim=0)
+        pos = self.frame_embed(nv, device=cond.device).to(cond.dtype)
+        pos = torch.cat([pos, pos.new_zeros(frames - nv, pos.shape[1])]) if nv < frames else pos
+        return (cond[:, None, :] + pos[None]).flatten(0, 1)
+
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, text_emb: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, num_video_frames: int | None = None) -> torch.Tensor:
         cfg = self.cfg
@@ -185,8 +207,10 @@ class SpaceTimeUNet(nn.Module):
 
         pooled, context, context_mask = self.encode_text(text_emb, text_mask, b)
         cond = self.logsnr_embed(logsnr) + pooled
+        if self.frame_embed is not None:
+            cond = self.per_frame_cond(cond, f, num_video_frames)
         frame_mask = temporal_attention_mask(f, num_video_frames, device=z.device)
-        args = (cond, f, context, context_mask, frame_mask)
+        args = (cond, f, context, context_mask, frame_mask, num_video_frames)
 
         # frames folded into the batch: convs and norms are per frame by construction
         hid = self.conv_in(rearrange(z, "b c f h w -> (b f) c h w"))

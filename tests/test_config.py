@@ -72,3 +72,11 @@ def test_round_trip_through_dict():
     from trainer.config import from_dict
 
     assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+
+
+def test_an_empty_override_sets_a_string_to_empty():
+    from trainer.config import TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, None, ["run.init_from=x.safetensors"])
+    assert cfg.run.init_from == "x.safetensors"
+    assert load_config(TrainConfig, None, ["run.init_from="]).run.init_from == ""

@@ -43,3 +43,23 @@ def test_synthetic_is_deterministic_per_seed(tmp_path):
     assert [r["caption"] for r in a] == [r["caption"] for r in b]
     digest = [hashlib.sha256(open(r["path"], "rb").read()).hexdigest() for r in a]
     assert digest != [hashlib.sha256(open(r["path"], "rb").read()).hexdigest() for r in c]
+
+
+def test_shapes_stay_inside_the_frame_and_move_as_captioned():
+    """Starts are drawn so the shape never touches an edge (no wrap-around jumps) for any direction."""
+    from data_pipeline.synthetic import DIRECTIONS, SHAPES, inside_start, render_clip
+    from data_pipeline.synthetic_reader import read_clip
+
+    rng = np.random.default_rng(0)
+    for direction in DIRECTIONS:
+        for i in range(20):
+            start = inside_start(rng, direction, 32, 32, travel=0.3)
+            clip = render_clip(SHAPES[i % 3], "red", direction, 8, 32, 32, start, travel=0.3)
+            shape = np.abs(clip.astype(int) - 24).sum(-1) > 0
+            edges = shape[:, 0].any() or shape[:, -1].any() or shape[:, :, 0].any() or shape[:, :, -1].any()
+            assert not edges, (direction, start)
+            assert read_clip(clip).direction == direction
+    import pytest
+
+    with pytest.raises(ValueError, match="travel"):
+        inside_start(rng, "right", 32, 32, travel=0.9)
