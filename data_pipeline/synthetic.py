@@ -4,7 +4,7 @@ Tests, the demo and benchmarks need real video files (real h264 through the real
 captions a tiny model can learn ("a red square moving right"), made offline in seconds and
 identical for the same seed.
 
-    python -m data_pipeline.synthetic OUT_DIR --n 64 [--frames 24 --size 32 --fps 8 --seed 0]
+    python -m data_pipeline.synthetic OUT_DIR --n 64 [--frames 24 --size 32 --fps 8 --seed 0 --travel 0.3]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: i
         key = f"vid{i:06d}"
         path = out_dir / "videos" / f"{key}.mp4"
         write_video(path, render_clip(shape, colour, direction, frames, h, w, start, travel=travel), fps, codec=codec,
-                    **({"crf": "20", "preset": "veryfast", "threads": "1", "x264-params": "sync-lookahead=0"}
+                    **({"crf": "20", "preset": "veryfast", "threads": "1", "x264-params": "sync-lookahead=0:mbtree=0"}
                        if codec == "libx264" else {}))
         rows.append((key, str(path.resolve()), f"a {colour} {shape} moving {direction}"))
     manifest = out_dir / "manifest.csv"
@@ -123,8 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--fps", type=float, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--travel", type=float, default=0.3, help="share of the frame the shape crosses over the video")
+    p.add_argument("--wrap", action="store_true", help="old behaviour: shapes may leave the frame and wrap around")
     a = p.parse_args(argv)
-    path = make_synthetic_videos(a.out_dir, a.n, a.frames, a.size, a.fps, a.seed, height=a.height, width=a.width)
+    path = make_synthetic_videos(a.out_dir, a.n, a.frames, a.size, a.fps, a.seed, height=a.height, width=a.width,
+                                 travel=a.travel, wrap=a.wrap)
     print(path)
 
 

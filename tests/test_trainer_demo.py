@@ -12,7 +12,7 @@ def _demo(out, *extra: str) -> subprocess.CompletedProcess:
     cmd = [PY, "-m", "trainer.demo", "--out", str(out), "--videos", "8", "--steps", "4",
            "--set", "data.batch_size=2", "--set", "run.log_every=1", "--set", "run.ckpt_every=2",
            "--set", "run.val_every=4", "--set", "run.val_batches=1", "--set", "run.sample_every=4",
-           "--set", "run.sample_steps=2", "--set", "data.num_workers=0", *extra]
+           "--set", "run.sample_steps=2", "--set", "data.num_workers=0", "--eval-seeds", "1", *extra]
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -22,6 +22,9 @@ def test_demo_runs_end_to_end_and_is_idempotent(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert f"tensorboard --logdir {out / 'run' / 'tb'}" in r.stdout
     assert "training loss (smoothed): first" in r.stdout
+    # the accuracy table of every colour x direction prompt, and its summary line
+    assert "colour \\ direction" in r.stdout and "colour and direction right in" in r.stdout
+    assert (out / "eval.json").is_file()
     assert (out / "shards" / "index.json").is_file() and (out / "val_shards" / "index.json").is_file()
     assert len(list((out / "run" / "samples" / "step-000004").glob("*.mp4"))) == 2
     assert (out / "model.safetensors").is_file() and (out / "cli_sample.gif").is_file()
