@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="demo_out", help="everything goes here (rerun = reuse + resume)")
     p.add_argument("--videos", type=int, default=64, help="synthetic training videos")
     p.add_argument("--steps", type=int, help="training steps (default: configs/demo.yaml)")
-    p.add_argument("--eval-seeds", type=int, default=3, help="copies of the 16-prompt grid in the final evaluation")
+    p.add_argument("--eval-seeds", type=int, default=2, help="copies of the 16-prompt grid in the final evaluation")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra trainer config overrides")
     a = p.parse_args(argv)
