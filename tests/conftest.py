@@ -40,3 +40,15 @@ def standin_i3d_file(tmp_path_factory):
     from fvd_helpers import save_standin_i3d
 
     return save_standin_i3d(tmp_path_factory.mktemp("detector") / "standin_i3d.pt")
+
+
+@pytest.fixture
+def one_thread():
+    """Tensors in the sampler tests are tiny: intra-op threads only add spin-wait overhead (10x on a
+    busy 2-core box). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

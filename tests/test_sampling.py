@@ -23,13 +23,7 @@ from model.sampling import extend, langevin_step, sample
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tensors here are tiny: intra-op threads only add spin-wait overhead (10x on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ar1_cov(t: int, rho: float, var: float) -> torch.Tensor:

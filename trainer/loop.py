@@ -150,8 +150,10 @@ class Trainer:
         self._val_batches = None
         self._rollbacks_from: dict[str, int] = {}
         self.resumed_from = self._maybe_resume(latest)
-        # every rank takes part in evaluate() (the EMA gather is collective); only rank 0 samples
-        self._evaluator = self._evaluator_for_run() if cfg.run.eval_every > 0 and self.rank == 0 else None
+        # every rank takes part in evaluate() (the EMA gather is collective); only rank 0 samples. A run
+        # too short to reach its first evaluation needs no evaluator (nor its text encoder/detector).
+        self._evaluates = 0 < cfg.run.eval_every <= cfg.run.steps
+        self._evaluator = self._evaluator_for_run() if self._evaluates and self.rank == 0 else None
 
     # ------------------------------------------------------------------ data
     def _build_loader(self, train: bool, **kwargs):
@@ -388,7 +390,7 @@ class Trainer:
                     self.validate()
                 if run.sample_every > 0 and self.step % run.sample_every == 0 and run.sample_prompts:
                     self.sample_to_tensorboard()
-                if run.eval_every > 0 and self.step % run.eval_every == 0:
+                if self._evaluates and self.step % run.eval_every == 0:
                     self.evaluate()
 
                 stop = s.all_reduce_max(1.0 if self._stop_requested else 0.0) > 0
