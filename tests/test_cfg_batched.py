@@ -293,11 +293,17 @@ def test_generate_runs_one_batched_call_per_step():
     cond = caption(B)
     try:
         out = generate(net, GaussianDiffusion("v"), cond["text_emb"], cond["text_mask"], frames=4, height=S,
-                       width=S, steps=3, guidance_weight=1.0, seed=0)
+                       width=S, steps=3, guidance_weight=1.0, seed=0, cfg_batched=True)
         assert out.shape == (B, C, 4, S, S) and batches == [2 * B] * 3
         batches.clear()
         long = generate(net, GaussianDiffusion("v"), cond["text_emb"], cond["text_mask"], frames=4, height=S,
-                        width=S, steps=2, guidance_weight=1.0, seed=0, extend_to=6)
+                        width=S, steps=2, guidance_weight=1.0, seed=0, extend_to=6, cfg_batched=True)
         assert long.shape == (B, C, 6, S, S) and batches == [2 * B] * 4
+        # the default on CPU: two calls per step (measured faster there), and the same samples
+        batches.clear()
+        two = generate(net, GaussianDiffusion("v"), cond["text_emb"], cond["text_mask"], frames=4, height=S,
+                       width=S, steps=3, guidance_weight=1.0, seed=0)
+        assert batches == [B] * 6
+        torch.testing.assert_close(two, out, **UNET_TOL)
     finally:
         handle.remove()
