@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from data_pipeline.synthetic import COLOURS, DIRECTIONS, SHAPES
@@ -105,18 +104,3 @@ def evaluate_synthetic(model, diffusion, encoder, *, frames: int, size: int, see
                "direction": whole["direction"], "colour": whole["colour"]}
     return SyntheticReport(score(readings, prompts), prompts, readings, time.perf_counter() - t0,
                            len(prompts) * (2 if extension else 1), ext)
-
-
-def confusion(report: SyntheticReport) -> dict[str, dict[str, int]]:
-    """Captioned direction -> counts of read directions (None = no motion read)."""
-    out: dict[str, dict[str, int]] = {d: {} for d in DIRECTIONS}
-    for prompt, reading in zip(report.prompts, report.readings):
-        d = parse_caption(prompt)["direction"]
-        key = str(reading.direction)
-        out[d][key] = out[d].get(key, 0) + 1
-    return out
-
-
-def mean_displacement(report: SyntheticReport) -> float:
-    """Mean |displacement| in pixels over the clip (static samples show up here)."""
-    return float(np.mean([np.hypot(*r.displacement) for r in report.readings]))
