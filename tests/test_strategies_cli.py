@@ -50,6 +50,7 @@ def test_trainer_cli_resumes_exactly_and_exports(tmp_path, extra):
     """trainer.train under torchrun: 4 steps straight (checkpoints at 2 and 4) vs a fresh run directory
     holding only the step-2 checkpoint, which resumes by itself; then trainer.export of the shards."""
     from test_loader import write_shards
+    from trainer_helpers import assert_same_ema
 
     shards = tmp_path / "shards"
     write_shards(shards, [6, 6], fmt="npy", frames=4, size=16)
@@ -63,6 +64,7 @@ def test_trainer_cli_resumes_exactly_and_exports(tmp_path, extra):
     assert [r["step"] for r in a] == [0, 1, 2, 3] and [r["step"] for r in b] == [2, 3]
     assert [(r["loss"], r["grad_norm"]) for r in a[2:]] == [(r["loss"], r["grad_norm"]) for r in b]
     assert all(math.isfinite(r["loss"]) for r in a) and len({r["loss"] for r in a}) == 4
+    assert_same_ema(straight, resumed, 4, world_size=2)  # the loss does not see the EMA
 
     out = tmp_path / "ema.safetensors"
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "trainer.export",

@@ -3,7 +3,7 @@ files, and bitwise-exact resume after kill -9."""
 
 from __future__ import annotations
 
-from trainer_helpers import run_train, step_log, tiny_config
+from trainer_helpers import assert_same_ema, run_train, step_log, tiny_config
 
 from trainer.checkpoint import find_latest, read_state
 
@@ -35,3 +35,4 @@ def test_ddp_two_processes_exact_resume_after_kill9(tmp_path, trainer_shards):
     for step in a:  # mean loss over both ranks, bitwise
         assert a[step]["loss"] == b[step]["loss"], step
         assert a[step]["grad_norm"] == b[step]["grad_norm"], step
+    assert_same_ema(straight, resumed, 4, world_size=2)

@@ -13,6 +13,7 @@ import pytest
 from trainer_helpers import (
     REPO,
     all_finite,
+    assert_same_ema,
     run_train,
     step_log,
     subprocess_env,
@@ -92,6 +93,7 @@ def test_exact_resume_after_kill9_single(tmp_path, trainer_shards):
     for step in a:  # bitwise: JSON keeps the full float repr
         assert a[step]["loss"] == b[step]["loss"], step
         assert a[step]["grad_norm"] == b[step]["grad_norm"], step
+    assert_same_ema(straight, resumed, 4)
 
 
 def test_kill9_of_trainer_takes_its_forkserver_loader_workers_down(tmp_path, trainer_shards):

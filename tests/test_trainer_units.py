@@ -128,10 +128,12 @@ def test_checkpoints_keep_last_k_and_latest_fallback(tmp_path):
     s = build_strategy(cfg, init_distributed())
     s.setup(nn.Linear(3, 2))
     ema = EMA(s.local_params(), 0.5)
+    saved_ema = {}
     for step in (1, 2, 3, 4):
         with torch.no_grad():
             s.local_params()[0].fill_(float(step))
         ema.update(s.local_params())
+        saved_ema[step] = [t.clone() for t in ema.shadow]
         save_checkpoint(s, tmp_path, step, ema=ema, loader_state=_Loader(step).state_dict(), state={"x": step},
                         keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
@@ -147,6 +149,9 @@ def test_checkpoints_keep_last_k_and_latest_fallback(tmp_path):
     state = load_checkpoint(t, root / "step-000003", ema=ema2)
     assert state["step"] == 3 and state["x"] == 3 and state["loader"] == {"pos": 3}
     assert float(t.local_params()[0].detach()[0, 0]) == 3.0
-    assert not torch.equal(ema2.shadow[0], ema.shadow[0])  # the EMA of step 3, not the live step-4 EMA
+    # exactly the EMA saved at step 3 (not the live step-4 EMA, not ema2's own random start)
+    assert len(ema2.shadow) == len(saved_ema[3])
+    assert all(torch.equal(a, b) for a, b in zip(ema2.shadow, saved_ema[3]))
+    assert not torch.equal(saved_ema[3][0], saved_ema[4][0])
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         resolve_checkpoint(tmp_path / "elsewhere")

@@ -88,6 +88,20 @@ def step_log(out_dir: Path) -> dict[int, dict]:
     return records
 
 
+def assert_same_ema(a_run: Path, b_run: Path, step: int, world_size: int = 1) -> None:
+    """The EMA files of checkpoint `step` in two runs hold bitwise-equal tensors (the loss and grad norm
+    of a resumed run do not depend on the EMA, so only this catches a resume that drops it)."""
+    import torch
+
+    name = f"step-{step:06d}"
+    for r in range(world_size):
+        a = torch.load(Path(a_run) / "checkpoints" / name / f"ema-rank{r}.pt", weights_only=True)
+        b = torch.load(Path(b_run) / "checkpoints" / name / f"ema-rank{r}.pt", weights_only=True)
+        assert len(a) == len(b) > 0, (r, len(a), len(b))
+        bad = [i for i, (x, y) in enumerate(zip(a, b)) if not torch.equal(x, y)]
+        assert not bad, f"{name}: EMA of rank {r} differs after resume in tensors {bad[:5]}"
+
+
 def all_finite(values) -> bool:
     return all(math.isfinite(v) for v in values)
 
