@@ -84,6 +84,32 @@ def optimizer_state_nbytes(strategy) -> int:
     return total
 
 
+def consumed_grad_norm(strategy) -> float:
+    """Global norm of the gradient AdamW consumed in its first step, read back from its first moment:
+    after one step from zero state exp_avg = (1 - beta1) * g, whatever unscaling, clipping and sharding
+    happened before (DeepSpeed clips inside engine.step(), so its gradients are not visible otherwise).
+    Collective when the world size is above 1."""
+    from torch.distributed.tensor import DTensor
+
+    opt = strategy.optimizer
+    inner = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO optimizer wraps a torch AdamW
+    sq = torch.zeros((), dtype=torch.float64, device=strategy.device)  # NCCL reduces device tensors
+    # ZeRO-3 swaps its flat fp32 partitions in and out of param_groups around each step: walk the state
+    betas = {group["betas"][0] for group in inner.param_groups}
+    assert len(betas) == 1, betas
+    beta1 = betas.pop()
+    for st in inner.state.values():
+        m = st.get("exp_avg")
+        if m is None:
+            continue
+        if isinstance(m, DTensor):
+            m = m.to_local()  # FSDP2: disjoint dim-0 shards; ZeRO: disjoint flat partitions
+        sq += (m.detach().to(sq.device, torch.float64) / (1.0 - beta1)).pow(2).sum()
+    if strategy.dist.world_size > 1:
+        torch.distributed.all_reduce(sq)
+    return float(sq.sqrt())
+
+
 def param_nbytes(strategy) -> int:
     """Bytes of model parameters resident on this rank between steps (shards under FSDP2/ZeRO-3)."""
     from torch.distributed.tensor import DTensor
@@ -121,6 +147,7 @@ def main() -> None:
     ap.add_argument("--dump-steps", action="store_true", help="also dump full weights after every step")
     ap.add_argument("--ds-json", default="")
     ap.add_argument("--ema-decay", type=float, default=0.9)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -134,7 +161,7 @@ def main() -> None:
     cfg.data.batch_size = args.bs
     cfg.optim.grad_accum = args.accum
     cfg.optim.lr = 1e-3
-    cfg.optim.grad_clip = 1.0
+    cfg.optim.grad_clip = args.grad_clip
 
     t0 = time.perf_counter()
     env = init_distributed()
@@ -164,6 +191,7 @@ def main() -> None:
         dump_full("init.pt")
 
     losses, norms, times, skipped = [], [], [], []
+    first_consumed_norm = None
     for step in range(start, args.steps):
         ts = time.perf_counter()
         strategy.set_lr(0.0 if step == args.zero_lr_step else cfg.optim.lr)
@@ -183,6 +211,8 @@ def main() -> None:
         if math.isfinite(norm) and math.isfinite(mean_loss):
             strategy.optimizer_step()
             ema.update(strategy.local_params())
+            if step == 0:
+                first_consumed_norm = consumed_grad_norm(strategy)
         else:
             strategy.skip_step()
             skipped.append(step)
@@ -210,7 +240,8 @@ def main() -> None:
         dump_full("ema.pt", ema.shadow)
     report = {
         "rank": rank, "world": env.world_size, "losses": losses, "grad_norms": norms, "skipped": skipped,
-        "step_times": times, "setup_s": setup_s,
+        "step_times": times, "setup_s": setup_s, "grad_clip": cfg.optim.grad_clip,
+        "first_consumed_grad_norm": first_consumed_norm,
         "local_param_numel": sum(p.numel() for p in strategy.local_params()),
         "local_ema_bytes": local_nbytes(ema.shadow),
         "param_bytes": param_nbytes(strategy),

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "strategy_driver.py"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-STEPS, SAVE_AT, NAN_STEP, ZERO_LR_STEP, DECAY = 5, 3, 1, 2, 0.9
+STEPS, SAVE_AT, NAN_STEP, ZERO_LR_STEP, DECAY, CLIP = 5, 3, 1, 2, 0.9, 0.1  # step 0's grad norm is ~0.3
 
 CASES = {
     "fsdp-bf16": ["--strategy", "fsdp", "--precision", "bf16"],
@@ -47,7 +47,7 @@ def case(request, tmp_path_factory):
     name = request.param
     d = tmp_path_factory.mktemp(name)
     common = [*CASES[name], "--steps", str(STEPS), "--nan-step", str(NAN_STEP), "--zero-lr-step", str(ZERO_LR_STEP),
-              "--ema-decay", str(DECAY)]
+              "--ema-decay", str(DECAY), "--grad-clip", str(CLIP)]
     torchrun([*common, "--save-at", str(SAVE_AT), "--ckpt", str(d / "ckpt"), "--dump", str(d / "full"),
               "--dump-steps", "--out", str(d / "full.json")])
     torchrun([*common, "--resume", str(d / "ckpt"), "--dump", str(d / "resumed"), "--out", str(d / "resumed.json")])
@@ -74,6 +74,16 @@ def test_trains_and_skips_the_nan_step(case):
     assert all(torch.equal(zero_before[k], zero_after[k]) for k in zero_before), f"{name}: lr=0 step moved weights"
     last = _load(d / "full" / f"step{STEPS - 1}.pt")
     assert any(not torch.equal(before[k], last[k]) for k in before), f"{name}: training changed nothing"
+
+
+def test_clip_bounds_the_gradient_the_optimizer_consumes(case):
+    """Step 0's pre-clip norm is above CLIP: the gradient AdamW consumed (read back
+    from its first moment, over both ranks' shards) must have norm exactly the clip."""
+    name, _, full, _ = case
+    clip, prenorm = full["grad_clip"], full["grad_norms"][0]
+    assert clip == CLIP
+    assert prenorm > 1.5 * clip, f"{name}: step 0 would not be clipped ({prenorm} <= {clip}); raise the check"
+    assert full["first_consumed_grad_norm"] == pytest.approx(clip, rel=1e-4), name
 
 
 def test_resume_is_bitwise_exact(case):

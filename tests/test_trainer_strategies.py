@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+from strategy_driver import consumed_grad_norm
 from torch import nn
 
 from trainer.config import TrainConfig
@@ -41,6 +43,27 @@ def test_single_steps_change_params_and_clip_reports_prenorm():
     _, norm = _step(s, x, clip=1e-3)
     assert norm > 1e-3  # the norm BEFORE clipping is reported
     assert any(not torch.equal(a, b) for a, b in zip(before, s.local_params()))
+
+
+@pytest.mark.parametrize("strategy,precision", [("single", "fp32"), ("single", "bf16"), ("single", "fp16"),
+                                                ("ddp", "fp32")])
+def test_clip_bounds_the_gradient_the_optimizer_consumes(strategy, precision):
+    """The gradient AdamW takes in (read back from its first moment) has norm exactly `clip` when the
+    pre-clip norm is larger, and the full pre-clip norm when the clip is loose. (The weights alone
+    cannot show it: Adam's first step moves each weight by about lr whatever the gradient's scale.)
+    fsdp and deepspeed: the same check on 2 processes in test_strategies_dist.py."""
+    cfg = TrainConfig()
+    cfg.parallel.strategy = strategy
+    cfg.run.precision = precision
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))  # small: fp16 at scale 2**16 stays finite
+    loose = _toy(cfg)
+    _, prenorm = _step(loose, x, clip=1e9)
+    assert consumed_grad_norm(loose) == pytest.approx(prenorm, rel=1e-5)
+    clip = prenorm / 7
+    tight = _toy(cfg)
+    _, norm = _step(tight, x, clip=clip)
+    assert norm == pytest.approx(prenorm, rel=1e-6)  # the norm BEFORE clipping is reported
+    assert consumed_grad_norm(tight) == pytest.approx(clip, rel=1e-5)
 
 
 def test_fp16_scaler_backs_off_on_overflow_and_skips_update():
