@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 import webdataset as wds
-from shard_helpers import VideoServer, assert_equivalent_shards, make_bad_files
+from shard_helpers import VideoServer, assert_identical_shards, make_bad_files
 
 from data_pipeline.manifest import sanitise_key
 from data_pipeline.shard import main
@@ -183,7 +183,7 @@ def test_two_runs_are_byte_identical_and_manifest_formats_agree(first_run, datas
     pq.write_table(pa.table({"videoid": list(keys), "contentUrl": list(urls), "name": pa.array(caps, pa.binary())}),
                    tmp_path / "m.parquet")
     assert _run(tmp_path, tiny_bert_dir, tmp_path / "m.parquet", tmp_path / "out_pq") == 0
-    assert_equivalent_shards(tmp_path / "out_pq", out1)
+    assert_identical_shards(tmp_path / "out_pq", out1)
 
 
 def test_failure_ratio_sets_exit_code_and_summary(dataset, tiny_bert_dir, tmp_path, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 import yaml
-from shard_helpers import VideoServer, assert_equivalent_shards
+from shard_helpers import VideoServer, assert_identical_shards
 
 from data_pipeline.config import ShardConfig
 from data_pipeline.shard import main, run
@@ -44,14 +44,14 @@ def test_spawned_workers_and_array_path_match_single_process(synthetic_videos, t
     assert main(["--config", str(_cfg(tmp_path, synthetic_videos, two, tiny_bert_dir)), "--workers", "2",
                  "--no-progress"]) == 0
     assert len(_tars(one)) == 4
-    assert_equivalent_shards(two, one)
+    assert_identical_shards(two, one)
     # the --slurm code path (submitit array, index merge) on submitit's local cluster
     arr = tmp_path / "array"
     cfg = from_dict(ShardConfig, yaml.safe_load(_cfg(tmp_path, synthetic_videos, arr, tiny_bert_dir).read_text()))
     cfg.slurm.cluster, cfg.slurm.array_tasks = "local", 2
     summary = run(cfg, slurm=True, progress=False)
     assert summary.failed == 0 and summary.samples == 12 and not summary.missing_shards
-    assert_equivalent_shards(arr, one)
+    assert_identical_shards(arr, one)
     assert (arr / "index.json").read_text() == (one / "index.json").read_text()
 
 

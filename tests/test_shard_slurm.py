@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from shard_helpers import assert_equivalent_shards
+from shard_helpers import assert_identical_shards
 from slurm_helpers import REPO, require_cluster
 
 from data_pipeline.shard import main
@@ -32,7 +32,7 @@ def test_slurm_array_matches_local_run(synthetic_videos, tiny_bert_dir, tmp_path
     slurm = {p.name: p.read_bytes() for p in sorted((tmp_path / "slurm").glob("shard-*.tar"))}
     assert len(local) == 4
     assert slurm.keys() == local.keys()
-    assert_equivalent_shards(tmp_path / "slurm", tmp_path / "local")
+    assert_identical_shards(tmp_path / "slurm", tmp_path / "local")
     assert json.loads((tmp_path / "slurm" / "index.json").read_text())["total"] == 12
     assert list((tmp_path / "slurm" / "slurm_logs").iterdir())  # submitit's per-job log folder
     # a rerun finds everything finished and submits nothing
