@@ -32,17 +32,14 @@ def cluster_up() -> str | None:
 
 
 def require_cluster(min_nodes: int = 1) -> None:
-    """Skip locally, FAIL under CI=true (no silent skips in CI)."""
+    """Skip when the cluster is not usable (a failure under CI=true: see conftest.py)."""
     reason = cluster_up()
     if reason is None:
         n = len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
         if n < min_nodes:
             reason = f"the cluster has {n} node(s), the test needs {min_nodes}"
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true and the SLURM cluster is not usable: {reason}")
-    pytest.skip(reason)
+    if reason is not None:
+        pytest.skip(f"the SLURM cluster is not usable: {reason}")
 
 
 def job_state(job_id: str) -> str:

@@ -53,13 +53,8 @@ def test_train_sh_two_nodes_ranks_and_rendezvous(tmp_path):
 
 def _require_fake_gpus():
     gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=30).stdout
-    if "gpu:" not in gres:
-        import os
-
-        msg = f"the cluster has no GPU GRES ({gres.strip()!r}); local_cluster.sh up gives 2 fake GPUs per node"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    if "gpu:" not in gres:  # a skip fails under CI=true (conftest.py)
+        pytest.skip(f"the cluster has no GPU GRES ({gres.strip()!r}); local_cluster.sh up gives 2 fake GPUs per node")
 
 
 def test_train_sh_one_task_per_gpu(tmp_path):
