@@ -111,6 +111,8 @@ def write_manifest(path: Path, rows: list[tuple[str, str, str]], header=("key", 
 class _Handler(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     hits: dict[str, int] = {}
+    answered: dict[str, int] = {}  # requests whose handler returned (a hang counts once released)
+    release: threading.Event = threading.Event()  # ends the /hang requests (set on server exit)
 
     def log_message(self, *args):  # keep test output quiet
         pass
@@ -128,8 +130,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif path.startswith("/slow/") and path[5:] in self.files:  # a slow but working server
             time.sleep(0.3)
             self._send(self.files[path[5:]])
-        elif path == "/hang":  # accept, then never answer
-            time.sleep(5)
+        elif path == "/hang":  # accept, then never answer: until released, or 10 s at most
+            self.release.wait(10)
         elif path == "/big":
             self.send_response(200)
             self.send_header("Content-Length", str(10 * 1024 * 1024))
@@ -154,6 +156,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(self.files[path])
         else:
             self.send_error(404, "nope")
+        self.answered[path] = self.answered.get(path, 0) + 1
 
     def _send(self, data: bytes):
         self.send_response(200)
@@ -166,7 +169,8 @@ class VideoServer:
     """http.server on 127.0.0.1 in a thread; `files` maps URL paths to bytes."""
 
     def __init__(self, files: dict[str, bytes]):
-        handler = type("H", (_Handler,), {"files": dict(files), "hits": {}})
+        handler = type("H", (_Handler,), {"files": dict(files), "hits": {}, "answered": {},
+                                          "release": threading.Event()})
         self.handler = handler
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
@@ -178,12 +182,17 @@ class VideoServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.handler.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
     @property
     def hits(self) -> dict[str, int]:
         return self.handler.hits
+
+    @property
+    def answered(self) -> dict[str, int]:
+        return self.handler.answered
 
 
 def decode_mp4_bytes(data: bytes) -> np.ndarray:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from shard_helpers import VideoServer, make_h264
 
@@ -54,10 +52,10 @@ def test_http_ok_404_500_redirects(video_bytes):
 
 def test_http_hanging_server_times_out_with_retries(video_bytes):
     with VideoServer({}) as srv:
-        t0 = time.monotonic()
         assert reason(srv.url + "/hang", cfg(timeout_s=0.3, retries=1)) == "timeout"
         assert srv.hits["/hang"] == 2
-        assert time.monotonic() - t0 < 4.0  # bounded by the timeouts, not the server's 5 s sleep
+        # the client gave up by itself: both requests are still hanging on the server's side
+        assert srv.answered.get("/hang", 0) == 0
 
 
 def test_http_size_cap_by_header_and_while_streaming():
