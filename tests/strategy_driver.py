@@ -125,6 +125,19 @@ def param_nbytes(strategy) -> int:
     return total
 
 
+def probe_loss(strategy, diffusion, cfg: TrainConfig, args, rank: int) -> float:
+    """Mean loss over every step's training batch (step's own t and noise), no gradient: the same
+    number before and after training measures whether the run fit its data. Collective."""
+    total = 0.0
+    with torch.no_grad():
+        for step in range(args.steps):
+            x, cond, t, noise = batch(step, 0, rank, cfg.model, args.frames, args.bs)
+            with strategy.autocast():
+                per_sample, _ = diffusion.loss_terms(strategy.forward, x, t=t, noise=noise, **cond)
+            total += float(per_sample.mean())
+    return strategy.all_reduce_mean(total / args.steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--strategy", default="fsdp")
@@ -148,6 +161,8 @@ def main() -> None:
     ap.add_argument("--ds-json", default="")
     ap.add_argument("--ema-decay", type=float, default=0.9)
     ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--probe", action="store_true", help="report probe_loss (all training batches, no "
+                    "gradient) before the first step and after the last")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -192,6 +207,7 @@ def main() -> None:
 
     losses, norms, times, skipped = [], [], [], []
     first_consumed_norm = None
+    probe_before = probe_loss(strategy, diffusion, cfg, args, rank) if args.probe else None
     for step in range(start, args.steps):
         ts = time.perf_counter()
         strategy.set_lr(0.0 if step == args.zero_lr_step else cfg.optim.lr)
@@ -235,13 +251,14 @@ def main() -> None:
             if args.stop_after_save:
                 break
 
+    probe_after = probe_loss(strategy, diffusion, cfg, args, rank) if args.probe else None
     if dump is not None:
         dump_full("final.pt")
         dump_full("ema.pt", ema.shadow)
     report = {
         "rank": rank, "world": env.world_size, "losses": losses, "grad_norms": norms, "skipped": skipped,
         "step_times": times, "setup_s": setup_s, "grad_clip": cfg.optim.grad_clip,
-        "first_consumed_grad_norm": first_consumed_norm,
+        "first_consumed_grad_norm": first_consumed_norm, "probe_loss": [probe_before, probe_after],
         "local_param_numel": sum(p.numel() for p in strategy.local_params()),
         "local_ema_bytes": local_nbytes(ema.shadow),
         "param_bytes": param_nbytes(strategy),

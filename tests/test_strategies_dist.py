@@ -49,7 +49,7 @@ def case(request, tmp_path_factory):
     common = [*CASES[name], "--steps", str(STEPS), "--nan-step", str(NAN_STEP), "--zero-lr-step", str(ZERO_LR_STEP),
               "--ema-decay", str(DECAY), "--grad-clip", str(CLIP)]
     torchrun([*common, "--save-at", str(SAVE_AT), "--ckpt", str(d / "ckpt"), "--dump", str(d / "full"),
-              "--dump-steps", "--out", str(d / "full.json")])
+              "--dump-steps", "--probe", "--out", str(d / "full.json")])
     torchrun([*common, "--resume", str(d / "ckpt"), "--dump", str(d / "resumed"), "--out", str(d / "resumed.json")])
     return name, d, json.loads((d / "full.json").read_text()), json.loads((d / "resumed.json").read_text())
 
@@ -74,6 +74,9 @@ def test_trains_and_skips_the_nan_step(case):
     assert all(torch.equal(zero_before[k], zero_after[k]) for k in zero_before), f"{name}: lr=0 step moved weights"
     last = _load(d / "full" / f"step{STEPS - 1}.pt")
     assert any(not torch.equal(before[k], last[k]) for k in before), f"{name}: training changed nothing"
+    # and it learned: the loss over the run's own batches (same t and noise) fell
+    probe_before, probe_after = full["probe_loss"]
+    assert probe_after < 0.995 * probe_before, (name, probe_before, probe_after)  # ~1% in 3 updates
 
 
 def test_clip_bounds_the_gradient_the_optimizer_consumes(case):
