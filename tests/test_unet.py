@@ -5,6 +5,7 @@ and bf16 autocast. Tiny configs only: every test runs in well under a second or 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -279,12 +280,31 @@ def test_gradient_checkpointing_same_outputs_grads_and_less_saved_memory():
     assert bytes_ckpt < 0.5 * bytes_plain, (bytes_ckpt, bytes_plain)
 
 
-def test_checkpointing_off_in_eval_and_no_grad():
+def test_checkpointing_off_in_eval_and_no_grad(monkeypatch):
+    """Checkpointing only where it saves memory: in training with autograd on. In eval or under no_grad
+    the blocks run directly (no recompute) and the outputs equal the plain model's."""
+    import model.unet as unet_module
+
+    calls = []
+    real = unet_module.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unet_module, "checkpoint", counting)
+    plain = make_model()
     model = make_model(gradient_checkpointing=True)
+    model.load_state_dict(plain.state_dict())
     z, logsnr, text, mask = inputs()
-    with torch.no_grad():
-        out = model.train()(z, logsnr, text, mask)
-    assert out.shape == z.shape
+    for mode, grad in (("train", False), ("eval", True), ("eval", False)):
+        getattr(model, mode)(), getattr(plain, mode)()
+        with torch.set_grad_enabled(grad):
+            out, want = model(z, logsnr, text, mask), plain(z, logsnr, text, mask)
+        assert not calls, (mode, grad)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    model.train()(z, logsnr, text, mask)  # the one case that checkpoints: one call per block
+    assert len(calls) == len(model.blocks())
 
 
 def test_blocks_are_separate_modules_covering_all_block_parameters():
@@ -336,13 +356,24 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # ---------------------------------------------------------------------------------------- configs
+def _documented_parameter_counts() -> dict[str, int]:
+    """config file name -> parameters, from the table under "## Parameter counts" in docs/model.md."""
+    section = (ROOT / "docs" / "model.md").read_text().split("## Parameter counts", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `configs/([\w.-]+\.yaml)` \|.*\| ([\d,]+) \(", section, flags=re.M)
+    return {name: int(count.replace(",", "")) for name, count in rows}
+
+
+def test_docs_list_the_parameter_count_of_every_shipped_config():
+    assert sorted(_documented_parameter_counts()) == sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_builds_on_meta_device(path):
     cfg = load_config(TrainConfig, path).model
     with torch.device("meta"):
         model = SpaceTimeUNet(cfg)
     n = count_parameters(model)
-    assert n > 100_000
+    assert n == _documented_parameter_counts()[path.name]  # exactly what docs/model.md states
     assert all(p.is_meta for p in model.parameters())
     # channel count sanity: the deepest level has base * max(mult) channels
     assert model.mid[0].res.conv1.out_channels == cfg.base_channels * cfg.channel_mults[-1]
