@@ -227,13 +227,13 @@ def main() -> None:
         if math.isfinite(norm) and math.isfinite(mean_loss):
             strategy.optimizer_step()
             ema.update(strategy.local_params())
-            if step == 0:
-                first_consumed_norm = consumed_grad_norm(strategy)
         else:
             strategy.skip_step()
             skipped.append(step)
         strategy.zero_grad()
         times.append(time.perf_counter() - ts)
+        if step == 0 and not skipped:  # outside the timed step (bench_strategies reads step_times)
+            first_consumed_norm = consumed_grad_norm(strategy)
         losses.append(mean_loss)
         norms.append(norm)
         if args.dump_steps:
