@@ -5,12 +5,18 @@ captions a tiny model can learn ("a red square moving right"), made offline in s
 identical for the same seed.
 
     python -m data_pipeline.synthetic OUT_DIR --n 64 [--frames 24 --size 32 --fps 8 --seed 0 --travel 0.3]
+        [--directions right | left,right]
+
+`--directions` restricts the directions drawn: the motion ablations in docs/motion.md use clips that
+all move right (can the model learn an arrow of time at all?) and clips that move left or right
+(can it take the sign of motion from the caption?).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -78,19 +84,25 @@ def inside_start(rng: np.random.Generator, direction: str, height: int, width: i
 
 def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: int = 32, fps: float = 8,
                           seed: int = 0, *, height: int | None = None, width: int | None = None,
-                          codec: str = "libx264", travel: float = 0.3, wrap: bool = False) -> str:
+                          codec: str = "libx264", travel: float = 0.3, wrap: bool = False,
+                          directions: Sequence[str] | None = None) -> str:
     """Write n mp4 files + manifest.csv (key,path,caption) under out_dir; returns the manifest path.
 
     height/width override the square `size` (benchmarks use realistic 320x240). The shape crosses
     `travel` of the frame over the video; it stays inside the frame unless `wrap` (the old
     behaviour: uniform starts in the middle 60% of the frame, wrapping around the edges).
+    `directions` (default: all four) limits the directions drawn; the default draws the same clips
+    as before the option existed.
     """
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     h, w = height or size, width or size
     rng = np.random.default_rng(seed)
     rows = []
-    colours, directions = list(COLOURS), list(DIRECTIONS)
+    colours, directions = list(COLOURS), list(directions or DIRECTIONS)
+    unknown = sorted(set(directions) - set(DIRECTIONS))
+    if unknown:
+        raise ValueError(f"unknown direction(s) {unknown}; choose from {list(DIRECTIONS)}")
     for i in range(n):
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = colours[int(rng.integers(len(colours)))]
@@ -125,9 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--travel", type=float, default=0.3, help="share of the frame the shape crosses over the video")
     p.add_argument("--wrap", action="store_true", help="old behaviour: shapes may leave the frame and wrap around")
+    p.add_argument("--directions", default=",".join(DIRECTIONS),
+                   help="comma-separated directions to draw from (default: all four)")
     a = p.parse_args(argv)
     path = make_synthetic_videos(a.out_dir, a.n, a.frames, a.size, a.fps, a.seed, height=a.height, width=a.width,
-                                 travel=a.travel, wrap=a.wrap)
+                                 travel=a.travel, wrap=a.wrap, directions=a.directions.split(","))
     print(path)
 
 

@@ -7,6 +7,7 @@ import hashlib
 
 import av
 import numpy as np
+import pytest
 
 from data_pipeline.synthetic import COLOURS, make_synthetic_videos
 
@@ -62,3 +63,16 @@ def test_shapes_stay_inside_the_frame_and_move_as_captioned():
 
     with pytest.raises(ValueError, match="travel"):
         inside_start(rng, "right", 32, 32, travel=0.9)
+
+
+def test_directions_restrict_what_is_drawn(tmp_path):
+    """The motion ablations (docs/motion.md) need clips that all move one way, or only left/right."""
+    from data_pipeline.synthetic import main
+
+    only_right = _rows(make_synthetic_videos(tmp_path / "r", n=6, frames=8, size=32, seed=3, directions=["right"]))
+    assert {r["caption"].split()[-1] for r in only_right} == {"right"}
+    main([str(tmp_path / "lr"), "--n", "8", "--frames", "8", "--directions", "left,right"])
+    lr = _rows(str(tmp_path / "lr" / "manifest.csv"))
+    assert {r["caption"].split()[-1] for r in lr} == {"left", "right"}
+    with pytest.raises(ValueError, match="sideways"):
+        make_synthetic_videos(tmp_path / "bad", n=1, frames=8, size=32, directions=["sideways"])
