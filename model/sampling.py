@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.config import SamplingConfig
 from model.diffusion import (
     Denoiser,
     GaussianDiffusion,
@@ -30,6 +31,7 @@ from model.diffusion import (
 from model.guidance import ReconstructionGuidance, Replacement, cfg_combine, frame_guide
 
 SAMPLERS = ("ancestral", "ddim", "pc")
+_DEFAULT = SamplingConfig  # field defaults of the `sampling:` config section (one source; not clip_x)
 
 __all__ = [
     "SAMPLERS",
@@ -189,11 +191,11 @@ def sample(
     diffusion: GaussianDiffusion,
     shape: tuple[int, ...] | torch.Size,
     *,
-    steps: int = 256,
-    sampler: str = "ancestral",
-    gamma: float = 0.3,
-    langevin_delta: float = 0.1,
-    guidance_weight: float = 0.0,
+    steps: int = _DEFAULT.steps,
+    sampler: str = _DEFAULT.sampler,
+    gamma: float = _DEFAULT.gamma,
+    langevin_delta: float = _DEFAULT.langevin_delta,
+    guidance_weight: float = _DEFAULT.guidance_weight,
     cond: dict[str, Any] | None = None,
     uncond: dict[str, Any] | None = None,
     guide: ReconstructionGuidance | Replacement | None = None,
@@ -210,6 +212,10 @@ def sample(
     None). The last step returns x̂(z_{t_1}) (its posterior at λ_max has σ ≈ 5e-5, so this is the
     ancestral step without that noise). Call under torch.no_grad(); reconstruction
     guidance re-enables gradients for its own backward pass.
+
+    Defaults are `SamplingConfig`'s except `clip_x`: this is the exact sampler, so x̂ is clipped to
+    [-1, 1] only when asked; `SamplingConfig.clip_x` (on) is the policy its callers apply
+    (`cfg.sampling.sample_kwargs()`, `trainer.generate.generate`).
     """
     _check_args(sampler, steps, gamma, langevin_delta)
     cond = dict(cond or {})
@@ -285,7 +291,7 @@ def extend(
     *,
     context_frames: int | None = None,
     guidance: str = "reconstruction",
-    guide_weight: float = 4.0,
+    guide_weight: float = _DEFAULT.guide_weight,
     **sample_kwargs: Any,
 ) -> Tensor:
     """Long video [B, C, total_frames, H, W] from overlapping windows of window_shape[2] frames.

@@ -87,10 +87,12 @@ class Evaluator:
             self._extractor = I3DFeatureExtractor(self.cfg.eval.fvd_detector, device=self.device)
         return self._extractor
 
+    def sampling(self):
+        """The `sampling:` section with the evaluation's steps (eval.steps, else run.sample_steps)."""
+        return self.cfg.sampling.with_overrides(steps=self.cfg.eval.steps or self.cfg.run.sample_steps)
+
     def sampling_kwargs(self) -> dict:
-        sc, ev = self.cfg.sampling, self.cfg.eval
-        return dict(sampler=sc.sampler, steps=ev.steps or self.cfg.run.sample_steps, gamma=sc.gamma,
-                    langevin_delta=sc.langevin_delta, guidance_weight=sc.guidance_weight, clip_x=sc.clip_x)
+        return self.sampling().sample_kwargs()
 
     def run(self, model: torch.nn.Module) -> EvalResult:
         from model.diffusion import GaussianDiffusion
@@ -120,9 +122,8 @@ class Evaluator:
 
         cfg, ev = self.cfg, self.cfg.eval
         report = evaluate_synthetic(model, diffusion, self._text_encoder(), frames=cfg.data.num_frames,
-                                    size=cfg.data.image_size, seeds=ev.seeds, sampling=self.sampling_kwargs(),
-                                    extension=ev.extension, guide_weight=cfg.sampling.guide_weight,
-                                    batch=ev.batch_size, seed=ev.seed, device=self.device)
+                                    size=cfg.data.image_size, seeds=ev.seeds, sampling=self.sampling(),
+                                    extension=ev.extension, batch=ev.batch_size, seed=ev.seed, device=self.device)
         m = report.metrics
         result.metrics.update({"colour_acc": m["colour"], "direction_acc": m["direction"], "shape_acc": m["shape"],
                                "colour_direction_acc": m["colour_and_direction"], "axis_acc": m["axis"],
@@ -176,7 +177,7 @@ class Evaluator:
                 videos = generate(model, diffusion, emb[sl], mask[sl], frames=cfg.data.num_frames,
                                   height=cfg.data.image_size, width=cfg.data.image_size,
                                   channels=cfg.model.in_channels, seed=cfg.eval.seed + 7919 * i + start,
-                                  device=self.device, **self.sampling_kwargs())
+                                  device=self.device, sampling=self.sampling())
                 fake.update(extractor.features(videos))
         seconds = time.perf_counter() - t0
         result.metrics.update({"fvd": fvd_from_stats(real, fake), "fvd_seconds": seconds,

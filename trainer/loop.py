@@ -532,13 +532,10 @@ class Trainer:
             cfg = self.cfg
             with preserved_rng():
                 emb, mask = self._prompts()
-                sc = cfg.sampling
                 videos = generate(model, self.diffusion, emb, mask, frames=cfg.data.num_frames,
                                   height=cfg.data.image_size, width=cfg.data.image_size,
-                                  channels=cfg.model.in_channels, sampler=sc.sampler, steps=cfg.run.sample_steps,
-                                  gamma=sc.gamma, langevin_delta=sc.langevin_delta,
-                                  guidance_weight=sc.guidance_weight, clip_x=sc.clip_x, seed=cfg.run.seed,
-                                  device=self.dist.device)
+                                  channels=cfg.model.in_channels, sampling=cfg.sampling,
+                                  steps=cfg.run.sample_steps, seed=cfg.run.seed, device=self.dist.device)
                 del model
             out = self.out_dir / "samples" / ckpt.step_dir_name(self.step)
             for i, (video, prompt) in enumerate(zip(videos, cfg.run.sample_prompts)):

@@ -1,0 +1,78 @@
+"""One source of every default: the config dataclasses (model/config.py) hold what a user configures;
+library functions take a config or explicit values and define no default of their own, except the
+exact sampler's clip_x=False and GaussianDiffusion's prediction="v" (both documented)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+
+from model import guidance, sampling
+from model.config import DiffusionConfig, SamplingConfig
+from model.diffusion import GaussianDiffusion, cosine_logsnr
+from trainer import generate as generate_mod
+from trainer.sample import parse_args, sampling_from_args
+
+
+def _defaults(fn) -> dict:
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
+def test_sample_takes_its_defaults_from_sampling_config_but_stays_unclipped():
+    d, cfg = _defaults(sampling.sample), SamplingConfig()
+    for name in ("steps", "sampler", "gamma", "langevin_delta", "guidance_weight"):
+        assert d[name] == getattr(cfg, name), name
+    assert d["clip_x"] is False and cfg.clip_x is True  # the exact sampler; clipping is the callers' policy
+    assert _defaults(sampling.extend)["guide_weight"] == cfg.guide_weight
+    assert _defaults(guidance.frame_guide)["weight"] == cfg.guide_weight
+
+
+def test_gaussian_diffusion_defaults_are_the_config_s_but_prediction():
+    d, cfg = _defaults(GaussianDiffusion.__init__), DiffusionConfig()
+    for name in ("logsnr_min", "logsnr_max", "loss_weighting", "logsnr_shift"):
+        assert d[name] == getattr(cfg, name), name
+    assert d["prediction"] == "v"  # the design's library default
+    assert GaussianDiffusion.from_config(cfg).prediction == cfg.prediction == "eps"  # a config always wins
+    c = _defaults(cosine_logsnr)
+    assert (c["logsnr_min"], c["logsnr_max"], c["shift"]) == (cfg.logsnr_min, cfg.logsnr_max, cfg.logsnr_shift)
+
+
+def _captured_generate(monkeypatch, **kwargs) -> dict:
+    seen = {}
+
+    def fake(denoiser, diffusion, shape, **kw):
+        seen.update(kw)
+        return torch.zeros(shape)
+
+    def fake_extend(denoiser, diffusion, shape, total, **kw):
+        seen.update(kw)
+        return torch.zeros(shape[:2] + (total,) + shape[3:])
+
+    monkeypatch.setattr(generate_mod, "sample", fake)
+    monkeypatch.setattr(generate_mod, "extend", fake_extend)
+    net = torch.nn.Identity()
+    generate_mod.generate(net, GaussianDiffusion("v"), torch.zeros(1, 2, 4), torch.ones(1, 2, dtype=torch.bool),
+                          frames=2, height=4, width=4, **kwargs)
+    return seen
+
+
+def test_generate_defines_no_default_of_its_own(monkeypatch):
+    assert all(v is None for k, v in _defaults(generate_mod.generate).items()
+               if k in {f.name for f in dataclasses.fields(SamplingConfig)})
+    seen = _captured_generate(monkeypatch)
+    assert {k: seen[k] for k in SamplingConfig().sample_kwargs()} == SamplingConfig().sample_kwargs()
+    assert seen["clip_x"] is True  # the config's policy applies to videos for people to watch
+    sc = SamplingConfig(sampler="ddim", steps=7, gamma=0.5, guidance_weight=2.0, clip_x=False, guide_weight=3.0)
+    seen = _captured_generate(monkeypatch, sampling=sc, steps=5, extend_to=4)
+    assert seen["steps"] == 5 and seen["sampler"] == "ddim" and seen["clip_x"] is False
+    assert seen["guide_weight"] == 3.0 and seen["guidance_weight"] == 2.0
+
+
+def test_sample_cli_fills_unset_flags_from_the_checkpoint_config():
+    sc = SamplingConfig(sampler="pc", steps=100, gamma=0.1, guidance_weight=2.0, guide_weight=6.0)
+    base = ["--checkpoint", "x", "--prompt", "p", "--out", "o.mp4"]
+    assert sampling_from_args(sc, parse_args(base)) == sc
+    got = sampling_from_args(sc, parse_args(base + ["--steps", "8", "--guide-weight", "2", "--gamma", "0"]))
+    assert (got.steps, got.guide_weight, got.gamma, got.sampler) == (8, 2.0, 0.0, "pc")
