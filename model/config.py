@@ -7,8 +7,23 @@ validate settings without building a network.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+
+class RenamedWarning(FutureWarning):
+    """An old name (config key, CLI flag, keyword) was used: it still works, under its new name.
+
+    A FutureWarning, not a DeprecationWarning, because Python shows it by default: the people who
+    must edit their YAML or command line are users of the CLIs, not only developers.
+    """
+
+
+def warn_renamed(old: str, new: str, why: str = "", stacklevel: int = 3) -> None:
+    """Warn that `old` is deprecated in favour of `new` (both named in the message)."""
+    warnings.warn(f"{old} is deprecated; use {new} instead{' (' + why + ')' if why else ''}", RenamedWarning,
+                  stacklevel=stacklevel)
 
 
 @dataclass
@@ -89,7 +104,11 @@ class SamplingConfig:
     guidance_weight: float = 0.0
     clip_x: bool = True
     # reconstruction guidance weight w_r (eqs. 7/8) when extending videos window by window
-    guide_weight: float = 4.0
+    reconstruction_weight: float = 4.0
+
+    # old keys still read, with a RenamedWarning (trainer.config.from_dict and --set): old -> new
+    RENAMED: ClassVar[dict[str, str]] = {"guide_weight": "reconstruction_weight"}
+    RENAMED_WHY: ClassVar[str] = "guide_weight read like guidance_weight, the classifier-free guidance weight"
 
     def with_overrides(self, **values: Any) -> SamplingConfig:
         """A copy with the given fields replaced; a None value keeps this config's (an unset CLI flag)."""

@@ -110,7 +110,7 @@ class ReconstructionGuidance:
 
 
 def frame_guide(
-    context: Tensor, window_frames: int, kind: str = "reconstruction", weight: float = SamplingConfig.guide_weight
+    context: Tensor, window_frames: int, kind: str = "reconstruction", weight: float = SamplingConfig.reconstruction_weight
 ) -> ReconstructionGuidance | Replacement:
     """Guide for a window of `window_frames` frames whose first frames are `context` [B, C, k, H, W]."""
     b, c, k, h, w = context.shape

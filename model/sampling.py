@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.config import SamplingConfig
+from model.config import SamplingConfig, warn_renamed
 from model.diffusion import (
     Denoiser,
     GaussianDiffusion,
@@ -291,7 +291,7 @@ def extend(
     *,
     context_frames: int | None = None,
     guidance: str = "reconstruction",
-    guide_weight: float = _DEFAULT.guide_weight,
+    reconstruction_weight: float = _DEFAULT.reconstruction_weight,
     **sample_kwargs: Any,
 ) -> Tensor:
     """Long video [B, C, total_frames, H, W] from overlapping windows of window_shape[2] frames.
@@ -299,7 +299,7 @@ def extend(
     The first window is sampled freely; each next one is conditioned (reconstruction guidance or
     replacement) on the last `context_frames` frames generated so far (default half a window; the
     last window takes more context so every window has the full length), and only its new frames are
-    kept.
+    kept. `guide_weight=`, the old name of `reconstruction_weight=`, still works with a RenamedWarning.
     """
     b, c, t, h, w = window_shape
     if context_frames is None:
@@ -308,13 +308,16 @@ def extend(
         raise ValueError(f"context_frames={context_frames} must be in [1, {t - 1}] for windows of {t} frames")
     if total_frames < 1:
         raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+    if "guide_weight" in sample_kwargs:  # the old name, read like guidance_weight (classifier-free)
+        warn_renamed("extend(guide_weight=)", "extend(reconstruction_weight=)", SamplingConfig.RENAMED_WHY)
+        reconstruction_weight = sample_kwargs.pop("guide_weight")
     if "guide" in sample_kwargs:
-        raise ValueError("extend() builds its own guide; pass guidance=/guide_weight= instead")
+        raise ValueError("extend() builds its own guide; pass guidance=/reconstruction_weight= instead")
     video = sample(denoiser, diffusion, window_shape, **sample_kwargs)
     while video.shape[2] < total_frames:
         n_new = min(t - context_frames, total_frames - video.shape[2])
         k = t - n_new
-        guide = frame_guide(video[:, :, -k:], t, guidance, guide_weight)
+        guide = frame_guide(video[:, :, -k:], t, guidance, reconstruction_weight)
         window = sample(denoiser, diffusion, window_shape, guide=guide, **sample_kwargs)
         video = torch.cat([video, window[:, :, k:].to(video.dtype)], dim=2)
     return video[:, :, :total_frames]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
+import pytest
 import torch
 
 from model import guidance, sampling
@@ -25,8 +26,8 @@ def test_sample_takes_its_defaults_from_sampling_config_but_stays_unclipped():
     for name in ("steps", "sampler", "gamma", "langevin_delta", "guidance_weight"):
         assert d[name] == getattr(cfg, name), name
     assert d["clip_x"] is False and cfg.clip_x is True  # the exact sampler; clipping is the callers' policy
-    assert _defaults(sampling.extend)["guide_weight"] == cfg.guide_weight
-    assert _defaults(guidance.frame_guide)["weight"] == cfg.guide_weight
+    assert _defaults(sampling.extend)["reconstruction_weight"] == cfg.reconstruction_weight
+    assert _defaults(guidance.frame_guide)["weight"] == cfg.reconstruction_weight
 
 
 def test_gaussian_diffusion_defaults_are_the_config_s_but_prediction():
@@ -64,15 +65,37 @@ def test_generate_defines_no_default_of_its_own(monkeypatch):
     seen = _captured_generate(monkeypatch)
     assert {k: seen[k] for k in SamplingConfig().sample_kwargs()} == SamplingConfig().sample_kwargs()
     assert seen["clip_x"] is True  # the config's policy applies to videos for people to watch
-    sc = SamplingConfig(sampler="ddim", steps=7, gamma=0.5, guidance_weight=2.0, clip_x=False, guide_weight=3.0)
+    sc = SamplingConfig(sampler="ddim", steps=7, gamma=0.5, guidance_weight=2.0, clip_x=False, reconstruction_weight=3.0)
     seen = _captured_generate(monkeypatch, sampling=sc, steps=5, extend_to=4)
     assert seen["steps"] == 5 and seen["sampler"] == "ddim" and seen["clip_x"] is False
-    assert seen["guide_weight"] == 3.0 and seen["guidance_weight"] == 2.0
+    assert seen["reconstruction_weight"] == 3.0 and seen["guidance_weight"] == 2.0
 
 
 def test_sample_cli_fills_unset_flags_from_the_checkpoint_config():
-    sc = SamplingConfig(sampler="pc", steps=100, gamma=0.1, guidance_weight=2.0, guide_weight=6.0)
+    sc = SamplingConfig(sampler="pc", steps=100, gamma=0.1, guidance_weight=2.0, reconstruction_weight=6.0)
     base = ["--checkpoint", "x", "--prompt", "p", "--out", "o.mp4"]
     assert sampling_from_args(sc, parse_args(base)) == sc
-    got = sampling_from_args(sc, parse_args(base + ["--steps", "8", "--guide-weight", "2", "--gamma", "0"]))
-    assert (got.steps, got.guide_weight, got.gamma, got.sampler) == (8, 2.0, 0.0, "pc")
+    got = sampling_from_args(sc, parse_args(base + ["--steps", "8", "--reconstruction-weight", "2", "--gamma", "0"]))
+    assert (got.steps, got.reconstruction_weight, got.gamma, got.sampler) == (8, 2.0, 0.0, "pc")
+
+
+def test_old_guide_weight_names_still_work_and_warn():
+    from model.config import RenamedWarning
+
+    base = ["--checkpoint", "x", "--prompt", "p", "--out", "o.mp4"]
+    with pytest.warns(RenamedWarning, match="--guide-weight.*--reconstruction-weight"):
+        a = parse_args(base + ["--guide-weight", "2.5"])
+    assert sampling_from_args(SamplingConfig(), a).reconstruction_weight == 2.5
+    with pytest.raises(SystemExit), pytest.warns(RenamedWarning):
+        parse_args(base + ["--guide-weight", "2.5", "--reconstruction-weight", "3"])
+
+    seen = []
+    den = lambda z, lam: torch.zeros_like(z)  # noqa: E731
+    real = guidance.frame_guide
+    try:
+        sampling.frame_guide = lambda ctx, t, kind, w: seen.append(w) or real(ctx, t, kind, w)
+        with pytest.warns(RenamedWarning, match=r"extend\(guide_weight=\).*extend\(reconstruction_weight=\)"):
+            sampling.extend(den, GaussianDiffusion("eps"), (1, 1, 4, 1, 1), 6, steps=1, guide_weight=1.5)
+    finally:
+        sampling.frame_guide = real
+    assert seen == [1.5]

@@ -41,13 +41,13 @@ def generate(model: nn.Module, diffusion: GaussianDiffusion, text_emb: torch.Ten
              frames: int, height: int, width: int, channels: int = 3, sampling: SamplingConfig | None = None,
              sampler: str | None = None, steps: int | None = None, gamma: float | None = None,
              langevin_delta: float | None = None, guidance_weight: float | None = None, clip_x: bool | None = None,
-             guide_weight: float | None = None, seed: int = 0, extend_to: int | None = None,
+             reconstruction_weight: float | None = None, seed: int = 0, extend_to: int | None = None,
              device: torch.device | str = "cpu", cfg_batched: bool | None = None) -> torch.Tensor:
     """Videos [B, C, T, H, W] in [-1, 1], one per prompt row; deterministic for a given seed.
 
     Sampler settings come from `sampling` (the run's `sampling:` section; default `SamplingConfig()`),
     and an explicit keyword (sampler, steps, gamma, langevin_delta, guidance_weight, clip_x,
-    guide_weight) that is not None overrides its field: the config is the one source of defaults,
+    reconstruction_weight) that is not None overrides its field: the config is the one source of defaults,
     this function defines none. Unlike `model.sampling.sample`, the config's `clip_x` policy (on)
     applies here, because these are videos for people to watch.
 
@@ -58,7 +58,7 @@ def generate(model: nn.Module, diffusion: GaussianDiffusion, text_emb: torch.Ten
     """
     sc = (sampling or SamplingConfig()).with_overrides(
         sampler=sampler, steps=steps, gamma=gamma, langevin_delta=langevin_delta, guidance_weight=guidance_weight,
-        clip_x=clip_x, guide_weight=guide_weight)
+        clip_x=clip_x, reconstruction_weight=reconstruction_weight)
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -78,7 +78,7 @@ def generate(model: nn.Module, diffusion: GaussianDiffusion, text_emb: torch.Ten
     try:
         if extend_to is not None and extend_to > frames:
             out = extend(denoiser, diffusion, shape, extend_to, guidance="reconstruction",
-                         guide_weight=sc.guide_weight, **kwargs)
+                         reconstruction_weight=sc.reconstruction_weight, **kwargs)
         else:
             out = sample(denoiser, diffusion, shape, **kwargs)
     finally:

@@ -79,7 +79,7 @@ def evaluate_synthetic(model, diffusion, encoder, *, frames: int, size: int, see
     """Sample the prompt grid and score what is drawn; deterministic for a given model and seed.
 
     `sampling` is the sampler settings (a `SamplingConfig`, or a dict of its fields over its defaults);
-    extension uses its `guide_weight`. Each chunk of `batch` prompts gets its own noise seed (seed + chunk).
+    extension uses its `reconstruction_weight`. Each chunk of `batch` prompts gets its own noise seed (seed + chunk).
     """
     if isinstance(sampling, dict):
         sampling = SamplingConfig(**sampling)
