@@ -99,3 +99,25 @@ def test_old_guide_weight_names_still_work_and_warn():
     finally:
         sampling.frame_guide = real
     assert seen == [1.5]
+
+
+def test_shared_constants_have_one_home():
+    """The precision map, the requeue exit code and the seed salts are defined once and imported."""
+    from data_pipeline import loader, plan
+    from model import precision, text_encoder
+    from slurm import launch
+    from trainer import evaluate, exit_codes, loop
+    from trainer.strategies import base
+
+    assert base.autocast_dtype is precision.autocast_dtype
+    assert precision.autocast_dtype("fp32") is None and precision.autocast_dtype("bf16") == torch.bfloat16
+    assert text_encoder.PRECISION_DTYPES is precision.PRECISION_DTYPES
+    with pytest.raises(ValueError, match="fp8"):
+        precision.precision_dtype("fp8")
+    assert launch.EXIT_REQUEUE is loop.EXIT_REQUEUE is exit_codes.EXIT_REQUEUE == 124
+    assert loop.loader_factory_or_default is evaluate.loader_factory_or_default
+    assert evaluate.loader_factory_or_default(None) is loader.build_loader
+    # the salts' values fix the data order and seeds of existing runs: renaming must not change them
+    salts = (plan.SALT_SHARD_ORDER, plan.SALT_STREAM_ORDER, plan.SALT_TRAIN_IMAGE_FRAMES, plan.SALT_VAL_IMAGE_FRAMES,
+             loop.RANK_SEED_STRIDE, loop.SALT_VAL_NOISE, evaluate.FVD_BATCH_SEED_STRIDE)
+    assert salts == (0x5A4D, 0xB0F, 0x1A6E, 0x7A1, 1_000_003, 4242, 7919)

@@ -47,6 +47,19 @@ class EvalResult:
         return "; ".join(parts)
 
 
+# A stride between the noise seeds of successive FVD caption batches (a prime, so batch i's seeds
+# eval.seed + FVD_BATCH_SEED_STRIDE * i + start never meet another batch's for realistic sizes)
+FVD_BATCH_SEED_STRIDE = 7919
+
+
+def loader_factory_or_default(factory=None):
+    """`factory(data_cfg, rank=, world_size=, train=)`, or data_pipeline.loader.build_loader when None
+    (tests inject their own). Imported on first use: CLIs that never read shards skip its imports."""
+    if factory is None:
+        from data_pipeline.loader import build_loader as factory
+    return factory
+
+
 class Evaluator:
     """Runs the `eval:` section on a model; keeps what does not change between calls (the text
     encoder, the real clips' FVD statistics) so evaluating every N training steps costs only sampling."""
@@ -143,9 +156,7 @@ class Evaluator:
         cfg = self.cfg
         if not cfg.data.val_shards:
             raise ValueError("FVD needs real clips: set data.val_shards (or pass --val-shards)")
-        factory = self._loader_factory
-        if factory is None:
-            from data_pipeline.loader import build_loader as factory
+        factory = loader_factory_or_default(self._loader_factory)
         val_cfg = type(cfg.data)(**{**cfg.data.__dict__, "shards": cfg.data.val_shards, "num_image_frames": 0})
         left = cfg.eval.fvd_clips
         for batch in factory(val_cfg, rank=0, world_size=1, train=False):
@@ -176,7 +187,7 @@ class Evaluator:
                 sl = slice(start, start + cfg.eval.batch_size)
                 videos = generate(model, diffusion, emb[sl], mask[sl], frames=cfg.data.num_frames,
                                   height=cfg.data.image_size, width=cfg.data.image_size,
-                                  channels=cfg.model.in_channels, seed=cfg.eval.seed + 7919 * i + start,
+                                  channels=cfg.model.in_channels, seed=cfg.eval.seed + FVD_BATCH_SEED_STRIDE * i + start,
                                   device=self.device, sampling=self.sampling())
                 fake.update(extractor.features(videos))
         seconds = time.perf_counter() - t0
