@@ -24,7 +24,7 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +34,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.decode import BadSample, Sample, decode_sample
 from data_pipeline.index import ShardIndex, check_matches, open_binary, read_index
 from data_pipeline.lifetime import exit_when_process_exits
-from data_pipeline.plan import Plan, check_enough_samples, num_streams, seed_words, train_plan, val_plan
+from data_pipeline.plan import (
+    SALT_TRAIN_IMAGE_FRAMES,
+    SALT_VAL_IMAGE_FRAMES,
+    Plan,
+    check_enough_samples,
+    num_streams,
+    seed_words,
+    train_plan,
+    val_plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -274,19 +283,29 @@ class ShardStream(IterableDataset):
                     skipped += 1
                 else:
                     samples.append(sample)
-            images = None
-            if sp.image_frames > 0:
-                extra = []
-                if len(samples) == 1:  # the next good clip of the stream (not consumed, decoded once)
-                    while not ahead or ahead[-1][2] is None:
-                        ahead.append(next(it))
-                    extra = [ahead[-1][2]]
-                rng = np.random.default_rng(seed_words(sp.seed, stream, batches, 0x1A6E))
-                images = image_frames_from_other_clips(samples, extra, sp.image_frames, rng)
+
+            def next_good_clip() -> list[Sample]:  # the stream's next good clip (not consumed, decoded once)
+                while not ahead or ahead[-1][2] is None:
+                    ahead.append(next(it))
+                return [ahead[-1][2]]
+
+            images = self._image_frames(samples, next_good_clip, stream, batches, SALT_TRAIN_IMAGE_FRAMES)
             batch = collate(samples, images, sp.num_frames)
             batches += 1
             batch["_pos"] = [worker, epoch, offset, batches, skipped]
             yield batch
+
+    def _image_frames(self, samples: list[Sample], borrow: Callable[[], list[Sample]],
+                      *rng_key: int) -> np.ndarray | None:
+        """The batch's data.num_image_frames independent image frames (joint training, paper 4.3.1),
+        or None when there are none. A batch of one clip has no other clip to take frames from, so
+        it borrows one from `borrow()` (called only then); `rng_key` (ending in a salt) seeds the draw."""
+        sp = self.spec
+        if sp.image_frames <= 0:
+            return None
+        extra = borrow() if len(samples) == 1 else []
+        rng = np.random.default_rng(seed_words(sp.seed, *rng_key))
+        return image_frames_from_other_clips(samples, extra, sp.image_frames, rng)
 
     # -- validation: finite, in order; batch j is made by logical worker j % W
     def _val_batches(self, worker: int) -> Iterator[dict]:
@@ -315,17 +334,16 @@ class ShardStream(IterableDataset):
             if not samples:
                 log.error("validation batch %d of rank %d has no readable sample; skipped", j, sp.rank)
                 continue
-            images = None
-            if sp.image_frames > 0:
-                extra: list[Sample] = []
-                if len(samples) == 1:  # one clip: borrow frames from the next clip, else the previous one
-                    nxt = take()
-                    if nxt is not None:
-                        ahead.append(nxt)
-                    candidates = [self._decode(nxt[1]) if nxt is not None else None, previous]
-                    extra = [c for c in candidates if c is not None][:1]
-                rng = np.random.default_rng(seed_words(sp.seed, sp.rank, j, 0x7A1))
-                images = image_frames_from_other_clips(samples, extra, sp.image_frames, rng)
+
+            def next_or_previous_clip(previous: Sample | None = previous) -> list[Sample]:
+                """The next clip (left unconsumed), else the previous one."""
+                nxt = take()
+                if nxt is not None:
+                    ahead.append(nxt)
+                candidates = [self._decode(nxt[1]) if nxt is not None else None, previous]
+                return [c for c in candidates if c is not None][:1]
+
+            images = self._image_frames(samples, next_or_previous_clip, sp.rank, j, SALT_VAL_IMAGE_FRAMES)
             previous = samples[-1]
             batch = collate(samples, images, sp.num_frames)
             batch["_pos"] = [worker, 0, (j + 1) * sp.batch_size, j + 1, 0]

@@ -27,6 +27,14 @@ import numpy as np
 _MASK = 0xFFFFFFFF
 
 
+# Salts: the last word of each seed_words() key, so the random streams drawn from one data.seed for
+# different purposes never coincide. Named once here; changing one changes that stream's draws.
+SALT_SHARD_ORDER = 0x5A4D  # train: permutation of the shards per epoch
+SALT_STREAM_ORDER = 0xB0F  # train: a stream's sample order within its shards
+SALT_TRAIN_IMAGE_FRAMES = 0x1A6E  # train: which extra image frames a batch takes (joint training)
+SALT_VAL_IMAGE_FRAMES = 0x7A1  # validation: the same, for validation batches
+
+
 def seed_words(*parts: int) -> list[int]:
     """Non-negative entropy words for np.random.default_rng (seeds may be negative in configs)."""
     return [int(p) & _MASK for p in parts]
@@ -67,7 +75,7 @@ def num_streams(world_size: int, num_workers: int) -> int:
 def shard_permutation(counts: list[int], seed: int, epoch: int) -> list[int]:
     """Non-empty shard indices in this epoch's order (identical on every rank)."""
     nonempty = np.array([i for i, c in enumerate(counts) if c > 0], dtype=np.int64)
-    rng = np.random.default_rng(seed_words(seed, epoch, 0x5A4D))
+    rng = np.random.default_rng(seed_words(seed, epoch, SALT_SHARD_ORDER))
     return [int(i) for i in rng.permutation(nonempty)]
 
 
@@ -118,7 +126,7 @@ def buffer_shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.nd
 def train_plan(counts: list[int], *, seed: int, epoch: int, stream: int, n_streams: int, buffer: int) -> Plan:
     segments = split_for_stream(counts, shard_permutation(counts, seed, epoch), stream, n_streams)
     n = sum(s.size for s in segments)
-    rng = np.random.default_rng(seed_words(seed, epoch, stream, n_streams, 0xB0F))
+    rng = np.random.default_rng(seed_words(seed, epoch, stream, n_streams, SALT_STREAM_ORDER))
     return Plan(tuple(segments), buffer_shuffle_order(n, buffer, rng))
 
 

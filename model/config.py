@@ -6,8 +6,24 @@ validate settings without building a network.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
+
+
+class RenamedWarning(FutureWarning):
+    """An old name (config key, CLI flag, keyword) was used: it still works, under its new name.
+
+    A FutureWarning, not a DeprecationWarning, because Python shows it by default: the people who
+    must edit their YAML or command line are users of the CLIs, not only developers.
+    """
+
+
+def warn_renamed(old: str, new: str, why: str = "", stacklevel: int = 3) -> None:
+    """Warn that `old` is deprecated in favour of `new` (both named in the message)."""
+    warnings.warn(f"{old} is deprecated; use {new} instead{' (' + why + ')' if why else ''}", RenamedWarning,
+                  stacklevel=stacklevel)
 
 
 @dataclass
@@ -44,7 +60,16 @@ class UNetConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Continuous-time Gaussian diffusion (paper section 2)."""
+    """Continuous-time Gaussian diffusion (paper section 2).
+
+    The one source of the diffusion settings a user configures; `GaussianDiffusion.from_config`
+    builds the diffusion of every run, CLI and checkpoint from it, and `GaussianDiffusion`'s own keyword
+    defaults for the λ range, loss weighting and shift are these fields. One deliberate difference:
+    `prediction` defaults to "eps" here (the paper's text-to-video setting, like every default of
+    this module's dataclasses) while `GaussianDiffusion(prediction="v")` keeps the library default
+    written in the design's interface. A config always wins: nothing that reads a config calls the
+    constructor without naming the prediction.
+    """
 
     prediction: Literal["eps", "v", "x"] = "eps"
     logsnr_min: float = -20.0
@@ -59,7 +84,18 @@ class DiffusionConfig:
 
 @dataclass
 class SamplingConfig:
-    """Defaults for sampling during training and in `trainer.sample` (paper: 256 steps, gamma 0.3)."""
+    """Defaults for sampling during training and in `trainer.sample` (paper: 256 steps, gamma 0.3).
+
+    The one source of the sampling defaults: `model.sampling.sample` and `extend`,
+    `model.guidance.frame_guide` and `trainer.generate.generate` take theirs from these fields, and
+    the CLIs fill unset flags from the loaded config's section. One deliberate exception, `clip_x`:
+    `sample()` is the exact sampler (the closed-form Gaussian tests check it unclipped), so it clips
+    x̂ only when asked (`clip_x=False` there); clipping to the data range [-1, 1] is a policy of the
+    callers that make images and videos, and this config turns it on for them (`generate`, the
+    training samples, `trainer.sample`, `trainer.evaluate`): with ε-prediction the 1/α at high noise
+    otherwise gives huge x̂. `steps` is what `trainer.sample` uses; the periodic training samples and
+    the evaluation use the cheaper `run.sample_steps` (`eval.steps`) instead.
+    """
 
     sampler: Literal["ancestral", "ddim", "pc"] = "ancestral"
     steps: int = 256
@@ -68,4 +104,17 @@ class SamplingConfig:
     guidance_weight: float = 0.0
     clip_x: bool = True
     # reconstruction guidance weight w_r (eqs. 7/8) when extending videos window by window
-    guide_weight: float = 4.0
+    reconstruction_weight: float = 4.0
+
+    # old keys still read, with a RenamedWarning (trainer.config.from_dict and --set): old -> new
+    RENAMED: ClassVar[dict[str, str]] = {"guide_weight": "reconstruction_weight"}
+    RENAMED_WHY: ClassVar[str] = "guide_weight read like guidance_weight, the classifier-free guidance weight"
+
+    def with_overrides(self, **values: Any) -> SamplingConfig:
+        """A copy with the given fields replaced; a None value keeps this config's (an unset CLI flag)."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """The keywords of `model.sampling.sample` this config sets, its clipping policy included."""
+        return dict(sampler=self.sampler, steps=self.steps, gamma=self.gamma, langevin_delta=self.langevin_delta,
+                    guidance_weight=self.guidance_weight, clip_x=self.clip_x)

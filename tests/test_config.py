@@ -80,3 +80,36 @@ def test_an_empty_override_sets_a_string_to_empty():
     cfg = load_config(TrainConfig, None, ["run.init_from=x.safetensors"])
     assert cfg.run.init_from == "x.safetensors"
     assert load_config(TrainConfig, None, ["run.init_from="]).run.init_from == ""
+
+
+# sampling.guide_weight was renamed sampling.reconstruction_weight (it read like guidance_weight, the
+# classifier-free weight): the old key still works, with a warning that names both
+def test_old_guide_weight_key_in_yaml_is_read_and_warns(tmp_path):
+    from model.config import RenamedWarning
+
+    p = tmp_path / "c.yaml"
+    p.write_text("sampling:\n  guide_weight: 6.5\n")
+    with pytest.warns(RenamedWarning, match=r"sampling\.guide_weight.*sampling\.reconstruction_weight"):
+        cfg = load_config(TrainConfig, p)
+    assert cfg.sampling.reconstruction_weight == 6.5
+    assert "guide_weight" not in to_dict(cfg)["sampling"]  # saved configs carry the new name
+
+
+def test_old_guide_weight_override_is_read_and_warns(tmp_path):
+    from model.config import RenamedWarning
+
+    with pytest.warns(RenamedWarning, match=r"sampling\.guide_weight.*sampling\.reconstruction_weight"):
+        cfg = load_config(TrainConfig, None, ["sampling.guide_weight=2"])
+    assert cfg.sampling.reconstruction_weight == 2.0
+    # a new-name override wins over the file's old key; both names in one mapping is an error
+    p = tmp_path / "c.yaml"
+    p.write_text("sampling:\n  guide_weight: 6.5\n")
+    assert load_config(TrainConfig, p, ["sampling.reconstruction_weight=3"]).sampling.reconstruction_weight == 3.0
+    p.write_text("sampling:\n  guide_weight: 6.5\n  reconstruction_weight: 3\n")
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(TrainConfig, p)
+
+
+def test_new_reconstruction_weight_key_does_not_warn(recwarn):
+    assert load_config(TrainConfig, None, ["sampling.reconstruction_weight=5"]).sampling.reconstruction_weight == 5
+    assert not [w for w in recwarn if "deprecated" in str(w.message)]

@@ -277,7 +277,7 @@ def test_extend_builds_long_video_that_continues_across_windows(guidance):
     den = GaussianDenoiser(torch.zeros(window, dtype=F64), cov, "eps")
     with torch.no_grad():
         video = extend(den, GaussianDiffusion("eps"), (n, 1, window, 1, 1), 10, context_frames=2,
-                       guidance=guidance, guide_weight=4.0, steps=50, generator=torch.Generator().manual_seed(8),
+                       guidance=guidance, reconstruction_weight=4.0, steps=50, generator=torch.Generator().manual_seed(8),
                        dtype=F64)
     assert video.shape == (n, 1, 10, 1, 1)
     frames = video.reshape(n, 10)

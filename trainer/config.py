@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from model.config import warn_renamed
+
 T = TypeVar("T")
 
 
@@ -115,8 +117,27 @@ def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
+def _renamed_keys(cls: type, data: dict, prefix: str) -> dict:
+    """`data` with the old keys of `cls.RENAMED` (old -> new) under their new names, each with a
+    RenamedWarning naming both; both names at once is an error."""
+    renamed = getattr(cls, "RENAMED", {})
+    if not any(old in data for old in renamed):
+        return data
+    data = dict(data)
+    for old, new in renamed.items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"{prefix}{old} and {prefix}{new} are both set; {old} is the old name of {new}: "
+                                  f"keep only {new}")
+            warn_renamed(f"config key {prefix}{old}", f"{prefix}{new}", getattr(cls, "RENAMED_WHY", ""))
+            data[new] = data.pop(old)
+    return data
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
-    """Build dataclass `cls` from a mapping; unknown keys are an error naming the valid ones."""
+    """Build dataclass `cls` from a mapping; unknown keys are an error naming the valid ones, old
+    keys (`cls.RENAMED`) are read under their new names with a warning."""
+    data = _renamed_keys(cls, data, prefix)
     fields = _fields(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -154,23 +175,36 @@ def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -
             raise ConfigError(f"override {item!r} must look like key.path=value")
         path, raw = item.split("=", 1)
         parts = path.strip().split(".")
+        old_names: list[str] = []
         if cls is not None:
-            _check_path(cls, parts)
+            parts, old_names = _check_path(cls, parts)
         node = data
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {path}: {p} is not a section")
+        for old in old_names:  # the override wins over the file's value under the key's old name
+            node.pop(old, None)
         node[parts[-1]] = _parse_override_value(raw)
     return data
 
 
-def _check_path(cls: type, parts: list[str]) -> None:
+def _check_path(cls: type, parts: list[str]) -> tuple[list[str], list[str]]:
+    """(the path with a renamed last key under its new name, warned; the last key's old names)."""
     cur: Any = cls
+    parts = list(parts)
+    old_names: list[str] = []
     for i, p in enumerate(parts):
         if not dataclasses.is_dataclass(cur):
             raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[:i])} is not a section")
         fields = _fields(cur)
+        renamed = getattr(cur, "RENAMED", {})
+        if p in renamed:
+            parts[i] = renamed[p]
+            warn_renamed(f"override {'.'.join(parts[:i] + [p])}", ".".join(parts[: i + 1]),
+                         getattr(cur, "RENAMED_WHY", ""))
+            p = parts[i]
+        old_names = [old for old, new in renamed.items() if new == p]
         if p not in fields:
             where = ".".join(parts[:i]) or "top level"
             raise ConfigError(
@@ -179,6 +213,7 @@ def _check_path(cls: type, parts: list[str]) -> None:
         tp = fields[p][1]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         cur = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
+    return parts, old_names
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

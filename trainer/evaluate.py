@@ -47,6 +47,19 @@ class EvalResult:
         return "; ".join(parts)
 
 
+# A stride between the noise seeds of successive FVD caption batches (a prime, so batch i's seeds
+# eval.seed + FVD_BATCH_SEED_STRIDE * i + start never meet another batch's for realistic sizes)
+FVD_BATCH_SEED_STRIDE = 7919
+
+
+def loader_factory_or_default(factory=None):
+    """`factory(data_cfg, rank=, world_size=, train=)`, or data_pipeline.loader.build_loader when None
+    (tests inject their own). Imported on first use: CLIs that never read shards skip its imports."""
+    if factory is None:
+        from data_pipeline.loader import build_loader as factory
+    return factory
+
+
 class Evaluator:
     """Runs the `eval:` section on a model; keeps what does not change between calls (the text
     encoder, the real clips' FVD statistics) so evaluating every N training steps costs only sampling."""
@@ -87,10 +100,12 @@ class Evaluator:
             self._extractor = I3DFeatureExtractor(self.cfg.eval.fvd_detector, device=self.device)
         return self._extractor
 
+    def sampling(self):
+        """The `sampling:` section with the evaluation's steps (eval.steps, else run.sample_steps)."""
+        return self.cfg.sampling.with_overrides(steps=self.cfg.eval.steps or self.cfg.run.sample_steps)
+
     def sampling_kwargs(self) -> dict:
-        sc, ev = self.cfg.sampling, self.cfg.eval
-        return dict(sampler=sc.sampler, steps=ev.steps or self.cfg.run.sample_steps, gamma=sc.gamma,
-                    langevin_delta=sc.langevin_delta, guidance_weight=sc.guidance_weight, clip_x=sc.clip_x)
+        return self.sampling().sample_kwargs()
 
     def run(self, model: torch.nn.Module) -> EvalResult:
         from model.diffusion import GaussianDiffusion
@@ -120,9 +135,8 @@ class Evaluator:
 
         cfg, ev = self.cfg, self.cfg.eval
         report = evaluate_synthetic(model, diffusion, self._text_encoder(), frames=cfg.data.num_frames,
-                                    size=cfg.data.image_size, seeds=ev.seeds, sampling=self.sampling_kwargs(),
-                                    extension=ev.extension, guide_weight=cfg.sampling.guide_weight,
-                                    batch=ev.batch_size, seed=ev.seed, device=self.device)
+                                    size=cfg.data.image_size, seeds=ev.seeds, sampling=self.sampling(),
+                                    extension=ev.extension, batch=ev.batch_size, seed=ev.seed, device=self.device)
         m = report.metrics
         result.metrics.update({"colour_acc": m["colour"], "direction_acc": m["direction"], "shape_acc": m["shape"],
                                "colour_direction_acc": m["colour_and_direction"], "axis_acc": m["axis"],
@@ -142,9 +156,7 @@ class Evaluator:
         cfg = self.cfg
         if not cfg.data.val_shards:
             raise ValueError("FVD needs real clips: set data.val_shards (or pass --val-shards)")
-        factory = self._loader_factory
-        if factory is None:
-            from data_pipeline.loader import build_loader as factory
+        factory = loader_factory_or_default(self._loader_factory)
         val_cfg = type(cfg.data)(**{**cfg.data.__dict__, "shards": cfg.data.val_shards, "num_image_frames": 0})
         left = cfg.eval.fvd_clips
         for batch in factory(val_cfg, rank=0, world_size=1, train=False):
@@ -175,8 +187,8 @@ class Evaluator:
                 sl = slice(start, start + cfg.eval.batch_size)
                 videos = generate(model, diffusion, emb[sl], mask[sl], frames=cfg.data.num_frames,
                                   height=cfg.data.image_size, width=cfg.data.image_size,
-                                  channels=cfg.model.in_channels, seed=cfg.eval.seed + 7919 * i + start,
-                                  device=self.device, **self.sampling_kwargs())
+                                  channels=cfg.model.in_channels, seed=cfg.eval.seed + FVD_BATCH_SEED_STRIDE * i + start,
+                                  device=self.device, sampling=self.sampling())
                 fake.update(extractor.features(videos))
         seconds = time.perf_counter() - t0
         result.metrics.update({"fvd": fvd_from_stats(real, fake), "fvd_seconds": seconds,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.config import SamplingConfig
 from model.diffusion import GaussianDiffusion
 from model.sampling import extend, sample
 
@@ -37,17 +38,27 @@ def null_text_branch(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def generate(model: nn.Module, diffusion: GaussianDiffusion, text_emb: torch.Tensor, text_mask: torch.Tensor, *,
-             frames: int, height: int, width: int, channels: int = 3, sampler: str = "ancestral", steps: int = 64,
-             gamma: float = 0.3, langevin_delta: float = 0.1, guidance_weight: float = 0.0, clip_x: bool = True,
-             seed: int = 0, extend_to: int | None = None, guide_weight: float = 4.0,
+             frames: int, height: int, width: int, channels: int = 3, sampling: SamplingConfig | None = None,
+             sampler: str | None = None, steps: int | None = None, gamma: float | None = None,
+             langevin_delta: float | None = None, guidance_weight: float | None = None, clip_x: bool | None = None,
+             reconstruction_weight: float | None = None, seed: int = 0, extend_to: int | None = None,
              device: torch.device | str = "cpu", cfg_batched: bool | None = None) -> torch.Tensor:
     """Videos [B, C, T, H, W] in [-1, 1], one per prompt row; deterministic for a given seed.
+
+    Sampler settings come from `sampling` (the run's `sampling:` section; default `SamplingConfig()`),
+    and an explicit keyword (sampler, steps, gamma, langevin_delta, guidance_weight, clip_x,
+    reconstruction_weight) that is not None overrides its field: the config is the one source of defaults,
+    this function defines none. Unlike `model.sampling.sample`, the config's `clip_x` policy (on)
+    applies here, because these are videos for people to watch.
 
     extend_to > frames samples longer videos window by window with reconstruction guidance (paper
     section 3.1) on the frames generated so far. cfg_batched: run guidance's two branches as one
     batched call (True) or two calls (False); None = batched on CUDA, two calls elsewhere, because on
     CPU the doubled batch measured 0.77x the speed of two calls (BENCHMARKS.md). Same samples either way.
     """
+    sc = (sampling or SamplingConfig()).with_overrides(
+        sampler=sampler, steps=steps, gamma=gamma, langevin_delta=langevin_delta, guidance_weight=guidance_weight,
+        clip_x=clip_x, reconstruction_weight=reconstruction_weight)
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -62,14 +73,12 @@ def generate(model: nn.Module, diffusion: GaussianDiffusion, text_emb: torch.Ten
         return model(z, logsnr, **c).float()
 
     generator = torch.Generator(device=device).manual_seed(seed)
-    kwargs = dict(steps=steps, sampler=sampler, gamma=gamma, langevin_delta=langevin_delta,
-                  guidance_weight=guidance_weight, cond=cond, uncond=uncond, generator=generator,
-                  clip_x=clip_x, device=device)
+    kwargs = dict(sc.sample_kwargs(), cond=cond, uncond=uncond, generator=generator, device=device)
     shape = (b, channels, frames, height, width)
     try:
         if extend_to is not None and extend_to > frames:
             out = extend(denoiser, diffusion, shape, extend_to, guidance="reconstruction",
-                         guide_weight=guide_weight, **kwargs)
+                         reconstruction_weight=sc.reconstruction_weight, **kwargs)
         else:
             out = sample(denoiser, diffusion, shape, **kwargs)
     finally:

@@ -39,6 +39,8 @@ from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, to_dict
 from trainer.distributed import DistEnv, init_distributed
 from trainer.ema import EMA
+from trainer.evaluate import loader_factory_or_default
+from trainer.exit_codes import EXIT_REQUEUE
 from trainer.lr import lr_from_config
 from trainer.metrics import (
     BandAccumulator,
@@ -53,7 +55,9 @@ from trainer.metrics import (
 from trainer.strategies.base import build_strategy
 
 EXIT_OK = 0
-EXIT_REQUEUE = 124  # "checkpoint saved, please requeue me" (SIGUSR1/SIGTERM)
+# seed salts: offsets of run.seed for streams that must not coincide with the data order's or each other's
+RANK_SEED_STRIDE = 1_000_003  # each rank's torch/numpy/random seed: run.seed + stride * (rank + 1)
+SALT_VAL_NOISE = 4242  # the fixed t and noise of the validation loss (same every evaluation)
 MAX_ROLLBACKS_PER_CHECKPOINT = 3
 HOLD_FOR_SIGNAL_S = 120.0
 
@@ -136,7 +140,7 @@ class Trainer:
         self.rollbacks = 0
         self.text_encoder_name = cfg.run.text_encoder or shard_encoder_name(cfg.data.shards) or ""
         # per-rank streams for t, noise and caption dropout (differ across ranks, restored on resume)
-        seed_everything(cfg.run.seed + 1_000_003 * (self.rank + 1))
+        seed_everything(cfg.run.seed + RANK_SEED_STRIDE * (self.rank + 1))
 
         self._nan_steps = _env_steps("VDM_TEST_NAN_STEPS")
         kill = os.environ.get("VDM_TEST_KILL_AT_STEP", "")
@@ -157,9 +161,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _build_loader(self, train: bool, **kwargs):
-        factory = self._loader_factory
-        if factory is None:
-            from data_pipeline.loader import build_loader as factory
+        factory = loader_factory_or_default(self._loader_factory)
         return factory(self.cfg.data, rank=self.rank, world_size=self.world, train=train, **kwargs)
 
     def _next_batch(self) -> dict:
@@ -457,10 +459,7 @@ class Trainer:
         cfg, s = self.cfg, self.strategy
         if self._val_batches is None:
             val_cfg = type(cfg.data)(**{**cfg.data.__dict__, "shards": cfg.data.val_shards})
-            factory = self._loader_factory
-            if factory is None:
-                from data_pipeline.loader import build_loader as factory
-            loader = factory(val_cfg, rank=0, world_size=1, train=False)
+            loader = loader_factory_or_default(self._loader_factory)(val_cfg, rank=0, world_size=1, train=False)
             batches = []
             for batch in loader:
                 batches.append(batch)
@@ -477,7 +476,7 @@ class Trainer:
         s.model.eval()
         try:
             with preserved_rng():
-                gen = torch.Generator().manual_seed(cfg.run.seed + 4242)
+                gen = torch.Generator().manual_seed(cfg.run.seed + SALT_VAL_NOISE)
                 for batch in self._val_batches:
                     x = batch["video"].float()
                     cond = self._cond(batch, drop_captions=False)
@@ -532,13 +531,10 @@ class Trainer:
             cfg = self.cfg
             with preserved_rng():
                 emb, mask = self._prompts()
-                sc = cfg.sampling
                 videos = generate(model, self.diffusion, emb, mask, frames=cfg.data.num_frames,
                                   height=cfg.data.image_size, width=cfg.data.image_size,
-                                  channels=cfg.model.in_channels, sampler=sc.sampler, steps=cfg.run.sample_steps,
-                                  gamma=sc.gamma, langevin_delta=sc.langevin_delta,
-                                  guidance_weight=sc.guidance_weight, clip_x=sc.clip_x, seed=cfg.run.seed,
-                                  device=self.dist.device)
+                                  channels=cfg.model.in_channels, sampling=cfg.sampling,
+                                  steps=cfg.run.sample_steps, seed=cfg.run.seed, device=self.dist.device)
                 del model
             out = self.out_dir / "samples" / ckpt.step_dir_name(self.step)
             for i, (video, prompt) in enumerate(zip(videos, cfg.run.sample_prompts)):

@@ -2,7 +2,7 @@
 
     python -m trainer.sample --checkpoint model.safetensors|RUN_DIR|CKPT_DIR --prompt "a red square moving right" \
         --out red.mp4 [--sampler ancestral|ddim|pc --steps 256 --guidance-weight 2 --seed 0 --frames 16
-        --extend-to 32 --text-encoder minilm]
+        --extend-to 32 --reconstruction-weight 4 --text-encoder minilm]
 
 Several --prompt values give OUT_0.mp4, OUT_1.mp4, ... Defaults come from the training config's
 `sampling:` section. --extend-to N > frames makes longer videos window by window with reconstruction
@@ -31,11 +31,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, help="frames per window (default: the training clip length)")
     p.add_argument("--extend-to", type=int, help="total frames; > frames extends autoregressively")
-    p.add_argument("--guide-weight", type=float, default=4.0, help="reconstruction guidance weight (extension)")
+    p.add_argument("--reconstruction-weight", type=float,
+                   help="reconstruction guidance weight (extension; default: sampling.reconstruction_weight)")
+    p.add_argument("--guide-weight", type=float, help=argparse.SUPPRESS)  # old name of --reconstruction-weight
     p.add_argument("--text-encoder", help="encoder name/path (default: the one the model was trained with)")
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.guide_weight is not None:
+        from model.config import SamplingConfig, warn_renamed
+
+        warn_renamed("--guide-weight", "--reconstruction-weight", SamplingConfig.RENAMED_WHY, stacklevel=2)
+        if a.reconstruction_weight is not None:
+            p.error("--guide-weight is the old name of --reconstruction-weight: give only --reconstruction-weight")
+        a.reconstruction_weight = a.guide_weight
+    return a
+
+
+def sampling_from_args(sampling, a: argparse.Namespace):
+    """The checkpoint's `sampling:` section with the flags given; an unset flag (or --steps 0) keeps
+    the section's value, so the config is the one source of every default."""
+    return sampling.with_overrides(sampler=a.sampler, steps=a.steps or None, gamma=a.gamma,
+                                   guidance_weight=a.guidance_weight, reconstruction_weight=a.reconstruction_weight)
 
 
 def output_paths(out: str | Path, n: int) -> list[Path]:
@@ -68,15 +85,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{cfg.model.text_dim}", file=sys.stderr)
         return 1
     emb, mask = encode_prompts(encoder, a.prompt)
-    sc = cfg.sampling
     frames = a.frames or cfg.data.num_frames
+    sampling = sampling_from_args(cfg.sampling, a)
     videos = generate(model, GaussianDiffusion.from_config(cfg.diffusion), emb, mask, frames=frames,
                       height=cfg.data.image_size, width=cfg.data.image_size, channels=cfg.model.in_channels,
-                      sampler=a.sampler or sc.sampler, steps=a.steps or sc.steps,
-                      gamma=sc.gamma if a.gamma is None else a.gamma, langevin_delta=sc.langevin_delta,
-                      guidance_weight=sc.guidance_weight if a.guidance_weight is None else a.guidance_weight,
-                      clip_x=sc.clip_x, seed=a.seed, extend_to=a.extend_to, guide_weight=a.guide_weight,
-                      device=a.device)
+                      sampling=sampling, seed=a.seed, extend_to=a.extend_to, device=a.device)
     for video, path in zip(videos, output_paths(a.out, len(a.prompt))):
         frames_u8 = to_uint8_frames(video)
         write_mp4(path, frames_u8, a.fps)

@@ -18,6 +18,7 @@ import torch
 
 from data_pipeline.synthetic import COLOURS, DIRECTIONS, SHAPES
 from data_pipeline.synthetic_reader import Reading, parse_caption, read_clip, score
+from model.config import SamplingConfig
 
 
 def prompt_grid(seeds: int) -> tuple[list[str], list[int]]:
@@ -72,14 +73,16 @@ def _read_all(videos: torch.Tensor) -> list[Reading]:
     return [read_clip(to_uint8_frames(v)) for v in videos]
 
 
-def evaluate_synthetic(model, diffusion, encoder, *, frames: int, size: int, seeds: int, sampling: dict,
-                       extension: bool = False, guide_weight: float = 4.0, batch: int = 32, seed: int = 0,
+def evaluate_synthetic(model, diffusion, encoder, *, frames: int, size: int, seeds: int,
+                       sampling: SamplingConfig | dict, extension: bool = False, batch: int = 32, seed: int = 0,
                        device="cpu") -> SyntheticReport:
     """Sample the prompt grid and score what is drawn; deterministic for a given model and seed.
 
-    `sampling` holds generate()'s sampler keywords (sampler, steps, gamma, langevin_delta,
-    guidance_weight, clip_x). Each chunk of `batch` prompts gets its own noise seed (seed + chunk).
+    `sampling` is the sampler settings (a `SamplingConfig`, or a dict of its fields over its defaults);
+    extension uses its `reconstruction_weight`. Each chunk of `batch` prompts gets its own noise seed (seed + chunk).
     """
+    if isinstance(sampling, dict):
+        sampling = SamplingConfig(**sampling)
     from trainer.generate import encode_prompts, generate
 
     prompts, _ = prompt_grid(seeds)
@@ -88,11 +91,10 @@ def evaluate_synthetic(model, diffusion, encoder, *, frames: int, size: int, see
     videos, long_videos = [], []
     for chunk, start in enumerate(range(0, len(prompts), batch)):
         sl = slice(start, start + batch)
-        kw = dict(frames=frames, height=size, width=size, seed=seed + chunk, device=device, **sampling)
+        kw = dict(frames=frames, height=size, width=size, seed=seed + chunk, device=device, sampling=sampling)
         videos.append(generate(model, diffusion, emb[sl], mask[sl], **kw).cpu())
         if extension:
-            long_videos.append(generate(model, diffusion, emb[sl], mask[sl], extend_to=2 * frames,
-                                        guide_weight=guide_weight, **kw).cpu())
+            long_videos.append(generate(model, diffusion, emb[sl], mask[sl], extend_to=2 * frames, **kw).cpu())
     readings = _read_all(torch.cat(videos))
     ext: dict[str, float] = {}
     if extension:

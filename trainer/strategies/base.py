@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from model.precision import autocast_dtype  # noqa: F401  (re-exported: subclasses' shared helper)
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
 
@@ -31,11 +32,6 @@ STRATEGIES = {
     "fsdp": "trainer.strategies.fsdp:FSDPStrategy",
     "deepspeed": "trainer.strategies.deepspeed:DeepSpeedStrategy",
 }
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast compute dtype for a `run.precision` value (None = plain fp32)."""
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -42,13 +42,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from model.precision import precision_dtype
 from trainer.strategies.base import Strategy
 from trainer.strategies.process_group import ensure_process_group
 
 log = logging.getLogger(__name__)
 
 TAG = "deepspeed"  # engine.save_checkpoint(<ckpt_dir>, tag=TAG) -> <ckpt_dir>/deepspeed/
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -194,7 +194,7 @@ class DeepSpeedStrategy(Strategy):
         self.model = engine
         self.module = engine.module
         self.optimizer = optimizer  # the ZeRO optimizer; param_groups proxy the inner AdamW's
-        self.dtype = _DTYPES[self.cfg.run.precision]
+        self.dtype = precision_dtype(self.cfg.run.precision)
         self._params = [p for p in self.module.parameters() if p.requires_grad]
         self._names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         if initial is not None:
@@ -281,10 +281,6 @@ class DeepSpeedStrategy(Strategy):
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     # ------------------------------------------------------------------ state
     def local_params(self) -> list[Tensor]:

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from model.precision import autocast_dtype
 from trainer.strategies.base import Strategy, make_optimizer
 from trainer.strategies.process_group import ensure_process_group
 
@@ -94,7 +95,7 @@ class FSDPStrategy(Strategy):
     def setup(self, model: nn.Module) -> None:
         ensure_process_group(self.dist, "fsdp")
         precision = self.cfg.run.precision
-        compute = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        compute = autocast_dtype(precision)
         # reduce in fp32 whatever the compute dtype; only the root hands fp32 back (for the loss
         # math): inner units must pass compute-dtype activations to root-owned layers between them
         unit_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
