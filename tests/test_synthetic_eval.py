@@ -15,9 +15,8 @@ from data_pipeline.decode import decode_mp4
 from data_pipeline.synthetic import COLOURS, DIRECTIONS, SHAPES, render_clip
 from data_pipeline.synthetic_reader import Reading, direction_of, parse_caption, read_clip, score
 from model.diffusion import GaussianDiffusion, alpha_sigma, broadcast_to
-from trainer.synthetic_eval import evaluate_synthetic, prompt_grid
-
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+from trainer.synthetic_eval import OPPOSITE_DIRECTION as OPPOSITE
+from trainer.synthetic_eval import caption_word_effect, evaluate_synthetic, prompt_grid
 
 
 def _downscaled(clip: np.ndarray) -> np.ndarray:
@@ -104,6 +103,11 @@ def test_prompt_grid_covers_every_colour_direction_cell_per_seed_and_every_shape
 
 
 # ---------------------------------------------------------------------------------------- oracle
+def _word_effect_prompts() -> list[str]:
+    """The prompts `caption_word_effect` encodes (every colour x direction, squares)."""
+    return [f"a {c} square moving {d}" for c in COLOURS for d in DIRECTIONS]
+
+
 class _PromptEncoder:
     """Encodes a prompt as its index in a fixed list (a one-token 'embedding')."""
 
@@ -120,12 +124,14 @@ class _Oracle(nn.Module):
     played backwards). Its samples are that clip, so the evaluation must score them right (or, for
     `reverse`, with every direction wrong)."""
 
-    def __init__(self, prompts: list[str], frames: int, size: int, reverse: bool = False):
+    def __init__(self, prompts: list[str], frames: int, size: int, reverse: bool = False,
+                 ignore_direction: bool = False):
         super().__init__()
         clips = []
         for p in prompts:
             t = parse_caption(p)
-            clip = render_clip(t["shape"], t["colour"], t["direction"], frames, size, size, (size / 2, size / 2))
+            direction = "right" if ignore_direction else t["direction"]
+            clip = render_clip(t["shape"], t["colour"], direction, frames, size, size, (size / 2, size / 2))
             clips.append(torch.from_numpy(clip[::-1].copy() if reverse else clip))
         self.register_buffer("clips", torch.stack(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
 
@@ -138,7 +144,7 @@ class _Oracle(nn.Module):
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_evaluate_synthetic_scores_an_oracle_right_and_its_reversal_wrong(reverse):
-    prompts, _ = prompt_grid(1)
+    prompts = prompt_grid(1)[0] + _word_effect_prompts()  # the encoder knows every prompt the evaluation asks for
     oracle = _Oracle(prompts, frames=8, size=16, reverse=reverse)
     report = evaluate_synthetic(oracle, GaussianDiffusion(prediction="v"), _PromptEncoder(prompts), frames=8, size=16,
                                 seeds=1, sampling={"steps": 8, "guidance_weight": 0.0}, batch=5)
@@ -152,10 +158,32 @@ def test_evaluate_synthetic_scores_an_oracle_right_and_its_reversal_wrong(revers
 def test_extension_score_needs_motion_that_continues_across_the_window_boundary():
     """The oracle ignores the frames it is conditioned on, so each window restarts the motion: the
     second window jumps back and the frames after the boundary do not move as captioned."""
-    prompts, _ = prompt_grid(1)
+    prompts = prompt_grid(1)[0] + _word_effect_prompts()
     oracle = _Oracle(prompts, frames=8, size=16)
     report = evaluate_synthetic(oracle, GaussianDiffusion(prediction="v"), _PromptEncoder(prompts), frames=8, size=16,
                                 seeds=1, sampling={"steps": 4, "guidance_weight": 0.0}, extension=True)
     assert report.metrics["direction"] == 1.0
     assert report.extension["direction_after_boundary"] < 0.5
     assert report.clips == 32
+
+
+@pytest.mark.parametrize("ignore_direction", [False, True])
+def test_caption_word_effect_is_zero_exactly_for_the_word_a_model_ignores(ignore_direction):
+    prompts = _word_effect_prompts()
+    oracle = _Oracle(prompts, frames=8, size=16, ignore_direction=ignore_direction)
+    effect = caption_word_effect(oracle, _PromptEncoder(prompts), frames=8, size=16)
+    assert effect["colour_word_effect"] > 0.05
+    if ignore_direction:
+        assert effect["direction_word_effect"] == 0.0
+    else:
+        assert effect["direction_word_effect"] > 0.05
+    assert effect["logsnr"] == -4.0
+
+
+def test_evaluate_synthetic_reports_the_word_effect_in_its_table():
+    prompts = prompt_grid(1)[0] + _word_effect_prompts()
+    oracle = _Oracle(prompts, frames=8, size=16, ignore_direction=True)
+    report = evaluate_synthetic(oracle, GaussianDiffusion(prediction="v"), _PromptEncoder(prompts), frames=8, size=16,
+                                seeds=1, sampling={"steps": 4, "guidance_weight": 0.0})
+    assert report.word_effect["direction_word_effect"] == 0.0
+    assert "the opposite direction moves the prediction 0.0%" in report.table()

@@ -140,6 +140,8 @@ class Evaluator:
         m = report.metrics
         result.metrics.update({"colour_acc": m["colour"], "direction_acc": m["direction"], "shape_acc": m["shape"],
                                "colour_direction_acc": m["colour_and_direction"], "axis_acc": m["axis"],
+                               "direction_word_effect": report.word_effect["direction_word_effect"],
+                               "colour_word_effect": report.word_effect["colour_word_effect"],
                                "synthetic_seconds": report.seconds,
                                "synthetic_clips_per_s": report.clips / max(report.seconds, 1e-9)})
         if report.extension:
