@@ -1,10 +1,13 @@
-"""The contract between the training loop and how the model is parallelised (see STRATEGY.md).
+"""The contract between the training loop and how the model is parallelised.
+
+Documented in docs/strategies.md (choosing a strategy, config keys, checkpoint formats) and
+docs/trainer.md "Strategies" (the method list the loop calls).
 
 The loop only ever calls these methods, so single-process, DDP, FSDP2 and DeepSpeed training share
 one loop, one checkpoint format around the model state, and one EMA. A strategy owns the wrapped
 model, the optimizer and any loss scaler; the model module itself never learns it is wrapped.
 
-Extensions beyond STRATEGY.md (all with working defaults here, so subclasses need not override):
+Beyond the basic step methods (all with working defaults here, so subclasses need not override):
 - `no_sync()`: context for non-final gradient-accumulation micro-steps (DDP skips the all-reduce).
 - `skip_step()`: called instead of `optimizer_step()` when the loop rejects a step (non-finite loss
   or grad norm); drops the gradients and lets a loss scaler back off.
