@@ -1,0 +1,161 @@
+"""The real `Trainer` driven in this process on an in-memory loader (no shards, no subprocess), for
+documented paths that are awkward to reach from the CLI: the NaN guard giving up after 3 rollbacks,
+the refusal to resume with another process count or strategy, and gradient accumulation skipping
+DDP's all-reduce on non-final micro-steps."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from trainer_helpers import tiny_config
+
+from trainer.config import TrainConfig, load_config
+from trainer.distributed import DistEnv
+from trainer.loop import MAX_ROLLBACKS_PER_CHECKPOINT, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT_DIM, TOKENS = 32, 3  # tiny_config: model.text_dim 32
+
+
+class MemoryLoader:
+    """Random batches shaped like data_pipeline.loader's (tiny_config: 4 video + 1 image frame, 8x8).
+
+    From batch `nan_from` on (counted over the whole run, rollbacks included, so "diverged for good")
+    every video is NaN. Raises after `limit` batches so a guard that never gives up fails the test
+    instead of hanging it."""
+
+    text_dim = TEXT_DIM
+
+    def __init__(self, cfg, *, nan_from: int | None = None, limit: int = 200):
+        self.cfg, self.nan_from, self.limit, self.served = cfg, nan_from, limit, 0
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __iter__(self):
+        while True:
+            if self.served >= self.limit:
+                raise AssertionError(f"the trainer drew {self.limit} batches: it never gave up")
+            b, frames = self.cfg.batch_size, self.cfg.num_frames + self.cfg.num_image_frames
+            size = self.cfg.image_size
+            video = torch.rand(b, 3, frames, size, size, generator=self.gen) * 2 - 1
+            if self.nan_from is not None and self.served >= self.nan_from:
+                video = torch.full_like(video, float("nan"))
+            self.served += 1
+            yield {"video": video, "text_emb": torch.randn(b, TOKENS, TEXT_DIM, generator=self.gen),
+                   "text_mask": torch.ones(b, TOKENS, dtype=torch.bool), "num_video_frames": self.cfg.num_frames}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _cfg(tmp_path, **sections) -> TrainConfig:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tiny_config(tmp_path / "c.yaml", "", tmp_path / "run", **sections)
+    return load_config(TrainConfig, path)
+
+
+def _trainer(cfg: TrainConfig, dist_env: DistEnv | None = None, **loader_kwargs) -> Trainer:
+    def factory(data_cfg, rank, world_size, train, **_):
+        return MemoryLoader(data_cfg, **loader_kwargs)
+
+    env = dist_env or DistEnv(0, 1, 0, torch.device("cpu"), None)
+    return Trainer(cfg, env, loader_factory=factory)
+
+
+# ---------------------------------------------------------------------------------------- NaN guard
+def test_nan_guard_gives_up_after_three_rollbacks_to_the_same_checkpoint(tmp_path, capsys):
+    """docs/trainer.md: after run.max_nonfinite_in_row non-finite steps the run reloads the last
+    checkpoint, and gives up after 3 rollbacks to the same checkpoint (a clear error, not a loop)."""
+    assert MAX_ROLLBACKS_PER_CHECKPOINT == 3  # the number the docs promise
+    cfg = _cfg(tmp_path, run={"steps": 50, "ckpt_every": 2, "max_nonfinite_in_row": 2})
+    trainer = _trainer(cfg, nan_from=2)  # steps 0, 1 finite (checkpoint at 2), then NaN for good
+    with pytest.raises(RuntimeError, match=r"rolled back to \S*step-000002 3 times and still diverging"):
+        trainer.train()
+    out = capsys.readouterr().out
+    for n in (1, 2, 3):
+        assert f"rolled back to step-000002 (rollback #{n})" in out
+    assert "rollback #4" not in out
+    assert trainer.rollbacks == 3
+    # 2 good steps, then 4 streaks of 2 NaN steps (3 rolled back, the 4th gives up)
+    assert trainer.loader.served == 2 + 4 * 2
+
+
+# ---------------------------------------------------------------------------------------- resume refusal
+def _checkpointed_run(tmp_path) -> TrainConfig:
+    cfg = _cfg(tmp_path, run={"steps": 2, "ckpt_every": 2})
+    assert _trainer(cfg).train() == 0
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    return cfg
+
+
+def test_resume_with_another_process_count_is_refused_naming_both(tmp_path):
+    cfg = _checkpointed_run(tmp_path)
+    # A second "rank" of a 2-process run: the refusal comes before any collective, so no group is needed.
+    two = DistEnv(0, 2, 0, torch.device("cpu"), None)
+    with pytest.raises(RuntimeError) as e:
+        _trainer(cfg, two)
+    msg = str(e.value)
+    assert "step-000002 was written by 1 processes, this run has 2" in msg
+    assert "run.init_from" in msg and "trainer.export" in msg
+
+
+def test_resume_with_another_strategy_is_refused_naming_both(tmp_path):
+    cfg = _checkpointed_run(tmp_path)
+    cfg.parallel.strategy = "ddp"  # one process: DDP runs unwrapped, so this needs no process group
+    with pytest.raises(RuntimeError) as e:
+        _trainer(cfg)
+    msg = str(e.value)
+    assert "step-000002 was written by strategy 'single', this run uses 'ddp'" in msg
+    assert "run.init_from" in msg
+
+
+# ---------------------------------------------------------------------------------------- no_sync
+@contextlib.contextmanager
+def _gloo_group_of_one():
+    fd, store = tempfile.mkstemp(prefix="gloo-store-")
+    os.close(fd)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(store)
+
+
+def _all_reduces_in_one_step(tmp_path, accum: int) -> int:
+    cfg = _cfg(tmp_path / f"accum{accum}", parallel={"strategy": "ddp"},
+               optim={"grad_accum": accum}, run={"steps": 1})
+    # DistEnv says 2 so that DDPStrategy wraps the model in DistributedDataParallel (it leaves a lone
+    # process unwrapped); the real group has one member, which is all DDP needs to run its all-reduce.
+    trainer = _trainer(cfg, DistEnv(0, 2, 0, torch.device("cpu"), "gloo"))
+    ddp = trainer.strategy.model
+    assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+    calls = []
+
+    def counting_allreduce(state, bucket):
+        calls.append(bucket.index())
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())  # a group of one: the sum is the buffer itself
+        return fut
+
+    ddp.register_comm_hook(None, counting_allreduce)
+    trainer.train_step()
+    return len(calls)
+
+
+def test_grad_accum_all_reduces_only_on_the_final_micro_step(tmp_path):
+    """docs/trainer.md, strategies/base.py: non-final accumulation micro-steps run under no_sync, so
+    DDP all-reduces the gradient buckets once per optimizer step, not once per micro-batch."""
+    with _gloo_group_of_one():
+        per_sync = _all_reduces_in_one_step(tmp_path, accum=1)
+        assert per_sync > 0
+        assert _all_reduces_in_one_step(tmp_path, accum=3) == per_sync
