@@ -2,13 +2,15 @@
 guidance (eqs. 7, 8) and the replacement baseline.
 
 A guide has three hooks the sampler calls: `replace(z, logsnr, generator)` after every update of z,
-`predict_x(predict, z, logsnr)` around the model's x̂, and `finalize(x)` on the result. Keeping them
-here leaves `sampling.sample` a plain loop over the update equations.
+`predict_x(predict, z, logsnr)` around the model's x̂, and `finalize(x)` on the result (the `Guide`
+protocol; SGM's `Guider` plays the same part). Keeping them here leaves `sampling.sample` a plain loop
+over the update equations, and any object with these hooks can guide it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -25,6 +27,26 @@ def cfg_combine(out_cond: Tensor, out_uncond: Tensor, weight: float) -> Tensor:
     in eps space, and avoids converting twice through a 1/α that is ~2e4 at λ = -20.
     """
     return (1.0 + weight) * out_cond - weight * out_uncond
+
+
+@runtime_checkable
+class Guide(Protocol):
+    """What `sampling.sample(guide=...)` calls; `Replacement` and `ReconstructionGuidance` are two.
+
+    An optional `x_a` tensor attribute tells `sample` which device the caller's tensors live on.
+    """
+
+    def replace(self, z: Tensor, logsnr: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z after an update of the sampler, with whatever the guide imposes (z itself if nothing)."""
+        ...
+
+    def predict_x(self, predict: Callable[[Tensor], Tensor], z: Tensor, logsnr: Tensor) -> Tensor:
+        """The x̂ the sampler uses at z; `predict(z)` is the model's own (after CFG)."""
+        ...
+
+    def finalize(self, x: Tensor) -> Tensor:
+        """The sampler's result x, with whatever the guide imposes on it."""
+        ...
 
 
 class Replacement:
@@ -111,7 +133,7 @@ class ReconstructionGuidance:
 
 def frame_guide(
     context: Tensor, window_frames: int, kind: str = "reconstruction", weight: float = SamplingConfig.reconstruction_weight
-) -> ReconstructionGuidance | Replacement:
+) -> Guide:
     """Guide for a window of `window_frames` frames whose first frames are `context` [B, C, k, H, W]."""
     b, c, k, h, w = context.shape
     if not 0 < k < window_frames:

@@ -28,13 +28,14 @@ from model.diffusion import (
     eps_from_x,
     posterior,
 )
-from model.guidance import ReconstructionGuidance, Replacement, cfg_combine, frame_guide
+from model.guidance import Guide, ReconstructionGuidance, Replacement, cfg_combine, frame_guide
 
 SAMPLERS = ("ancestral", "ddim", "pc")
 _DEFAULT = SamplingConfig  # field defaults of the `sampling:` config section (one source; not clip_x)
 
 __all__ = [
     "SAMPLERS",
+    "Guide",
     "ReconstructionGuidance",
     "Replacement",
     "ancestral_step",
@@ -82,7 +83,7 @@ def _check_args(sampler: str, steps: int, gamma: float, langevin_delta: float) -
         raise ValueError(f"langevin_delta must be >= 0, got {langevin_delta}")
 
 
-def _infer_device(guide: Any, cond: dict[str, Any]) -> torch.device:
+def _infer_device(guide: Guide | None, cond: dict[str, Any]) -> torch.device:
     """Where the caller's tensors live (guide's x_a, then conditioning tensors); CPU if none."""
     candidates = [getattr(guide, "x_a", None), *cond.values()]
     for c in candidates:
@@ -198,7 +199,7 @@ def sample(
     guidance_weight: float = _DEFAULT.guidance_weight,
     cond: dict[str, Any] | None = None,
     uncond: dict[str, Any] | None = None,
-    guide: ReconstructionGuidance | Replacement | None = None,
+    guide: Guide | None = None,
     generator: torch.Generator | None = None,
     clip_x: bool = False,
     device: torch.device | str | None = None,

@@ -17,7 +17,7 @@ import torch
 import model.sampling as sampling
 from model.diffusion import GaussianDiffusion, alpha_sigma
 from model.gaussian_denoiser import GaussianDenoiser
-from model.guidance import ReconstructionGuidance, Replacement, cfg_combine, frame_guide
+from model.guidance import Guide, ReconstructionGuidance, Replacement, cfg_combine, frame_guide
 from model.sampling import extend, langevin_step, sample
 
 F64 = torch.float64
@@ -265,6 +265,40 @@ def test_guidance_with_module_under_no_grad_leaves_parameters_untouched():
     assert all(p.grad is None for p in net.parameters())
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         sample(denoiser, GaussianDiffusion("eps"), (2, 1, 4, 1, 1), steps=2, guide=guide)
+
+
+def test_any_object_with_the_guide_hooks_guides_the_sampler():
+    """`Guide` is a protocol, not a union of the two built-in classes: both satisfy it, and sample()
+    drives a third, unrelated class through the same three hooks."""
+    x_a = torch.zeros(2, 1, 4, 1, 1, dtype=F64)
+    for kind in ("reconstruction", "replacement"):
+        assert isinstance(frame_guide(x_a[:, :, :2], 4, kind), Guide)
+    assert isinstance(Replacement(x_a, torch.ones(1, dtype=torch.bool)), Guide)
+    assert not isinstance(object(), Guide)
+
+    class Pin:  # pins frame 0 to 1.0 and counts the hook calls
+        def __init__(self):
+            self.calls = {"replace": 0, "predict_x": 0, "finalize": 0}
+
+        def replace(self, z, logsnr, generator=None):
+            self.calls["replace"] += 1
+            return z
+
+        def predict_x(self, predict, z, logsnr):
+            self.calls["predict_x"] += 1
+            return predict(z)
+
+        def finalize(self, x):
+            self.calls["finalize"] += 1
+            return torch.cat([torch.ones_like(x[:, :, :1]), x[:, :, 1:]], dim=2)
+
+    pin = Pin()
+    assert isinstance(pin, Guide)
+    den = GaussianDenoiser(MU4, COV4, "eps")
+    x = sample(den, GaussianDiffusion("eps"), (3, 1, T4, 1, 1), steps=4, guide=pin,
+               generator=torch.Generator().manual_seed(0))
+    assert (x[:, :, 0] == 1.0).all()
+    assert pin.calls["predict_x"] == 4 and pin.calls["finalize"] == 1 and pin.calls["replace"] >= 4
 
 
 # --------------------------------------------------------------------------------------------------
