@@ -79,7 +79,9 @@ def _read_all(videos: torch.Tensor) -> list[Reading]:
     return [read_clip(to_uint8_frames(v)) for v in videos]
 
 
-OPPOSITE_DIRECTION = {"left": "right", "right": "left", "up": "down", "down": "up"}
+# the direction whose unit step is the negation of each one's (from the renderer's own table)
+OPPOSITE_DIRECTION = {d: next(o for o, (ox, oy) in DIRECTIONS.items() if (ox, oy) == (-dx, -dy))
+                      for d, (dx, dy) in DIRECTIONS.items()}
 
 
 @torch.no_grad()
