@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trainer.loaders import loader_factory_or_default
+
 
 @dataclass
 class EvalResult:
@@ -50,14 +52,6 @@ class EvalResult:
 # A stride between the noise seeds of successive FVD caption batches (a prime, so batch i's seeds
 # eval.seed + FVD_BATCH_SEED_STRIDE * i + start never meet another batch's for realistic sizes)
 FVD_BATCH_SEED_STRIDE = 7919
-
-
-def loader_factory_or_default(factory=None):
-    """`factory(data_cfg, rank=, world_size=, train=)`, or data_pipeline.loader.build_loader when None
-    (tests inject their own). Imported on first use: CLIs that never read shards skip its imports."""
-    if factory is None:
-        from data_pipeline.loader import build_loader as factory
-    return factory
 
 
 class Evaluator:

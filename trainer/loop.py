@@ -39,8 +39,8 @@ from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, to_dict
 from trainer.distributed import DistEnv, init_distributed
 from trainer.ema import EMA
-from trainer.evaluate import loader_factory_or_default
 from trainer.exit_codes import EXIT_REQUEUE
+from trainer.loaders import loader_factory_or_default
 from trainer.lr import lr_from_config
 from trainer.metrics import (
     BandAccumulator,
