@@ -55,6 +55,11 @@ class UNetConfig:
     # kernel (frames) of a residual temporal convolution after every residual block; 0 = none (the paper's
     # pure 1x3x3 + attention design). Lets a small model learn the direction of motion (docs/model.md)
     temporal_conv_kernel: int = 0
+    # condition every video frame on the clip's global motion (measured in training, predicted from the
+    # caption at sampling; model/motion.py, docs/motion.md): how a small model learns the captioned
+    # direction of motion. motion_scale maps the measured share of the frame crossed per clip to O(1).
+    motion_conditioning: bool = False
+    motion_scale: float = 7.0
     gradient_checkpointing: bool = False
 
 

@@ -30,6 +30,7 @@ from model.blocks import (
     zero_module,
 )
 from model.config import UNetConfig
+from model.motion import MotionConditioning
 
 
 def validate_config(cfg: UNetConfig) -> None:
@@ -95,6 +96,8 @@ class SpaceTimeUNet(nn.Module):
         # for "no caption" (classifier-free guidance's unconditional branch)
         self.logsnr_embed = LogSNREmbedding(ch0, cfg.cond_dim)
         self.frame_embed = FramePositionEmbedding(ch0, cfg.cond_dim) if cfg.frame_position_embedding else None
+        self.motion_cond = (MotionConditioning(cfg.text_dim, cfg.cond_dim, cfg.motion_scale)
+                            if cfg.motion_conditioning else None)
         self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) * 0.02)
         self.text_norm = nn.LayerNorm(cfg.text_dim)
         self.text_pool = AttentionPool(cfg.text_dim, cfg.cond_dim, cfg.head_dim)
@@ -178,18 +181,39 @@ class SpaceTimeUNet(nn.Module):
         context = self.text_proj(tokens) if self.text_proj is not None else None
         return pooled, context, mask
 
-    def per_frame_cond(self, cond: torch.Tensor, frames: int, num_video_frames: int | None) -> torch.Tensor:
-        """[B, cond_dim] -> [(B F), cond_dim]: each video frame's conditioning plus its position;
-        image frames (beyond num_video_frames) and a lone frame (no time axis) keep the plain one."""
+    def per_frame_cond(self, cond: torch.Tensor, frames: int, num_video_frames: int | None,
+                       extra: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, cond_dim] -> [(B F), cond_dim]: each video frame's conditioning plus its position (and
+        `extra` [B, nv, cond_dim], the motion term); image frames (beyond num_video_frames) and a lone
+        frame (no time axis) keep the plain one."""
         nv = frames if num_video_frames is None else num_video_frames
         if nv < 2:
             return cond.repeat_interleave(frames, dim=0)
-        pos = self.frame_embed(nv, device=cond.device).to(cond.dtype)
-        pos = torch.cat([pos, pos.new_zeros(frames - nv, pos.shape[1])]) if nv < frames else pos
-        return (cond[:, None, :] + pos[None]).flatten(0, 1)
+        pos = cond.new_zeros(1, nv, cond.shape[1])
+        if self.frame_embed is not None:
+            pos = pos + self.frame_embed(nv, device=cond.device).to(cond.dtype)[None]
+        if extra is not None:
+            pos = pos + extra.to(cond.dtype)
+        pos = pos.expand(cond.shape[0], -1, -1)
+        if nv < frames:
+            pos = torch.cat([pos, pos.new_zeros(pos.shape[0], frames - nv, pos.shape[2])], dim=1)
+        return (cond[:, None, :] + pos).flatten(0, 1)
+
+    def motion_term(self, text_emb: torch.Tensor | None, text_mask: torch.Tensor | None,
+                    motion: torch.Tensor | None, video_frames: int) -> torch.Tensor | None:
+        """[B, nv, cond_dim] motion x frame-position term, or None without motion conditioning, a time
+        axis or a caption. `motion` [B, 2] (global_motion of the clean clip) in training; None at
+        sampling, where the caption's predicted motion is used."""
+        if self.motion_cond is None or video_frames < 2 or text_emb is None:
+            return None
+        mask = (text_mask.bool() if text_mask is not None
+                else torch.ones(text_emb.shape[:2], dtype=torch.bool, device=text_emb.device))
+        predicted = self.motion_cond.predict(text_emb, mask)
+        return self.motion_cond(self.motion_cond.motion(predicted, motion, mask.any(dim=1)), video_frames)
 
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, text_emb: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None, num_video_frames: int | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, num_video_frames: int | None = None,
+                motion: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         if z.ndim != 5 or z.shape[1] != cfg.in_channels:
             raise ValueError(f"z must be [B, C={cfg.in_channels}, F, H, W], got {list(z.shape)}")
@@ -207,8 +231,9 @@ class SpaceTimeUNet(nn.Module):
 
         pooled, context, context_mask = self.encode_text(text_emb, text_mask, b)
         cond = self.logsnr_embed(logsnr) + pooled
-        if self.frame_embed is not None:
-            cond = self.per_frame_cond(cond, f, num_video_frames)
+        extra = self.motion_term(text_emb, text_mask, motion, f if num_video_frames is None else num_video_frames)
+        if self.frame_embed is not None or extra is not None:
+            cond = self.per_frame_cond(cond, f, num_video_frames, extra)
         frame_mask = temporal_attention_mask(f, num_video_frames, device=z.device)
         args = (cond, f, context, context_mask, frame_mask, num_video_frames)
 

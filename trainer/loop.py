@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from model.motion import global_motion
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, to_dict
 from trainer.distributed import DistEnv, init_distributed
@@ -111,6 +112,10 @@ class Trainer:
         self.metrics = Metrics(self.out_dir, enabled=self.rank == 0)
         if cfg.optim.grad_accum < 1:
             raise ValueError(f"optim.grad_accum must be >= 1, got {cfg.optim.grad_accum}")
+        if cfg.model.motion_conditioning and cfg.run.precision == "fp16":
+            raise ValueError("model.motion_conditioning trains its caption->motion head by a gradient injected "
+                             "in the backward pass, which fp16 loss scaling would shrink: use run.precision=bf16 "
+                             "or fp32")
 
         from model.diffusion import GaussianDiffusion
         from model.unet import SpaceTimeUNet
@@ -310,6 +315,8 @@ class Trainer:
                 x = torch.full_like(x, float("nan"))
             n_videos += x.shape[0]
             cond = self._cond(batch, drop_captions=True)
+            if self.cfg.model.motion_conditioning:
+                cond["motion"] = global_motion(x[:, :, :cond["num_video_frames"]])
             sync = s.no_sync() if micro < accum - 1 else contextlib.nullcontext()
             with sync:
                 with s.autocast():

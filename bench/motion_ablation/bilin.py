@@ -13,7 +13,7 @@ def apply() -> None:
         _init(self, cfg)
         self.frame_gate = nn.Linear(cfg.cond_dim, cfg.cond_dim)
 
-    def per_frame_cond(self, cond, frames, num_video_frames):
+    def per_frame_cond(self, cond, frames, num_video_frames, extra=None):
         nv = frames if num_video_frames is None else num_video_frames
         if nv < 2:
             return cond.repeat_interleave(frames, dim=0)

@@ -52,7 +52,7 @@ def apply() -> None:
                 self._tokmax = torch.where(tm.any(1, keepdim=True), sc, torch.zeros_like(sc))
         return pooled, context, mask
 
-    def per_frame_cond(self, cond, frames, num_video_frames):
+    def per_frame_cond(self, cond, frames, num_video_frames, extra=None):
         nv = frames if num_video_frames is None else num_video_frames
         if nv < 2:
             return cond.repeat_interleave(frames, dim=0)

@@ -71,7 +71,7 @@ def apply() -> None:
         self._sign = s * present[:, None].to(s.dtype)
         return out
 
-    def per_frame_cond(self, cond, frames, num_video_frames):
+    def per_frame_cond(self, cond, frames, num_video_frames, extra=None):
         nv = frames if num_video_frames is None else num_video_frames
         if nv < 2:
             return cond.repeat_interleave(frames, dim=0)

@@ -21,7 +21,7 @@ def apply() -> None:
             self._sign = None
         return _enc(self, text_emb, text_mask, batch)
 
-    def per_frame_cond(self, cond, frames, num_video_frames):
+    def per_frame_cond(self, cond, frames, num_video_frames, extra=None):
         nv = frames if num_video_frames is None else num_video_frames
         if nv < 2:
             return cond.repeat_interleave(frames, dim=0)

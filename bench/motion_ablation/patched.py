@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-ORDER = ["meanpool", "cgate", "onehot", "dyn", "rinit", "bilin", "osign", "cfilm", "lsign"]
+ORDER = ["meanpool", "cgate", "onehot", "dyn", "rinit", "bilin", "osign", "cfilm", "lsign", "motion"]
 
 
 def main() -> int:
