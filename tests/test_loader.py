@@ -107,7 +107,7 @@ def test_mp4_batch_shapes_dtypes_ranges_and_content(tmp_path):
     loader = build_loader(cfg(tmp_path / "s", batch_size=3), train=True)
     batches = take(loader, 3)
     for b in batches:
-        assert set(b) == {"video", "text_emb", "text_mask", "num_video_frames", "keys", "captions"}
+        assert set(b) == {"video", "text_emb", "text_mask", "num_video_frames", "keys", "captions", "image_keys"}
         assert b["video"].shape == (3, 3, 4, 16, 16) and b["video"].dtype == torch.float32
         assert b["video"].min() >= -1.0 and b["video"].max() <= 1.0 and b["video"].std() > 0.1
         assert b["num_video_frames"] == 4
@@ -274,6 +274,7 @@ def _own_and_other_frames(keys_in_dataset, key):
 
 @pytest.mark.parametrize("batch_size", [3, 1])
 def test_joint_image_frames_come_from_other_clips(tmp_path, batch_size):
+    """Frame m of a row is a frame of the m-th next clip of the row's stream, named in image_keys."""
     keys = write_shards(tmp_path / "s", [6, 6])
     loader = build_loader(cfg(tmp_path / "s", batch_size=batch_size, num_image_frames=2))
     for b in take(loader, 4):
@@ -282,12 +283,11 @@ def test_joint_image_frames_come_from_other_clips(tmp_path, batch_size):
         for row, key in enumerate(b["keys"]):
             own, others = _own_and_other_frames(keys, key)
             assert np.array_equal(frames[row, :4], own)
-            for extra in frames[row, 4:]:
+            sources = b["image_keys"][row]
+            assert len(sources) == 2 and key not in sources and set(sources) <= set(keys)
+            for extra, src in zip(frames[row, 4:], sources):
                 assert not any(np.array_equal(extra, f) for f in own)
-                assert any(np.array_equal(extra, f) for f in others)
-                if batch_size > 1:  # drawn from the batch's other clips
-                    batch_others = np.concatenate([clip_frames(key_id(k), 4, 16, 16) for k in b["keys"] if k != key])
-                    assert any(np.array_equal(extra, f) for f in batch_others)
+                assert any(np.array_equal(extra, f) for f in clip_frames(key_id(src), 4, 16, 16))
 
 
 def test_validation_joint_frames_with_single_clip_batches(tmp_path):
@@ -370,9 +370,9 @@ def test_resume_skips_consumed_shards_unopened_and_does_not_decode_skipped_sampl
     import data_pipeline.loader as loader_mod
 
     write_shards(tmp_path / "s", [5, 5, 5, 5])
-    c = cfg(tmp_path / "s", batch_size=3, shuffle_buffer=0)  # no buffer: the plan reads shards in turn
+    c = cfg(tmp_path / "s", batch_size=1, shuffle_buffer=0)  # one stream, no buffer: shards read in turn
     a = build_loader(c)
-    consumed = take(a, 4)  # 12 samples: two whole shards and 2 samples of the third
+    consumed = take(a, 12)  # two whole shards and 2 samples of the third
     opened, decoded = [], []
     real_read, real_decode = loader_mod.read_shard, loader_mod.decode_sample
     monkeypatch.setattr(loader_mod, "read_shard", lambda url: opened.append(Path(url).name) or real_read(url))
@@ -387,22 +387,22 @@ def test_resume_skips_consumed_shards_unopened_and_does_not_decode_skipped_sampl
     assert decoded == [k for x in nxt for k in x["keys"]]  # the 2 read-past samples were not decoded
 
 
-def test_resume_refuses_other_topology_unless_not_strict(tmp_path, caplog):
+def test_resume_refuses_another_seed_or_buffer_unless_not_strict(tmp_path, caplog):
     write_shards(tmp_path / "s", [6, 6])
     a = build_loader(cfg(tmp_path / "s"))
-    take(a, 7)  # into epoch 1 (12 samples, batch 2)
-    b = build_loader(cfg(tmp_path / "s", num_workers=2))
-    with pytest.raises(ValueError, match=r"workers was 1 when saved.*num_workers.*= 2"):
+    take(a, 7)  # into epoch 1 (2 streams of 6 samples, batch 2)
+    b = build_loader(cfg(tmp_path / "s", seed=4))
+    with pytest.raises(ValueError, match=r"seed was 3 when saved.*data.seed = 4"):
         b.load_state_dict(a.state_dict())
     with caplog.at_level(logging.WARNING):
         b.load_state_dict(a.state_dict(), strict=False)
     assert b.epoch == 1 and "restarting all streams" in caplog.text
-    with pytest.raises(ValueError, match="seed was 3 when saved"):
-        build_loader(cfg(tmp_path / "s", seed=4)).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="shuffle_buffer was 8 when saved"):
+        build_loader(cfg(tmp_path / "s", shuffle_buffer=2)).load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="malformed"):
-        build_loader(cfg(tmp_path / "s")).load_state_dict({**a.state_dict(), "streams": [["x", 0, 0, 0]]})
-    with pytest.raises(ValueError, match="unsupported version"):
-        build_loader(cfg(tmp_path / "s")).load_state_dict({"version": 99})
+        build_loader(cfg(tmp_path / "s")).load_state_dict({**a.state_dict(), "positions": {"0": ["x", 0, 0, 0]}})
+    with pytest.raises(ValueError, match="unsupported version 1"):
+        build_loader(cfg(tmp_path / "s")).load_state_dict({"version": 1})
 
 
 # ------------------------------------------------------------------------------------ refusing bad input
@@ -488,9 +488,9 @@ def test_pickled_npy_is_refused_and_the_run_goes_on(tmp_path, caplog):
     extra = {"s00001": {"frames.npy": evil.getvalue()}, "s00003": {"emb.npy": evil.getvalue()}}
     write_shards(tmp_path / "s", [6], extra_samples=extra)
     with caplog.at_level(logging.ERROR):
-        loader = build_loader(cfg(tmp_path / "s", batch_size=4, shuffle_buffer=0))
-        b = take(loader, 1)[0]
-    assert b["keys"] == ["s00000", "s00002", "s00004", "s00005"] and loader.skipped_samples == 2
+        loader = build_loader(cfg(tmp_path / "s", batch_size=1, shuffle_buffer=0))
+        keys = [k for b in take(loader, 4) for k in b["keys"]]
+    assert keys == ["s00000", "s00002", "s00004", "s00005"] and loader.skipped_samples == 2
     assert "s00001" in caplog.text and "s00003" in caplog.text and "pickle" in caplog.text
     assert not marker.exists()
 
