@@ -172,7 +172,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def load_checkpoint(strategy, ckpt_dir: str | Path, *, ema, restore_rng: bool = True) -> dict[str, Any]:
-    """Collective inverse of save_checkpoint. Returns trainer_state with `loader` = this rank's state."""
+    """Collective inverse of save_checkpoint. Returns trainer_state with `loader` = this rank's loader
+    state and `loaders` = the list of every rank's."""
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
     rank, world = strategy.dist.rank, strategy.dist.world_size
@@ -191,5 +192,6 @@ def load_checkpoint(strategy, ckpt_dir: str | Path, *, ema, restore_rng: bool = 
         ema.load_state_dict(torch.load(ckpt_dir / f"ema-rank{rank}.pt", weights_only=True))
     if restore_rng:
         set_rng_state(torch.load(ckpt_dir / f"rng-rank{rank}.pt", weights_only=True))
+    state["loaders"] = state["loader"]  # every rank's: a loader may need streams another rank read
     state["loader"] = state["loader"][rank]
     return state

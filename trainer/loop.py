@@ -25,6 +25,7 @@ Test hooks (environment variables, read once at start; harmless when unset):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -85,6 +86,21 @@ def preserved_rng():
         yield
     finally:
         ckpt.set_rng_state(state)
+
+
+def batch_keys(batch: dict) -> list[str]:
+    """The sample keys a batch consumed: its clips and the clips its joint image frames came from
+    (a loader without keys, such as the tests' in-memory one, contributes none)."""
+    keys = list(batch.get("keys") or [])
+    for sources in batch.get("image_keys") or []:
+        keys += sources
+    return keys
+
+
+def batch_digest(keys: list[str]) -> str:
+    """sha256 hex of the step's global batch: every rank's keys, sorted (duplicates kept). The same on
+    every rank and for any number of ranks, since the global batch is (data_pipeline.loader)."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
 
 
 def _env_steps(name: str) -> set[int]:
@@ -161,7 +177,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _build_loader(self, train: bool, **kwargs):
+        """The training loader also gets optim.grad_accum: with data.batch_size and the world size it
+        makes the global batch, the unit in which the global sample sequence is cut into steps."""
         factory = loader_factory_or_default(self._loader_factory)
+        if train:
+            kwargs.setdefault("grad_accum", self.cfg.optim.grad_accum)
         return factory(self.cfg.data, rank=self.rank, world_size=self.world, train=train, **kwargs)
 
     def _next_batch(self) -> dict:
@@ -209,7 +229,8 @@ class Trainer:
         self.rollbacks = max(self.rollbacks, int(state.get("rollbacks", 0)))
         self.text_encoder_name = self.text_encoder_name or state.get("text_encoder", "")
         if state.get("loader") is not None:
-            self.loader.load_state_dict(state["loader"])
+            # every rank's saved state: the streams this rank reads now may have been another rank's
+            self.loader.load_state_dict(state.get("loaders") or state["loader"])
         self._iter = None
 
     def _warm_start(self, model) -> None:
@@ -301,10 +322,12 @@ class Trainer:
         data_wait = 0.0
         loss_sum = torch.zeros((), dtype=torch.float64)
         n_videos = 0
+        keys: list[str] = []
         for micro in range(accum):
             t0 = time.perf_counter()
             batch = self._next_batch()
             data_wait += time.perf_counter() - t0
+            keys += batch_keys(batch)
             x = batch["video"].to(self.dist.device, non_blocking=True).float()
             if self.step in self._nan_steps:
                 x = torch.full_like(x, float("nan"))
@@ -322,6 +345,7 @@ class Trainer:
         self._hold_for_signal(self.step if first_step is None else first_step)
         grad_norm = s.clip_grad_norm(cfg.optim.grad_clip)
         loss_mean = s.all_reduce_mean(float(loss_sum) / accum)
+        digest = batch_digest([k for rank_keys in s.all_gather_object(keys) for k in rank_keys])
         ok = math.isfinite(loss_mean) and math.isfinite(grad_norm)
         if ok:
             s.optimizer_step()
@@ -331,7 +355,7 @@ class Trainer:
             self.skipped_steps += 1
         s.zero_grad()
         return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "ok": ok, "data_wait": data_wait,
-                "videos": n_videos, "loss_finite": math.isfinite(loss_mean)}
+                "videos": n_videos, "loss_finite": math.isfinite(loss_mean), "batch_digest": digest}
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -359,7 +383,8 @@ class Trainer:
                 self.step += 1
                 if logf is not None:
                     logf.write(json.dumps({"step": step_index, "loss": out["loss"], "grad_norm": out["grad_norm"],
-                                           "lr": out["lr"], "skipped": not out["ok"]}) + "\n")
+                                           "lr": out["lr"], "skipped": not out["ok"],
+                                           "batch_digest": out["batch_digest"]}) + "\n")
                 interval["t"] += dt
                 interval["wait"] += out["data_wait"]
                 interval["steps"] += 1
