@@ -42,7 +42,7 @@ def test_one_and_two_ranks_and_zero_and_two_workers_consume_the_same_samples(tmp
     for name, (kw, nproc) in runs.items():
         out = tmp_path / name
         sections = {**common, **kw}
-        r = run_train(tiny_config(tmp_path / f"{name}.yaml", shards, out, **sections), nproc=nproc, timeout=400)
+        r = run_train(tiny_config(tmp_path / f"{name}.yaml", shards, out, **sections), nproc=nproc, timeout=900)
         assert r.returncode == 0, r.stdout + r.stderr
         digests[name] = _digests(out)
     ref = digests["single-w0"]
@@ -70,9 +70,9 @@ def test_ddp_two_ranks_killed_resume_on_one_rank_with_the_same_samples_and_state
     two = dict(parallel={"strategy": "ddp"}, data={"batch_size": 1}, run={"steps": 4, "ckpt_every": 2})
     one = dict(parallel={"strategy": "single"}, data={"batch_size": 2}, run={"steps": 4, "ckpt_every": 2})
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
-    r = run_train(tiny_config(tmp_path / "a.yaml", shards, straight, **two), nproc=2, timeout=400)
+    r = run_train(tiny_config(tmp_path / "a.yaml", shards, straight, **two), nproc=2, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = run_train(tiny_config(tmp_path / "b.yaml", shards, elastic, **two), nproc=2, timeout=400,
+    r = run_train(tiny_config(tmp_path / "b.yaml", shards, elastic, **two), nproc=2, timeout=900,
                   VDM_TEST_KILL_AT_STEP="3")
     assert r.returncode != 0
     ckpt = find_latest(elastic)
@@ -94,7 +94,7 @@ def test_ddp_two_ranks_killed_resume_on_one_rank_with_the_same_samples_and_state
     trainer.close()
     del trainer
 
-    r = run_train(cfg1, nproc=1, timeout=400)
+    r = run_train(cfg1, nproc=1, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "[resume]" in r.stdout and "step-000002" in r.stdout
     a, b = _digests(straight), _digests(elastic)
