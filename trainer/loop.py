@@ -4,6 +4,9 @@ What it guarantees (tests/test_trainer_*.py check each):
 - Resume is automatic and exact: a run whose out_dir holds a checkpoint continues from it, and on CPU
   its per-step losses are bitwise those of an uninterrupted run (data position, RNG of every rank,
   optimizer/scaler state and EMA are restored; the LR is a pure function of the step).
+- The data is elastic: each train_log.jsonl line carries `batch_digest` (the step's global batch), the
+  same for any number of ranks or loader workers at the same global batch; single/ddp checkpoints
+  resume on another process count, continuing at the next global sample.
 - SIGUSR1/SIGTERM: the current step finishes, a checkpoint is written, and `train()` returns
   EXIT_REQUEUE (124) so a scheduler wrapper knows to requeue the job. A signal at or after the last
   step (during the final checkpoint, or while the finished process shuts down) is not a reason to
@@ -118,7 +121,8 @@ def shard_encoder_name(shards_dir: str) -> str | None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist_env: DistEnv | None = None, loader_factory=None):
-        """loader_factory(cfg.data, rank=, world_size=, train=) defaults to data_pipeline.loader.build_loader."""
+        """loader_factory(cfg.data, rank=, world_size=, train=[, grad_accum=]) defaults to
+        data_pipeline.loader.build_loader."""
         self.cfg = cfg
         self._loader_factory = loader_factory
         self.dist = dist_env or init_distributed(cfg.parallel.backend)
