@@ -99,3 +99,23 @@ def test_ddp_two_ranks_killed_resume_on_one_rank_with_the_same_samples_and_state
     assert "[resume]" in r.stdout and "step-000002" in r.stdout
     a, b = _digests(straight), _digests(elastic)
     assert len(a) == 4 and b == a
+
+
+def test_single_process_killed_resume_on_two_ddp_ranks_with_the_same_samples(tmp_path, trainer_shards):
+    """The other direction: 1 process (batch 2) SIGKILLed after its step-2 checkpoint, resumed by 2 DDP
+    processes (batch 1 each) with no flag: exit 0, and every step's batch_digest equals the
+    uninterrupted 1-process run's (rank 1, which the saved run did not have, reads streams that rank 0
+    of the saved run read, from the saved loader state)."""
+    shards, _ = trainer_shards
+    one = dict(parallel={"strategy": "single"}, data={"batch_size": 2}, run={"steps": 4, "ckpt_every": 2})
+    two = dict(parallel={"strategy": "ddp"}, data={"batch_size": 1}, run={"steps": 4, "ckpt_every": 2})
+    straight, elastic = tmp_path / "straight", tmp_path / "elastic"
+    r = run_train(tiny_config(tmp_path / "a.yaml", shards, straight, **one), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_train(tiny_config(tmp_path / "b.yaml", shards, elastic, **one), timeout=900, VDM_TEST_KILL_AT_STEP="3")
+    assert r.returncode != 0
+    r = run_train(tiny_config(tmp_path / "c.yaml", shards, elastic, **two), nproc=2, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[resume]" in r.stdout and "step-000002" in r.stdout
+    a, b = _digests(straight), _digests(elastic)
+    assert len(a) == 4 and b == a
