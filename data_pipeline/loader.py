@@ -1,22 +1,28 @@
 """Training-side loader: webdataset tar shards → batches for the diffusion trainer, resumable exactly.
 
-    loader = build_loader(cfg.data, rank=rank, world_size=world_size)          # infinite, shuffled
-    for batch in loader: ...  # video [B,C,T+K,H,W] in [-1,1], text_emb [B,L,D], text_mask [B,L], ...
+    loader = build_loader(cfg.data, rank=rank, world_size=world_size, grad_accum=A)   # infinite, shuffled
+    for batch in loader: ...  # video [B,C,T+K,H,W] in [-1,1], text_emb [B,L,D], text_mask [B,L], keys, ...
     ckpt["data"] = loader.state_dict()                                          # small, JSON-able
-    loader.load_state_dict(ckpt["data"])                                        # before iterating
+    loader.load_state_dict(ckpt["data"])        # or the list of every rank's states (another world size)
 
-How it stays exact (docs/loader.md has the long version):
-- Every stream (one per rank x DataLoader worker) follows a *plan* (data_pipeline.plan): its sample
-  order per epoch is a pure function of seed, epoch, rank and worker, computed from index.json counts.
-- Each worker builds whole batches, tagged with its position (epoch, offset in the plan, batches
-  made). torch's DataLoader hands batches out round-robin over workers, in order, so batch n of a
-  rank comes from worker n % W. The loader records the tag of each batch *as the caller receives
-  it*, so prefetched-but-unconsumed batches never count.
-- On resume, worker i of the fresh DataLoader plays logical worker (i + n) % W, and each stream
-  restarts at its recorded offset: shards whose planned samples were all delivered are not
-  opened, skipped samples are read but not decoded.
+Elastic determinism (docs/loader.md has the long version): the *global* sequence of training samples
+depends only on the dataset, data.seed, the epoch and the number of canonical streams C (data.streams,
+default the global batch size G = batch_size x world_size x grad_accum), never on the number of ranks
+or loader workers:
+- Each canonical stream follows a *plan* (data_pipeline.plan): its sample order per epoch is a pure
+  function of (seed, epoch, stream, C), computed from index.json counts.
+- Global step S takes G consecutive global positions; position p is the next sample of stream p mod C.
+  Rank r takes slice r of each global batch; C being a multiple of G, every stream is read by one rank
+  only, and within the rank by one worker (streams dealt round-robin over the workers).
+- Each worker yields, per micro-batch, the rows of its own streams; torch's DataLoader hands worker
+  outputs out round-robin and in order, so the loader assembles micro-batch n from outputs n*W ..
+  n*W+W-1 and records the stream positions *as the caller receives the batch* (prefetched parts never
+  count).
+- Joint image frames of a row come from the next K clips of the row's own stream, so they too are the
+  same whatever the number of ranks or workers.
+- The state is kept per stream and in global samples, so a run resumes on another number of ranks or
+  workers (given every rank's saved state) at the next global sample.
 """
-
 from __future__ import annotations
 
 import functools
@@ -24,6 +30,7 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -39,7 +46,7 @@ from data_pipeline.plan import (
     SALT_VAL_IMAGE_FRAMES,
     Plan,
     check_enough_samples,
-    num_streams,
+    epoch_sizes,
     seed_words,
     train_plan,
     val_plan,
@@ -47,7 +54,7 @@ from data_pipeline.plan import (
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: positions per (rank, worker) stream, before elastic determinism
 
 
 # ----------------------------------------------------------------------------------- shard reading
@@ -128,11 +135,12 @@ def follow_plan(index: ShardIndex, plan: Plan, start: int = 0) -> Iterator[tuple
 
 @dataclass
 class StreamPos:
-    """Where one logical worker stream is: plan offset within epoch, batches made, samples skipped."""
+    """Where one stream is: epoch, plan offset within it, samples delivered (train: good samples handed
+    out by a canonical stream; validation: batches made), bad or missing samples passed over."""
 
     epoch: int = 0
     offset: int = 0
-    batches: int = 0
+    delivered: int = 0
     skipped: int = 0  # bad or missing samples passed over (each also logged with its reason)
 
 
@@ -140,6 +148,7 @@ def image_frames_from_other_clips(samples: list[Sample], extra: list[Sample], k:
                                   rng: np.random.Generator) -> np.ndarray:
     """[B, K, H, W, 3]: per sample, K random frames of random *other* clips (paper 4.3.1).
 
+    Validation batches only (training takes them from the row's own stream, see TrainStream).
     Sources are the batch's other clips plus `extra` (a neighbouring clip of the stream when the
     batch has one sample). Only with a single clip in sight do we fall back to the clip's own
     frames (logged), so shapes never change.
@@ -191,7 +200,7 @@ def collate(samples: list[Sample], image_frames: np.ndarray | None, num_frames: 
     }
 
 
-# ------------------------------------------------------------------------------------ the stream
+# ------------------------------------------------------------------------------------ validation stream
 
 
 @dataclass(frozen=True)
@@ -202,7 +211,7 @@ class StreamSpec:
     train: bool
     rank: int
     world_size: int
-    workers: int  # logical streams per rank = max(1, num_workers)
+    workers: int  # validation: logical workers per rank = max(1, num_workers)
     batch_size: int
     num_frames: int
     image_frames: int
@@ -211,89 +220,42 @@ class StreamSpec:
     max_text_len: int
     shuffle_buffer: int
     seed: int
+    grad_accum: int = 1  # micro-batches per optimizer step (train: part of the global batch size)
+    streams: int = 0  # train: canonical streams C (resolved, a multiple of the global batch size)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size * self.grad_accum
+
+
+def decode_or_log(spec: StreamSpec, raw: dict | None) -> Sample | None:
+    """The decoded sample, or None (logged at ERROR with key, shard and reason) when it is missing or bad."""
+    if raw is None:
+        return None
+    try:
+        return decode_sample(raw, frames=spec.num_frames, height=spec.height, width=spec.width,
+                             max_text_len=spec.max_text_len, text_dim=spec.index.encoder_dim)
+    except BadSample as e:
+        log.error("bad sample %s in %s skipped: %s", raw.get("__key__"), raw.get("__url__"), e)
+        return None
+    except Exception as e:  # anything else a hostile file can provoke: skip it, keep training
+        log.error("bad sample %s in %s skipped: %s: %s", raw.get("__key__"), raw.get("__url__"),
+                  type(e).__name__, e)
+        return None
 
 
 class ShardStream(IterableDataset):
-    """One rank's batches; inside DataLoader worker i it plays logical worker (i + rotation) % W."""
+    """Validation batches of one rank; inside DataLoader worker i it makes batches j with j % W == i."""
 
-    def __init__(self, spec: StreamSpec, positions: list[StreamPos], rotation: int = 0):
+    def __init__(self, spec: StreamSpec):
         self.spec = spec
-        self.positions = positions
-        self.rotation = rotation
 
-    # -- helpers
     def _decode(self, raw: dict | None) -> Sample | None:
-        if raw is None:
-            return None
-        sp = self.spec
-        try:
-            return decode_sample(raw, frames=sp.num_frames, height=sp.height, width=sp.width,
-                                 max_text_len=sp.max_text_len, text_dim=sp.index.encoder_dim)
-        except BadSample as e:
-            log.error("bad sample %s in %s skipped: %s", raw.get("__key__"), raw.get("__url__"), e)
-            return None
-        except Exception as e:  # anything else a hostile file can provoke: skip it, keep training
-            log.error("bad sample %s in %s skipped: %s: %s", raw.get("__key__"), raw.get("__url__"),
-                      type(e).__name__, e)
-            return None
-
-    def _logical_worker(self) -> int:
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        return (physical + self.rotation) % self.spec.workers
+        return decode_or_log(self.spec, raw)
 
     def __iter__(self):
-        worker = self._logical_worker()
-        return self._train_batches(worker) if self.spec.train else self._val_batches(worker)
-
-    # -- train: infinite, shuffled, resumable
-    def _train_samples(self, stream: int, pos: StreamPos) -> Iterator[tuple[int, int, Sample | None]]:
-        sp = self.spec
-        n_streams = sp.world_size * sp.workers
-        epoch, offset = pos.epoch, pos.offset
-        while True:
-            plan = train_plan(sp.index.counts, seed=sp.seed, epoch=epoch, stream=stream, n_streams=n_streams,
-                              buffer=sp.shuffle_buffer)
-            good = 0
-            for p, raw in follow_plan(sp.index, plan, offset):
-                sample = self._decode(raw)
-                good += sample is not None
-                yield epoch, p + 1, sample
-            if good == 0 and offset == 0 and len(plan) > 0:
-                raise RuntimeError(f"loader stream {stream}: no readable sample in epoch {epoch} of {sp.index.source}")
-            epoch, offset = epoch + 1, 0
-
-    def _train_batches(self, worker: int) -> Iterator[dict]:
-        sp = self.spec
-        stream = sp.rank * sp.workers + worker
-        pos = self.positions[worker]
-        it = self._train_samples(stream, pos)
-        ahead: list[tuple[int, int, Sample | None]] = []  # looked-ahead items (B == 1 joint frames)
-
-        def take():
-            return ahead.pop(0) if ahead else next(it)
-
-        batches, skipped = pos.batches, pos.skipped
-        while True:
-            samples: list[Sample] = []
-            epoch = offset = 0
-            while len(samples) < sp.batch_size:
-                epoch, offset, sample = take()
-                if sample is None:
-                    skipped += 1
-                else:
-                    samples.append(sample)
-
-            def next_good_clip() -> list[Sample]:  # the stream's next good clip (not consumed, decoded once)
-                while not ahead or ahead[-1][2] is None:
-                    ahead.append(next(it))
-                return [ahead[-1][2]]
-
-            images = self._image_frames(samples, next_good_clip, stream, batches, SALT_TRAIN_IMAGE_FRAMES)
-            batch = collate(samples, images, sp.num_frames)
-            batches += 1
-            batch["_pos"] = [worker, epoch, offset, batches, skipped]
-            yield batch
+        info = get_worker_info()
+        return self._val_batches(info.id if info is not None else 0)
 
     def _image_frames(self, samples: list[Sample], borrow: Callable[[], list[Sample]],
                       *rng_key: int) -> np.ndarray | None:
@@ -345,9 +307,178 @@ class ShardStream(IterableDataset):
 
             images = self._image_frames(samples, next_or_previous_clip, sp.rank, j, SALT_VAL_IMAGE_FRAMES)
             previous = samples[-1]
-            batch = collate(samples, images, sp.num_frames)
-            batch["_pos"] = [worker, 0, (j + 1) * sp.batch_size, j + 1, 0]
-            yield batch
+            yield collate(samples, images, sp.num_frames)
+
+
+# ------------------------------------------------------------------------------ train: the global plan
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the global sample sequence maps onto this rank's micro-batches (docs/loader.md).
+
+    The global sequence: C canonical streams (`data.streams`, default the global batch size G =
+    batch_size x world_size x grad_accum), each an infinite sequence of samples that depends only on
+    (dataset, seed, epoch, C). Global step S takes the G samples at global positions [S*G, (S+1)*G);
+    position p comes from stream p mod C (its next sample). Slot `slot` of a step (0 <= slot < G) is
+    row `slot % batch_size` of micro-batch `(slot // batch_size) % grad_accum` of rank
+    `slot // (batch_size * grad_accum)`. C is a multiple of G, so stream (S mod C/G) * G + slot
+    always lands on the same rank: each stream is read by exactly one rank and one of its workers.
+    """
+
+    global_batch: int
+    streams: int
+    rank: int
+    batch_size: int
+    grad_accum: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def rank_streams(self) -> list[int]:
+        """The streams this rank reads, in the order they are first used."""
+        k = self.streams // self.global_batch
+        first = self.rank * self.per_rank
+        return [t * self.global_batch + first + j for t in range(k) for j in range(self.per_rank)]
+
+    def micro_streams(self, step: int, micro: int) -> list[int]:
+        """Stream of each row of this rank's micro-batch `micro` of global step `step`."""
+        base = (step % (self.streams // self.global_batch)) * self.global_batch
+        first = self.rank * self.per_rank + micro * self.batch_size
+        return [base + first + i for i in range(self.batch_size)]
+
+
+def resolve_streams(streams: int, global_batch: int) -> int:
+    """data.streams (0 = the global batch size), checked to be a positive multiple of it."""
+    c = streams or global_batch
+    if c < 1 or c % global_batch:
+        raise ValueError(f"data.streams={streams} must be a multiple of the global batch size {global_batch} "
+                         "(data.batch_size x world size x optim.grad_accum), or 0 for the global batch size itself")
+    return c
+
+
+@dataclass
+class _Item:
+    """A good sample of a stream with the stream's position just after it."""
+
+    sample: Sample
+    epoch: int
+    offset: int
+    skipped: int
+
+
+class TrainStream(IterableDataset):
+    """Inside (logical) loader worker w: the streams of this rank with index j % W == w. For every
+    micro-batch n = start, start+1, ... it yields one *part*: the rows whose streams it owns (maybe
+    none). torch's DataLoader returns worker outputs round-robin and in order, so parts n*W .. n*W+W-1
+    of the output are micro-batch n; the loader assembles them."""
+
+    def __init__(self, spec: StreamSpec, layout: Layout, positions: dict[int, StreamPos], start_step: int,
+                 start_micro: int, workers: int):
+        self.spec, self.layout, self.positions = spec, layout, positions
+        self.start_step, self.start_micro, self.workers = start_step, start_micro, workers
+
+    def _decode(self, raw: dict | None) -> Sample | None:
+        return decode_or_log(self.spec, raw)
+
+    def _stream_items(self, stream: int, pos: StreamPos) -> Iterator[_Item]:
+        """The stream's good samples from `pos` on, epoch after epoch (bad ones counted and passed over)."""
+        sp = self.spec
+        epoch, offset, skipped = pos.epoch, pos.offset, pos.skipped
+        while True:
+            plan = train_plan(sp.index.counts, seed=sp.seed, epoch=epoch, stream=stream,
+                              n_streams=self.layout.streams, buffer=sp.shuffle_buffer)
+            good = 0
+            for p, raw in follow_plan(sp.index, plan, offset):
+                sample = self._decode(raw)
+                if sample is None:
+                    skipped += 1
+                    continue
+                good += 1
+                yield _Item(sample, epoch, p + 1, skipped)
+            if good == 0 and offset == 0:
+                raise RuntimeError(f"loader stream {stream}: no readable sample in epoch {epoch} of {sp.index.source}")
+            epoch, offset = epoch + 1, 0
+
+    def _image_sources(self, sample: Sample, window: deque[_Item], items: Iterator[_Item]) -> list[Sample]:
+        """The K clips a row's image frames come from: the next K clips of its stream that are not the
+        clip itself (decoded once: they are the stream's next rows). The window looks ahead at most
+        2K + 2 clips; a stream whose epochs hold only this clip falls back to its own frames (logged)."""
+        k = self.spec.image_frames
+        if k <= 0:
+            return []
+        while sum(it.sample.key != sample.key for it in window) < k and len(window) < 2 * k + 2:
+            window.append(next(items))
+        others = [it.sample for it in window if it.sample.key != sample.key][:k]
+        if len(others) < k:
+            log.warning("joint image frames: no other clip near %s in its stream; using its own frames", sample.key)
+            others += [sample] * (k - len(others))
+        return others
+
+    def __iter__(self) -> Iterator[dict]:
+        sp, lay = self.spec, self.layout
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        mine = [c for j, c in enumerate(lay.rank_streams()) if j % self.workers == worker]
+        items = {c: self._stream_items(c, self.positions[c]) for c in mine}
+        windows: dict[int, deque[_Item]] = {c: deque() for c in mine}
+        delivered = {c: self.positions[c].delivered for c in mine}
+        step, micro = self.start_step, self.start_micro
+        while True:
+            rows, frames, embs, keys, captions, image_keys, pos = [], [], [], [], [], [], {}
+            for row, c in enumerate(lay.micro_streams(step, micro)):
+                if c not in items:
+                    continue
+                window = windows[c]
+                if not window:
+                    window.append(next(items[c]))
+                item = window.popleft()
+                sources = self._image_sources(item.sample, window, items[c])
+                video = item.sample.frames
+                if sources:
+                    rng = np.random.default_rng(seed_words(sp.seed, c, delivered[c], SALT_TRAIN_IMAGE_FRAMES))
+                    picks = [src.frames[int(rng.integers(src.frames.shape[0]))] for src in sources]
+                    video = np.concatenate([video, np.stack(picks)])
+                delivered[c] += 1
+                rows.append(row)
+                frames.append(video)
+                embs.append(item.sample.text_emb)
+                keys.append(item.sample.key)
+                captions.append(item.sample.caption)
+                image_keys.append([src.key for src in sources])
+                pos[c] = [item.epoch, item.offset, delivered[c], item.skipped]
+            yield {"rows": rows, "video": to_unit_range(np.stack(frames)) if frames else None, "text_emb": embs,
+                   "keys": keys, "captions": captions, "image_keys": image_keys, "pos": pos}
+            micro += 1
+            if micro == lay.grad_accum:
+                step, micro = step + 1, 0
+
+
+def assemble(parts: list[dict], num_frames: int) -> dict:
+    """One micro-batch from its workers' parts, rows in slot order (text padded to the batch's longest)."""
+    order = sorted((row, p, i) for p, part in enumerate(parts) for i, row in enumerate(part["rows"]))
+    videos = [part["video"] for part in parts if part["video"] is not None]
+    video = torch.cat(videos) if len(videos) > 1 else videos[0]
+    flat = [(p, i) for p, part in enumerate(parts) for i in range(len(part["rows"]))]  # rows in cat order
+    index = {pi: n for n, pi in enumerate(flat)}
+    perm = [index[(p, i)] for _, p, i in order]
+    if perm != list(range(len(perm))):
+        video = video[perm]
+    embs = [parts[p]["text_emb"][i] for _, p, i in order]
+    length = max([1] + [e.shape[0] for e in embs])
+    emb = np.zeros((len(embs), length, embs[0].shape[1]), dtype=np.float32)
+    mask = np.zeros((len(embs), length), dtype=bool)
+    for n, e in enumerate(embs):
+        emb[n, :e.shape[0]] = e
+        mask[n, :e.shape[0]] = True
+    return {
+        "video": video, "text_emb": torch.from_numpy(emb), "text_mask": torch.from_numpy(mask),
+        "num_video_frames": num_frames,
+        "keys": [parts[p]["keys"][i] for _, p, i in order],
+        "captions": [parts[p]["captions"][i] for _, p, i in order],
+        "image_keys": [parts[p]["image_keys"][i] for _, p, i in order],
+    }
 
 
 def worker_context(method: str) -> multiprocessing.context.BaseContext:
@@ -389,8 +520,13 @@ class VideoTextLoader:
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.start_method = start_method
-        self.consumed = 0  # batches handed to the caller on this rank (train)
-        self.positions = [StreamPos() for _ in range(spec.workers)]
+        self.layout = Layout(spec.global_batch, spec.streams, spec.rank, spec.batch_size, spec.grad_accum) \
+            if spec.train else None
+        self.step = 0  # global step of the next micro-batch (train)
+        self.micro = 0  # its micro-batch index within the step (0 <= micro < grad_accum)
+        self.consumed = 0  # micro-batches handed to the caller by this loader object (train)
+        self.positions: dict[int, StreamPos] = \
+            {c: StreamPos() for c in self.layout.rank_streams()} if spec.train else {}
         self._generation = 0
 
     @property
@@ -404,12 +540,17 @@ class VideoTextLoader:
     @property
     def skipped_samples(self) -> int:
         """Bad or missing samples this rank's train streams passed over so far (for monitoring)."""
-        return sum(p.skipped for p in self.positions)
+        return sum(p.skipped for p in self.positions.values())
 
     @property
     def epoch(self) -> int:
         """The oldest epoch any of this rank's streams is still in."""
-        return min(p.epoch for p in self.positions)
+        return min(p.epoch for p in self.positions.values())
+
+    @property
+    def samples(self) -> int:
+        """Global samples consumed by the completed global steps (the position in the global sequence)."""
+        return self.step * self.spec.global_batch
 
     def __len__(self) -> int:
         """Batches per validation pass on this rank (train loaders are infinite)."""
@@ -418,104 +559,152 @@ class VideoTextLoader:
         n = len(val_plan(self.spec.index.counts, rank=self.spec.rank, world_size=self.spec.world_size))
         return -(-n // self.spec.batch_size)
 
-    def _dataloader(self, dataset: ShardStream) -> DataLoader:
+    def _dataloader(self, dataset: IterableDataset, num_workers: int) -> DataLoader:
         kwargs = {}
-        if self.num_workers > 0:
+        if num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": worker_context(self.start_method),
                       "worker_init_fn": functools.partial(_worker_init, os.getpid()),
                       "pin_memory": torch.cuda.is_available()}  # page-locked batches for non_blocking copies
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough,
-                          **kwargs)
+        return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_passthrough, **kwargs)
 
     def __iter__(self) -> Iterator[dict]:
         if not self.spec.train:
-            for batch in self._dataloader(ShardStream(self.spec, [StreamPos() for _ in self.positions])):
-                batch.pop("_pos", None)
-                yield batch
+            yield from self._dataloader(ShardStream(self.spec), self.num_workers)
             return
         self._generation += 1  # a newer iter() or load_state_dict() ends this iterator (no stale updates)
         generation = self._generation
-        positions = [StreamPos(p.epoch, p.offset, p.batches, p.skipped) for p in self.positions]
-        dataset = ShardStream(self.spec, positions, rotation=self.consumed % self.spec.workers)
-        for batch in self._dataloader(dataset):
+        # one worker per stream at most: a worker without streams would only pass empty parts around
+        workers = min(self.num_workers, len(self.positions))
+        dataset = TrainStream(self.spec, self.layout, {c: StreamPos(**vars(p)) for c, p in self.positions.items()},
+                              self.step, self.micro, max(1, workers))
+        parts: list[dict] = []
+        for part in self._dataloader(dataset, workers):
             if generation != self._generation:
                 return
-            worker, *position = batch.pop("_pos")
-            self.positions[worker] = StreamPos(*position)
+            parts.append(part)
+            if len(parts) < max(1, workers):
+                continue
+            for part in parts:
+                for c, pos in part["pos"].items():
+                    self.positions[int(c)] = StreamPos(*pos)
+            batch = assemble(parts, self.spec.num_frames)
+            parts = []
             self.consumed += 1
+            self.micro += 1
+            if self.micro == self.spec.grad_accum:
+                self.step, self.micro = self.step + 1, 0
             yield batch
 
     # -- resumption
     def state_dict(self) -> dict:
         sp = self.spec
-        return {
-            "version": STATE_VERSION,
-            "train": sp.train,
-            "rank": sp.rank,
-            "world_size": sp.world_size,
-            "workers": sp.workers,
-            "seed": sp.seed,
-            "batch_size": sp.batch_size,
-            "shuffle_buffer": sp.shuffle_buffer,
-            "dataset": sp.index.fingerprint(),
-            "batches": self.consumed,
-            "streams": [[p.epoch, p.offset, p.batches, p.skipped] for p in self.positions],
-        }
+        state = {"version": STATE_VERSION, "train": sp.train, "rank": sp.rank, "world_size": sp.world_size,
+                 "seed": sp.seed, "batch_size": sp.batch_size, "shuffle_buffer": sp.shuffle_buffer,
+                 "dataset": sp.index.fingerprint()}
+        if not sp.train:
+            return state
+        return {**state, "grad_accum": sp.grad_accum, "global_batch": sp.global_batch, "streams": sp.streams,
+                "samples": self.samples, "micro": self.micro,
+                "positions": {str(c): [p.epoch, p.offset, p.delivered, p.skipped] for c, p in self.positions.items()}}
 
-    def load_state_dict(self, state: dict, *, strict: bool = True) -> None:
+    def load_state_dict(self, state: dict | list[dict], *, strict: bool = True) -> None:
         """Restore a position saved by state_dict(); call before iterating.
 
-        The stream layout depends on world_size, num_workers, seed and shuffle_buffer; with any of
-        them changed an exact resume is impossible: strict=True refuses (naming the field and both
-        values), strict=False warns and restarts every stream at the start of the oldest saved epoch
-        (no sample of that epoch is skipped; some are seen twice).
+        `state` is one rank's state, or the list of every rank's states of the saved run (needed when
+        the number of ranks, or the global batch size, changed: each stream's position is in the state
+        of the rank that read it). The sample sequence depends on seed and shuffle_buffer; with either
+        changed an exact resume is impossible: strict=True refuses (naming the field and both values),
+        strict=False warns and restarts every stream at the start of the oldest saved epoch.
+        Another number of ranks or workers resumes exactly, at the next global sample. Another global
+        batch size continues at the same global sample when data.streams is unchanged and a multiple of
+        both sizes; otherwise (the default data.streams follows the global batch size) every stream
+        restarts at the share of the oldest saved epoch the saved run had consumed: approximate, some
+        samples of that epoch are seen twice or not at all. Both cases warn, naming the old and new sizes.
         """
         sp = self.spec
         self._generation += 1
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state: unsupported version {state.get('version') if isinstance(state, dict) else state!r}")
-        if bool(state.get("train")) != sp.train:
-            raise ValueError(f"loader state: saved from a {'train' if state.get('train') else 'validation'} loader")
+        states = state if isinstance(state, list) else [state]
+        if not states or not all(isinstance(s, dict) for s in states):
+            raise ValueError(f"loader state: expected a dict or a list of dicts, got {type(state).__name__}")
+        first = states[0]
+        if first.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state: unsupported version {first.get('version')} (this loader writes "
+                             f"{STATE_VERSION}; version 1 states predate elastic data order and cannot be continued "
+                             "exactly)")
+        if bool(first.get("train")) != sp.train:
+            raise ValueError(f"loader state: saved from a {'train' if first.get('train') else 'validation'} loader")
         if not sp.train:
             return
-        checks = [("world_size", sp.world_size, "world size"), ("rank", sp.rank, "rank"),
-                  ("workers", sp.workers, "data.num_workers (0 counts as 1)"), ("seed", sp.seed, "data.seed"),
-                  ("shuffle_buffer", sp.shuffle_buffer, "data.shuffle_buffer")]
-        for key, have, what in checks:
-            if state.get(key) != have:
-                oldest = min(int(s[0]) for s in state["streams"])
-                msg = (f"loader state: {key} was {state.get(key)} when saved, this run has {what} = {have}; "
+        try:
+            saved = {int(c): StreamPos(*(int(v) for v in pos)) for s in states for c, pos in s["positions"].items()}
+            samples, micro = int(first["samples"]), int(first["micro"])
+            old_g, old_c, old_accum = int(first["global_batch"]), int(first["streams"]), int(first["grad_accum"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"loader state: malformed positions/samples ({e!r})") from None
+        if any(p.epoch < 0 or p.offset < 0 or p.delivered < 0 for p in saved.values()) or samples < 0:
+            raise ValueError("loader state: negative positions")
+        oldest = min(p.epoch for p in saved.values()) if saved else 0
+        for key, have, what in [("seed", sp.seed, "data.seed"), ("shuffle_buffer", sp.shuffle_buffer,
+                                                                  "data.shuffle_buffer")]:
+            if first.get(key) != have:
+                msg = (f"loader state: {key} was {first.get(key)} when saved, this run has {what} = {have}; "
                        "an exact data resume needs the same value")
                 if strict:
                     raise ValueError(msg + f" (or load with strict=False to restart at epoch {oldest})")
                 log.warning("%s; restarting all streams at the start of epoch %d", msg, oldest)
-                self.positions = [StreamPos(oldest, 0, 0) for _ in range(sp.workers)]
-                self.consumed = 0
+                self._restart(oldest, 0.0, samples)
                 return
-        if state.get("batch_size") != sp.batch_size:
-            log.warning("loader state: batch_size %s → %s; resuming at the same sample positions",
-                        state.get("batch_size"), sp.batch_size)
-        if state.get("dataset") != sp.index.fingerprint():
+        if first.get("dataset") != sp.index.fingerprint():
             log.warning("loader state: the shards in %s changed since the state was saved; resuming at the saved "
                         "epochs/offsets, but the sample order differs", sp.index.source)
-        try:
-            positions = [StreamPos(*(int(v) for v in entry)) for entry in state["streams"]]
-            consumed = int(state["batches"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"loader state: malformed streams/batches ({e})") from None
-        if len(positions) != sp.workers or consumed < 0 or any(p.epoch < 0 or p.offset < 0 for p in positions):
-            raise ValueError(f"loader state: {len(positions)} stream positions for {sp.workers} workers, or negative "
-                             "values")
-        self.positions, self.consumed = positions, consumed
+        same_layout = old_g == sp.global_batch and old_c == sp.streams
+        if micro and not (same_layout and old_accum == sp.grad_accum):
+            raise ValueError(f"loader state: saved in the middle of a global step (micro-batch {micro} of "
+                             f"{old_accum}); it can only be continued with the same global batch and grad_accum")
+        if old_c != sp.streams or samples % sp.global_batch:
+            fraction = self._epoch_fraction(saved, oldest, old_c)
+            log.warning("loader state: global batch size %d → %d (data.streams %d → %d): the canonical streams "
+                        "differ, so every stream restarts at %.1f%% of epoch %d (approximate: some samples of that "
+                        "epoch are seen twice or not at all)", old_g, sp.global_batch, old_c, sp.streams,
+                        100 * fraction, oldest)
+            self._restart(oldest, fraction, samples)
+            return
+        if old_g != sp.global_batch:
+            log.warning("loader state: global batch size %d → %d; continuing at global sample %d of the same "
+                        "sequence (data.streams=%d)", old_g, sp.global_batch, samples, sp.streams)
+        missing = [c for c in self.positions if c not in saved]
+        if missing:
+            raise ValueError(f"loader state: no position for streams {missing[:8]} of this rank; after a change "
+                             "of world size pass the list of every rank's saved states")
+        self.positions = {c: saved[c] for c in self.positions}
+        self.step, self.micro = samples // sp.global_batch, micro
+
+    def _epoch_fraction(self, saved: dict[int, StreamPos], epoch: int, old_streams: int) -> float:
+        """Share of `epoch`'s samples the saved streams had consumed (streams already past it count whole)."""
+        sizes = epoch_sizes(self.spec.index.counts, seed=self.spec.seed, epoch=epoch, n_streams=old_streams)
+        total = sum(sizes)
+        done = sum(sizes[c] if p.epoch > epoch else min(p.offset, sizes[c])
+                   for c, p in saved.items() if c < len(sizes))
+        return done / total if total else 0.0
+
+    def _restart(self, epoch: int, fraction: float, samples: int) -> None:
+        """Every stream of this rank at `fraction` of its plan for `epoch`; the step count goes on from
+        the saved global sample (rounded down to whole global batches)."""
+        sp = self.spec
+        sizes = epoch_sizes(sp.index.counts, seed=sp.seed, epoch=epoch, n_streams=sp.streams)
+        self.positions = {c: StreamPos(epoch, int(fraction * sizes[c]), 0, 0) for c in self.positions}
+        self.step, self.micro = samples // sp.global_batch, 0
 
 
 # ------------------------------------------------------------------------------------ entry point
 
 
 def build_loader(cfg, *, rank: int = 0, world_size: int = 1, shards: str | os.PathLike | None = None,
-                 train: bool = True) -> VideoTextLoader:
+                 train: bool = True, grad_accum: int = 1) -> VideoTextLoader:
     """Loader over `shards` (default: cfg.shards for train, cfg.val_shards or cfg.shards otherwise).
 
+    `grad_accum` (micro-batches per optimizer step) is part of the global batch size, which places the
+    samples of the global sequence on ranks and micro-batches (and sets data.streams when that is 0).
     Raises ShardIndexError (a ValueError naming the field and both values) for a missing or
     mismatched index.json, or shard files it lists that are missing.
     """
@@ -525,15 +714,19 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, shards: str | os.Pa
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if cfg.batch_size < 1:
         raise ValueError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     index = read_index(os.fspath(shards))
     check_matches(index, encoder=cfg.encoder, frames=cfg.num_frames, height=cfg.image_size, width=cfg.image_size)
-    workers = max(1, cfg.num_workers)
+    streams = 0
     if train:
-        check_enough_samples(index.counts, num_streams(world_size, cfg.num_workers), index.source)
+        streams = resolve_streams(getattr(cfg, "streams", 0), cfg.batch_size * world_size * grad_accum)
+        check_enough_samples(index.counts, streams, index.source)
     spec = StreamSpec(
-        index=index, train=train, rank=rank, world_size=world_size, workers=workers, batch_size=cfg.batch_size,
-        num_frames=cfg.num_frames, image_frames=cfg.num_image_frames, height=cfg.image_size, width=cfg.image_size,
-        max_text_len=cfg.max_text_len, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+        index=index, train=train, rank=rank, world_size=world_size, workers=max(1, cfg.num_workers),
+        batch_size=cfg.batch_size, num_frames=cfg.num_frames, image_frames=cfg.num_image_frames,
+        height=cfg.image_size, width=cfg.image_size, max_text_len=cfg.max_text_len,
+        shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, grad_accum=grad_accum, streams=streams,
     )
     return VideoTextLoader(spec, num_workers=cfg.num_workers, prefetch_factor=getattr(cfg, "prefetch_factor", 2),
                            start_method=getattr(cfg, "worker_start_method", "forkserver"))

@@ -7,8 +7,9 @@ sample shuffle buffer is *simulated* on indices: the resulting order has the sam
 real buffer (at most `buffer` read-but-not-yet-delivered samples held in memory), so the reader
 can follow the plan with bounded memory.
 
-A stream is one (rank, worker) pair; `num_streams = world_size * max(1, num_workers)` and stream
-`s = rank * workers + worker`.
+Train: a stream is one of the C *canonical* streams of the global sample sequence (data.streams,
+default the global batch size; data_pipeline.loader.Layout maps them onto ranks and workers). Nothing
+here depends on the number of ranks or loader workers, which is what makes the data order elastic.
 
 - Train: the non-empty shards are permuted per epoch with `seed + epoch` (same on every rank).
   With at least as many shards as streams, stream s takes shards `perm[s::num_streams]` whole;
@@ -66,10 +67,6 @@ class Plan:
 
     def __len__(self) -> int:
         return int(self.order.shape[0])
-
-
-def num_streams(world_size: int, num_workers: int) -> int:
-    return world_size * max(1, num_workers)
 
 
 def shard_permutation(counts: list[int], seed: int, epoch: int) -> list[int]:
@@ -130,6 +127,12 @@ def train_plan(counts: list[int], *, seed: int, epoch: int, stream: int, n_strea
     return Plan(tuple(segments), buffer_shuffle_order(n, buffer, rng))
 
 
+def epoch_sizes(counts: list[int], *, seed: int, epoch: int, n_streams: int) -> list[int]:
+    """Samples of each stream's plan for `epoch` (cheap: no shuffle simulated)."""
+    order = shard_permutation(counts, seed, epoch)
+    return [sum(s.size for s in split_for_stream(counts, order, c, n_streams)) for c in range(n_streams)]
+
+
 def val_plan(counts: list[int], *, rank: int, world_size: int) -> Plan:
     """All samples in index order, the rank's contiguous range (finite, unshuffled)."""
     segments = contiguous_range(counts, list(range(len(counts))), rank, world_size)
@@ -143,6 +146,6 @@ def check_enough_samples(counts: list[int], n_streams: int, where: str) -> None:
     nonempty = sum(1 for c in counts if c > 0)
     if nonempty < n_streams and total < n_streams:
         raise ValueError(
-            f"{where}: {total} samples cannot feed {n_streams} loader streams (world_size x num_workers); "
-            "use fewer data.num_workers or more data"
+            f"{where}: {total} samples cannot feed {n_streams} loader streams (data.streams, by default the global "
+            "batch size data.batch_size x world size x grad_accum); use a smaller batch or more data"
         )

@@ -35,4 +35,5 @@ def test_ddp_two_processes_exact_resume_after_kill9(tmp_path, trainer_shards):
     for step in a:  # mean loss over both ranks, bitwise
         assert a[step]["loss"] == b[step]["loss"], step
         assert a[step]["grad_norm"] == b[step]["grad_norm"], step
+        assert a[step]["batch_digest"] == b[step]["batch_digest"], step
     assert_same_ema(straight, resumed, 4, world_size=2)

@@ -1,6 +1,6 @@
 """The real `Trainer` driven in this process on an in-memory loader (no shards, no subprocess), for
 documented paths that are awkward to reach from the CLI: the NaN guard giving up after 3 rollbacks,
-the refusal to resume with another process count or strategy, and gradient accumulation skipping
+the refusal to resume a sharded checkpoint with another process count or strategy, and gradient accumulation skipping
 DDP's all-reduce on non-final micro-steps."""
 
 from __future__ import annotations
@@ -96,24 +96,36 @@ def _checkpointed_run(tmp_path) -> TrainConfig:
     return cfg
 
 
-def test_resume_with_another_process_count_is_refused_naming_both(tmp_path):
-    cfg = _checkpointed_run(tmp_path)
-    # A second "rank" of a 2-process run: the refusal comes before any collective, so no group is needed.
-    two = DistEnv(0, 2, 0, torch.device("cpu"), None)
-    with pytest.raises(RuntimeError) as e:
-        _trainer(cfg, two)
-    msg = str(e.value)
-    assert "step-000002 was written by 1 processes, this run has 2" in msg
-    assert "run.init_from" in msg and "trainer.export" in msg
+def _pretend_written_by(tmp_path, **fields) -> None:
+    """Rewrite the checkpoint's trainer_state.json as if another strategy or process count wrote it."""
+    import json
+
+    path = tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
-def test_resume_with_another_strategy_is_refused_naming_both(tmp_path):
+def test_resume_of_a_sharded_checkpoint_with_another_process_count_is_refused_naming_both(tmp_path):
     cfg = _checkpointed_run(tmp_path)
+    _pretend_written_by(tmp_path, strategy="fsdp", world_size=2)
     cfg.parallel.strategy = "ddp"  # one process: DDP runs unwrapped, so this needs no process group
     with pytest.raises(RuntimeError) as e:
         _trainer(cfg)
     msg = str(e.value)
-    assert "step-000002 was written by strategy 'single', this run uses 'ddp'" in msg
+    assert "step-000002 was written by 2 processes, this run has 1" in msg and "fsdp" in msg
+    assert "run.init_from" in msg and "trainer.export" in msg
+
+
+def test_resume_with_another_strategy_is_refused_naming_both_unless_both_replicate(tmp_path):
+    """single and ddp checkpoints hold the same full replicas, so each resumes the other; a sharded
+    strategy's checkpoint is refused by them, naming both."""
+    cfg = _checkpointed_run(tmp_path)
+    cfg.parallel.strategy = "ddp"
+    assert _trainer(cfg).step == 2  # single → ddp resumes
+    _pretend_written_by(tmp_path, strategy="deepspeed")
+    with pytest.raises(RuntimeError) as e:
+        _trainer(cfg)
+    msg = str(e.value)
+    assert "step-000002 was written by strategy 'deepspeed', this run uses 'ddp'" in msg
     assert "run.init_from" in msg
 
 

@@ -93,6 +93,7 @@ def test_exact_resume_after_kill9_single(tmp_path, trainer_shards):
     for step in a:  # bitwise: JSON keeps the full float repr
         assert a[step]["loss"] == b[step]["loss"], step
         assert a[step]["grad_norm"] == b[step]["grad_norm"], step
+        assert a[step]["batch_digest"] == b[step]["batch_digest"], step
     assert_same_ema(straight, resumed, 4)
 
 

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+# strategies whose checkpoint holds full replicas: resumable on another process count or by each other
+REPLICATED = {"single", "ddp"}
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -172,24 +174,33 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def load_checkpoint(strategy, ckpt_dir: str | Path, *, ema, restore_rng: bool = True) -> dict[str, Any]:
-    """Collective inverse of save_checkpoint. Returns trainer_state with `loader` = this rank's state."""
+    """Collective inverse of save_checkpoint. Returns trainer_state with `loader` = this rank's loader
+    state and `loaders` = the list of every rank's."""
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
     rank, world = strategy.dist.rank, strategy.dist.world_size
-    if state.get("world_size", world) != world:
+    saved_world, saved_strategy = state.get("world_size", world), state.get("strategy", strategy.name)
+    # single and ddp keep full replicas (model.pt, optimizer.pt by rank 0, the same EMA on every rank):
+    # nothing in them depends on the process count, so either resumes the other on any number of ranks
+    replicated = {saved_strategy, strategy.name} <= REPLICATED
+    if saved_world != world and not replicated:
         raise RuntimeError(
-            f"{ckpt_dir} was written by {state['world_size']} processes, this run has {world}: resume with "
-            f"the same number of processes (data order and sharded state are per rank), or export it "
+            f"{ckpt_dir} was written by {saved_world} processes, this run has {world}: resume with "
+            f"the same number of processes (the {saved_strategy} state is sharded per rank), or export it "
             f"(python -m trainer.export) and start a new run with run.init_from=<the .safetensors>: the "
             f"weights carry over, the optimizer state and data position do not")
-    if state.get("strategy", strategy.name) != strategy.name:
-        raise RuntimeError(f"{ckpt_dir} was written by strategy {state['strategy']!r}, this run uses "
+    if saved_strategy != strategy.name and not replicated:
+        raise RuntimeError(f"{ckpt_dir} was written by strategy {saved_strategy!r}, this run uses "
                            f"{strategy.name!r}: resume with that strategy, or export it (python -m "
                            f"trainer.export) and start a new run with run.init_from=<the .safetensors>")
     strategy.load(ckpt_dir)
+    # a rank the saved run did not have takes rank 0's replica of the EMA (identical on every rank)
+    # and keeps its freshly seeded RNG (its t/noise draws cannot match a run that had no such rank)
+    source = rank if rank < saved_world else 0
     if ema is not None:
-        ema.load_state_dict(torch.load(ckpt_dir / f"ema-rank{rank}.pt", weights_only=True))
-    if restore_rng:
+        ema.load_state_dict(torch.load(ckpt_dir / f"ema-rank{source}.pt", weights_only=True))
+    if restore_rng and rank < saved_world:
         set_rng_state(torch.load(ckpt_dir / f"rng-rank{rank}.pt", weights_only=True))
-    state["loader"] = state["loader"][rank]
+    state["loaders"] = state["loader"]  # every rank's: a loader may need streams another rank read
+    state["loader"] = state["loader"][source]
     return state

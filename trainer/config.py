@@ -247,7 +247,10 @@ class DataConfig:
     val_shards: str = ""  # held-out shards for validation loss ("" = none)
     batch_size: int = 1  # per rank, per micro-step
     num_workers: int = 2
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 256  # per canonical stream, in samples (0/1 = shard order only)
+    # canonical streams of the global sample sequence: 0 = the global batch size (batch_size x world
+    # size x grad_accum); else a multiple of it, fixed so a changed global batch size continues exactly
+    streams: int = 0
     num_frames: int = 16  # T video frames per clip (must match the shards)
     image_size: int = 64  # H = W (must match the shards)
     num_image_frames: int = 0  # K independent image frames appended to each clip (paper 4.3.1)

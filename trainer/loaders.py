@@ -7,7 +7,8 @@ from __future__ import annotations
 
 
 def loader_factory_or_default(factory=None):
-    """`factory(data_cfg, rank=, world_size=, train=)`, or data_pipeline.loader.build_loader when None
+    """`factory(data_cfg, rank=, world_size=, train=)` (train loaders also get `grad_accum=`: part of the
+    global batch that orders the samples), or data_pipeline.loader.build_loader when None
     (tests inject their own). Imported on first use: CLIs that never read shards skip its imports."""
     if factory is None:
         from data_pipeline.loader import build_loader as factory

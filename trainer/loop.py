@@ -4,6 +4,9 @@ What it guarantees (tests/test_trainer_*.py check each):
 - Resume is automatic and exact: a run whose out_dir holds a checkpoint continues from it, and on CPU
   its per-step losses are bitwise those of an uninterrupted run (data position, RNG of every rank,
   optimizer/scaler state and EMA are restored; the LR is a pure function of the step).
+- The data is elastic: each train_log.jsonl line carries `batch_digest` (the step's global batch), the
+  same for any number of ranks or loader workers at the same global batch; single/ddp checkpoints
+  resume on another process count, continuing at the next global sample.
 - SIGUSR1/SIGTERM: the current step finishes, a checkpoint is written, and `train()` returns
   EXIT_REQUEUE (124) so a scheduler wrapper knows to requeue the job. A signal at or after the last
   step (during the final checkpoint, or while the finished process shuts down) is not a reason to
@@ -25,6 +28,7 @@ Test hooks (environment variables, read once at start; harmless when unset):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -88,6 +92,21 @@ def preserved_rng():
         ckpt.set_rng_state(state)
 
 
+def batch_keys(batch: dict) -> list[str]:
+    """The sample keys a batch consumed: its clips and the clips its joint image frames came from
+    (a loader without keys, such as the tests' in-memory one, contributes none)."""
+    keys = list(batch.get("keys") or [])
+    for sources in batch.get("image_keys") or []:
+        keys += sources
+    return keys
+
+
+def batch_digest(keys: list[str]) -> str:
+    """sha256 hex of the step's global batch: every rank's keys, sorted (duplicates kept). The same on
+    every rank and for any number of ranks, since the global batch is (data_pipeline.loader)."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+
+
 def _env_steps(name: str) -> set[int]:
     raw = os.environ.get(name, "")
     return {int(s) for s in raw.replace(" ", "").split(",") if s}
@@ -103,7 +122,8 @@ def shard_encoder_name(shards_dir: str) -> str | None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist_env: DistEnv | None = None, loader_factory=None):
-        """loader_factory(cfg.data, rank=, world_size=, train=) defaults to data_pipeline.loader.build_loader."""
+        """loader_factory(cfg.data, rank=, world_size=, train=[, grad_accum=]) defaults to
+        data_pipeline.loader.build_loader."""
         self.cfg = cfg
         self._loader_factory = loader_factory
         self.dist = dist_env or init_distributed(cfg.parallel.backend)
@@ -166,7 +186,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _build_loader(self, train: bool, **kwargs):
+        """The training loader also gets optim.grad_accum: with data.batch_size and the world size it
+        makes the global batch, the unit in which the global sample sequence is cut into steps."""
         factory = loader_factory_or_default(self._loader_factory)
+        if train:
+            kwargs.setdefault("grad_accum", self.cfg.optim.grad_accum)
         return factory(self.cfg.data, rank=self.rank, world_size=self.world, train=train, **kwargs)
 
     def _next_batch(self) -> dict:
@@ -214,7 +238,8 @@ class Trainer:
         self.rollbacks = max(self.rollbacks, int(state.get("rollbacks", 0)))
         self.text_encoder_name = self.text_encoder_name or state.get("text_encoder", "")
         if state.get("loader") is not None:
-            self.loader.load_state_dict(state["loader"])
+            # every rank's saved state: the streams this rank reads now may have been another rank's
+            self.loader.load_state_dict(state.get("loaders") or state["loader"])
         self._iter = None
 
     def _warm_start(self, model) -> None:
@@ -306,10 +331,12 @@ class Trainer:
         data_wait = 0.0
         loss_sum = torch.zeros((), dtype=torch.float64)
         n_videos = 0
+        keys: list[str] = []
         for micro in range(accum):
             t0 = time.perf_counter()
             batch = self._next_batch()
             data_wait += time.perf_counter() - t0
+            keys += batch_keys(batch)
             x = batch["video"].to(self.dist.device, non_blocking=True).float()
             if self.step in self._nan_steps:
                 x = torch.full_like(x, float("nan"))
@@ -329,6 +356,7 @@ class Trainer:
         self._hold_for_signal(self.step if first_step is None else first_step)
         grad_norm = s.clip_grad_norm(cfg.optim.grad_clip)
         loss_mean = s.all_reduce_mean(float(loss_sum) / accum)
+        digest = batch_digest([k for rank_keys in s.all_gather_object(keys) for k in rank_keys])
         ok = math.isfinite(loss_mean) and math.isfinite(grad_norm)
         if ok:
             s.optimizer_step()
@@ -338,7 +366,7 @@ class Trainer:
             self.skipped_steps += 1
         s.zero_grad()
         return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "ok": ok, "data_wait": data_wait,
-                "videos": n_videos, "loss_finite": math.isfinite(loss_mean)}
+                "videos": n_videos, "loss_finite": math.isfinite(loss_mean), "batch_digest": digest}
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -366,7 +394,8 @@ class Trainer:
                 self.step += 1
                 if logf is not None:
                     logf.write(json.dumps({"step": step_index, "loss": out["loss"], "grad_norm": out["grad_norm"],
-                                           "lr": out["lr"], "skipped": not out["ok"]}) + "\n")
+                                           "lr": out["lr"], "skipped": not out["ok"],
+                                           "batch_digest": out["batch_digest"]}) + "\n")
                 interval["t"] += dt
                 interval["wait"] += out["data_wait"]
                 interval["steps"] += 1

@@ -123,6 +123,14 @@ class Strategy(abc.ABC):
     def all_reduce_max(self, x: float) -> float:
         return self._all_reduce(x, dist.ReduceOp.MAX)
 
+    def all_gather_object(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] (picklable objects; [obj] alone)."""
+        if self.dist.world_size == 1 or not dist.is_initialized():
+            return [obj]
+        out = [None] * dist.get_world_size()  # the real group's size (tests may run a group of one)
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.dist.world_size > 1 and dist.is_initialized():
             dist.barrier()
