@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from trainer.config import ConfigError, to_dict
@@ -86,6 +87,9 @@ class ShardConfig:
     manifest_format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"  # auto = from the suffix
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     out_dir: str = "shards"
+    # where the memory-mapped columnar copy of the manifest lives ("" = out_dir/.manifest); a
+    # node-local directory (e.g. /tmp/manifest) gives one copy per node, made by its first task
+    manifest_cache_dir: str = ""
     samples_per_shard: int = 1000  # manifest rows per shard (shard N = rows N*S .. (N+1)*S-1)
     clip: ClipConfig = field(default_factory=ClipConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -115,6 +119,10 @@ class ShardConfig:
         if c.clips_per_video < 1:
             raise ConfigError("clip.clips_per_video must be >= 1")
         return self
+
+
+def manifest_cache_dir(cfg: ShardConfig) -> str:
+    return cfg.manifest_cache_dir or str(Path(cfg.out_dir) / ".manifest")
 
 
 def content_settings(cfg: ShardConfig) -> dict:

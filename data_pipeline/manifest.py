@@ -3,21 +3,31 @@
 Why Arrow and not a list of Python rows: a WebVid-10M manifest is 10M rows, and every worker (and
 every SLURM array task) needs random access to its own shards' rows. Columnar binary columns take a
 fraction of the memory of Python objects, slicing is free, and nothing is pickled to workers.
+At 10M rows even one Arrow copy per process is too much (~2 GB each), so the sharding run parses
+the manifest once, block by block, into a read-only Arrow IPC file (`open_manifest_cache`) that the
+parent, its workers and SLURM array tasks memory-map: one copy of the pages per node, shared.
 Columns are read as raw bytes so that a non-UTF-8 caption becomes a per-row failure, not a crash.
 Row order is the file order; shard N is rows N*S .. (N+1)*S-1, so ids are stable across reruns.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import re
+import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.ipc  # noqa: F401  (pa.ipc)
 
 from data_pipeline.config import ColumnsConfig
 
@@ -27,6 +37,13 @@ log = logging.getLogger(__name__)
 KEY_COLUMNS = ("key", "videoid", "video_id", "id")
 SOURCE_COLUMNS = ("path", "url", "contentUrl", "video_path", "video_url", "source")
 CAPTION_COLUMNS = ("caption", "name", "text", "title")
+
+BATCH_ROWS = 65536  # rows per record batch (parquet / jsonl); CSV batches are CSV_BLOCK_BYTES of text
+CSV_BLOCK_BYTES = 16 << 20
+IDENTITY_SPAN = 1 << 20  # bytes hashed at each end of the manifest for its identity
+CACHE_VERSION = 1  # bump when the mapped layout or the parsing changes: old copies are then rebuilt
+ROWS_FILE, DUP_FILE, META_FILE = "rows.arrow", "duplicate.npy", "meta.json"
+TMP_MARK = ".tmp-"
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _UNSAFE_KEY = re.compile(r"[/\\\x00-\x1f]|\.\.")
@@ -78,102 +95,297 @@ def _csv_header(path: str) -> list[str]:
         return next(csv.reader(f, delimiter="\t" if ".tsv" in path else ","), [])
 
 
-def _read_csv(path: str, cols: ColumnsConfig) -> tuple[pa.Table, tuple[str, str, str]]:
+def _pick3(names: list[str], cols: ColumnsConfig, path: str) -> tuple[str, str, str]:
+    return (_pick(names, cols.key, KEY_COLUMNS, "key", path), _pick(names, cols.source, SOURCE_COLUMNS, "source", path),
+            _pick(names, cols.caption, CAPTION_COLUMNS, "caption", path))
+
+
+def _as_binary(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Any column type as binary (ints → their decimal text), so every reader yields one type."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_binary(arr.type):
+        return arr
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = pc.cast(arr, pa.string())
+    return pc.cast(arr, pa.binary())
+
+
+Batches = Iterator[tuple[pa.Array, pa.Array, pa.Array]]
+
+
+def _read_csv(path: str, cols: ColumnsConfig) -> tuple[tuple[str, str, str], Batches]:
+    """Block-wise (pyarrow.csv.open_csv): peak memory is a few blocks, not the whole file."""
     import pyarrow.csv as pcsv
 
-    names = _csv_header(path)
-    picked = (_pick(names, cols.key, KEY_COLUMNS, "key", path), _pick(names, cols.source, SOURCE_COLUMNS, "source", path),
-              _pick(names, cols.caption, CAPTION_COLUMNS, "caption", path))
+    picked = _pick3(_csv_header(path), cols, path)
     bad_rows: list[int] = []
 
     def on_invalid(row) -> str:  # rows with a wrong field count: skipped, but said out loud
         bad_rows.append(row.number)
         return "skip"
 
-    table = pcsv.read_csv(
-        path,
-        parse_options=pcsv.ParseOptions(delimiter="\t" if ".tsv" in path else ",", newlines_in_values=True,
-                                        invalid_row_handler=on_invalid),
-        convert_options=pcsv.ConvertOptions(column_types={c: pa.binary() for c in set(picked)},
-                                            include_columns=list(dict.fromkeys(picked))),
-    )
-    if bad_rows:
-        log.warning("manifest %s: skipped %d malformed CSV lines (wrong field count), e.g. line %s",
-                    path, len(bad_rows), bad_rows[0])
-    return table, picked
+    def batches() -> Batches:
+        reader = pcsv.open_csv(
+            path,
+            read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+            parse_options=pcsv.ParseOptions(delimiter="\t" if ".tsv" in path else ",", newlines_in_values=True,
+                                            invalid_row_handler=on_invalid),
+            convert_options=pcsv.ConvertOptions(column_types={c: pa.binary() for c in set(picked)},
+                                                include_columns=list(dict.fromkeys(picked))),
+        )
+        for batch in reader:
+            yield tuple(batch.column(batch.schema.get_field_index(c)) for c in picked)
+        if bad_rows:
+            log.warning("manifest %s: skipped %d malformed CSV lines (wrong field count), e.g. line %s",
+                        path, len(bad_rows), bad_rows[0])
+
+    return picked, batches()
 
 
-def _read_parquet(path: str, cols: ColumnsConfig) -> tuple[pa.Table, tuple[str, str, str]]:
+def _read_parquet(path: str, cols: ColumnsConfig) -> tuple[tuple[str, str, str], Batches]:
     import pyarrow.parquet as pq
 
-    names = pq.read_schema(path).names
-    picked = (_pick(names, cols.key, KEY_COLUMNS, "key", path), _pick(names, cols.source, SOURCE_COLUMNS, "source", path),
-              _pick(names, cols.caption, CAPTION_COLUMNS, "caption", path))
-    return pq.read_table(path, columns=list(dict.fromkeys(picked))), picked
+    f = pq.ParquetFile(path)
+    picked = _pick3(f.schema_arrow.names, cols, path)
+
+    def batches() -> Batches:
+        for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=list(dict.fromkeys(picked))):
+            yield tuple(_as_binary(batch.column(batch.schema.get_field_index(c))) for c in picked)
+
+    return picked, batches()
 
 
-def _read_jsonl(path: str, cols: ColumnsConfig) -> tuple[pa.Table, tuple[str, str, str]]:
-    """Line by line, so a broken line is one failed row (its position kept), not a failed file."""
+def _read_jsonl(path: str, cols: ColumnsConfig) -> tuple[tuple[str, str, str], Batches]:
+    """Line by line, so a broken line is one failed row (its position kept), not a failed file.
+    Columns are picked from the keys of the first 1000 records; rows go out BATCH_ROWS at a time."""
     import gzip
+    import itertools
 
-    records: list[dict] = []
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+
+    def records(f) -> Iterator[dict]:
         for raw in f:
             if not raw.strip():
                 continue
             try:
                 rec = json.loads(raw.decode("utf-8", errors="surrogateescape"))
-                records.append(rec if isinstance(rec, dict) else {})
+                yield rec if isinstance(rec, dict) else {}
             except json.JSONDecodeError:
-                records.append({})
-    names = sorted({k for r in records[:1000] for k in r})
-    picked = (_pick(names, cols.key, KEY_COLUMNS, "key", path), _pick(names, cols.source, SOURCE_COLUMNS, "source", path),
-              _pick(names, cols.caption, CAPTION_COLUMNS, "caption", path))
+                yield {}
 
-    def col(name: str) -> pa.Array:
+    f = opener(path, "rb")
+    it = records(f)
+    first = list(itertools.islice(it, BATCH_ROWS))
+    names = sorted({k for r in first[:1000] for k in r})
+    try:
+        picked = _pick3(names, cols, path)
+    except ManifestError:
+        f.close()
+        raise
+
+    def col(recs: list[dict], name: str) -> pa.Array:
         out = []
-        for r in records:
+        for r in recs:
             v = r.get(name)
             out.append(None if v is None else str(v).encode("utf-8", errors="surrogateescape"))
         return pa.array(out, type=pa.binary())
 
-    return pa.table({n: col(n) for n in dict.fromkeys(picked)}), picked
+    def batches() -> Batches:
+        with f:
+            chunk = first
+            while chunk:
+                yield tuple(col(chunk, c) for c in picked)
+                chunk = list(itertools.islice(it, BATCH_ROWS))
+
+    return picked, batches()
+
+
+READERS = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}
+
+
+def find_duplicates(keys: pa.ChunkedArray) -> np.ndarray:
+    """Bool per row: True when an earlier row has the same key (vectorised; 10M rows in seconds)."""
+    n = len(keys)
+    idx = pa.array(np.arange(n, dtype=np.int64))
+    keys = keys if isinstance(keys, pa.ChunkedArray) else pa.chunked_array([keys])
+    firsts = pa.table({"k": keys, "i": pa.chunked_array([idx])}).group_by("k").aggregate([("i", "min")]).column("i_min")
+    dup = np.ones(n, dtype=bool)
+    dup[firsts.to_numpy()] = False
+    return dup
+
+
+# ---------------------------------------------------------------------------- the mapped copy
+def manifest_identity(path: str, kind: str, columns: ColumnsConfig) -> dict:
+    """What a mapped copy is valid for: the file (path, size, mtime, hash of its first and last MiB),
+    the format and the column mapping. Any change to these gives another copy; a manifest edited in
+    its middle with size and mtime restored is not detected (documented)."""
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if st.st_size <= 2 * IDENTITY_SPAN:
+            h.update(f.read())
+        else:
+            h.update(f.read(IDENTITY_SPAN))
+            f.seek(st.st_size - IDENTITY_SPAN)
+            h.update(f.read(IDENTITY_SPAN))
+    return {"version": CACHE_VERSION, "path": os.path.realpath(path), "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "head_tail_sha256": h.hexdigest(), "format": kind,
+            "columns": {"key": columns.key, "source": columns.source, "caption": columns.caption}}
+
+
+def _identity_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _open_mapped(entry: Path, identity: dict) -> tuple[pa.Table, np.ndarray, dict] | None:
+    """The mapped copy in `entry`, or None (with the reason logged) when it is absent or does not
+    match `identity` exactly."""
+    try:
+        meta = json.loads((entry / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if meta.get("identity") != identity:
+        log.warning("manifest cache %s does not match the manifest (%s); rebuilding", entry, meta.get("identity"))
+        return None
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(entry / ROWS_FILE), "r")).read_all()
+        dup = np.load(entry / DUP_FILE, mmap_mode="r", allow_pickle=False)
+    except (OSError, pa.ArrowInvalid, ValueError) as e:
+        log.warning("manifest cache %s is unreadable (%s); rebuilding", entry, e)
+        return None
+    if table.num_rows != meta.get("rows") or dup.shape != (table.num_rows,) or dup.dtype != np.bool_:
+        log.warning("manifest cache %s has %d rows, %s duplicate flags, expected %s; rebuilding",
+                    entry, table.num_rows, dup.shape, meta.get("rows"))
+        return None
+    return table, dup, meta
+
+
+def _build_mapped(entry: Path, path: str, kind: str, columns: ColumnsConfig, identity: dict) -> None:
+    """Stream the manifest into `entry` (Arrow IPC file + duplicate flags + meta), atomically: written
+    under a temporary name and renamed, so a reader sees a whole copy or none."""
+    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        picked, batches = READERS[kind](path, columns)
+        schema = pa.schema([("key", pa.binary()), ("source", pa.binary()), ("caption", pa.binary())])
+        keys: list[pa.Array] = []
+        rows = 0
+        with pa.OSFile(str(tmp / ROWS_FILE), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for k, s, c in batches:
+                writer.write_batch(pa.record_batch([k, s, c], schema=schema))
+                keys.append(k)
+                rows += len(k)
+        dup = find_duplicates(pa.chunked_array(keys, type=pa.binary()))
+        del keys
+        np.save(tmp / DUP_FILE, dup, allow_pickle=False)
+        meta = {"identity": identity, "rows": rows, "columns": list(picked), "format": kind}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+        for name in (ROWS_FILE, DUP_FILE, META_FILE):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        os.rename(tmp, entry)  # fails if a concurrent builder got there first: theirs is as good
+    except OSError:
+        if not entry.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pa.default_memory_pool().release_unused()
+
+
+def _remove_stale(cache_dir: Path, identity: dict, keep: str) -> None:
+    """Copies of the same manifest path, format and mapping with another identity (the manifest
+    changed since); copies for other column mappings stay."""
+    for meta_path in cache_dir.glob(f"*/{META_FILE}"):
+        entry = meta_path.parent
+        if entry.name == keep or TMP_MARK in entry.name:
+            continue
+        try:
+            old = json.loads(meta_path.read_text(encoding="utf-8")).get("identity", {})
+        except (OSError, ValueError):
+            continue
+        if all(old.get(f) == identity[f] for f in ("path", "format", "columns")):
+            shutil.rmtree(entry, ignore_errors=True)  # mapped elsewhere? Linux keeps unlinked pages alive
+            (cache_dir / f"{entry.name}.lock").unlink(missing_ok=True)
+
+
+def open_manifest_cache(path: str, kind: str, columns: ColumnsConfig, cache_dir: str | Path
+                        ) -> tuple[pa.Table, np.ndarray, dict, Path]:
+    """Map the manifest's columnar copy in `cache_dir`, building it first when absent or stale.
+
+    Concurrent callers (local workers, SLURM array tasks sharing a file system) serialise on a lock
+    file, so one builds and the rest map its result; without working locks (some network file
+    systems) each may build, and the atomic rename still leaves exactly one whole copy.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    identity = manifest_identity(path, kind, columns)
+    key = _identity_key(identity)
+    entry = cache_dir / key
+    found = _open_mapped(entry, identity)
+    if found is None:
+        with open(cache_dir / f"{key}.lock", "a+b") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            except OSError as e:  # e.g. a file system without flock: the rename still keeps it whole
+                log.info("manifest cache: no lock on %s (%s); building without it", cache_dir, e)
+            for _attempt in range(3):  # without a lock a concurrent builder may swap the copy under us
+                found = _open_mapped(entry, identity)  # a concurrent builder may have finished meanwhile
+                if found is not None:
+                    break
+                if entry.exists():  # damaged or foreign: moved aside first, so no reader sees it half-deleted
+                    aside = entry.with_name(f"{entry.name}{TMP_MARK}stale-{os.getpid()}")
+                    try:
+                        os.rename(entry, aside)
+                    except OSError:
+                        pass
+                    shutil.rmtree(aside, ignore_errors=True)
+                t0 = time.perf_counter()
+                _build_mapped(entry, path, kind, columns, identity)
+                found = _open_mapped(entry, identity)
+                if found is not None:
+                    log.info("manifest %s: %d rows → %s in %.1f s", path, found[2]["rows"], entry,
+                             time.perf_counter() - t0)
+                    _remove_stale(cache_dir, identity, key)
+                    break
+            if found is None:
+                raise ManifestError(f"manifest {path}: the columnar copy in {entry} could not be read back")
+    table, dup, meta = found
+    return table, dup, meta, entry
 
 
 class Manifest:
-    """The manifest as three binary columns plus which rows repeat an earlier key."""
+    """The manifest as three binary columns plus which rows repeat an earlier key.
 
-    def __init__(self, path: str, fmt: str = "auto", columns: ColumnsConfig | None = None):
+    With `cache_dir`, the columns live in a memory-mapped Arrow IPC file there (built once, see
+    open_manifest_cache), so every process on a node shares the same physical pages and a process
+    only pages in the rows it reads. Without it (or for a URL manifest) they are parsed into memory.
+    """
+
+    def __init__(self, path: str, fmt: str = "auto", columns: ColumnsConfig | None = None,
+                 cache_dir: str | Path | None = None):
         self.path = str(path)
-        if not Path(self.path).exists() and "://" not in self.path:
+        is_url = "://" in self.path
+        if not Path(self.path).exists() and not is_url:
             raise ManifestError(f"manifest {self.path} does not exist")
         kind = detect_format(self.path, fmt)
-        reader = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}[kind]
-        table, (k, s, c) = reader(self.path, columns or ColumnsConfig())
-        self.keys = self._as_binary(table.column(k))
-        self.sources = self._as_binary(table.column(s))
-        self.captions = self._as_binary(table.column(c))
-        self.columns = (k, s, c)
+        columns = columns or ColumnsConfig()
         self.format = kind
-        self._duplicate = self._find_duplicates(self.keys)
-
-    @staticmethod
-    def _as_binary(col: pa.ChunkedArray) -> pa.Array:
-        arr = col.combine_chunks()
-        if pa.types.is_binary(arr.type):
-            return arr
-        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-            arr = pc.cast(arr, pa.string())
-        return pc.cast(arr, pa.binary())
-
-    @staticmethod
-    def _find_duplicates(keys: pa.Array) -> pa.Array:
-        """Bool per row: True when an earlier row has the same key (vectorised; 10M rows in seconds)."""
-        n = len(keys)
-        idx = pa.array(range(n), type=pa.int64())
-        firsts = pa.table({"k": keys, "i": idx}).group_by("k").aggregate([("i", "min")]).column("i_min")
-        return pc.invert(pc.is_in(idx, value_set=firsts))
+        self.cache_path: Path | None = None
+        if cache_dir is not None and not is_url:
+            table, self._duplicate, meta, self.cache_path = open_manifest_cache(self.path, kind, columns, cache_dir)
+            self.columns = tuple(meta["columns"])
+        else:
+            picked, batches = READERS[kind](self.path, columns)
+            table = pa.Table.from_batches(
+                [pa.record_batch(list(b), names=["key", "source", "caption"]) for b in batches],
+                schema=pa.schema([("key", pa.binary()), ("source", pa.binary()), ("caption", pa.binary())]))
+            self.columns = picked
+            self._duplicate = find_duplicates(table.column("key"))
+        self.keys = table.column("key")
+        self.sources = table.column("source")
+        self.captions = table.column("caption")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -184,10 +396,12 @@ class Manifest:
     def shard_rows(self, shard: int, samples_per_shard: int) -> list[Row]:
         start = shard * samples_per_shard
         end = min(start + samples_per_shard, len(self))
+        if end <= start:
+            return []
         keys = self.keys.slice(start, end - start).to_pylist()
         sources = self.sources.slice(start, end - start).to_pylist()
         captions = self.captions.slice(start, end - start).to_pylist()
-        dups = self._duplicate.slice(start, end - start).to_pylist()
+        dups = self._duplicate[start:end].tolist()
         return [make_row(start + i, keys[i], sources[i], captions[i], dups[i]) for i in range(end - start)]
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from data_pipeline.config import ShardConfig, config_hash
+from data_pipeline.config import ShardConfig, config_hash, manifest_cache_dir
 from data_pipeline.lifetime import die_with_parent
 from data_pipeline.manifest import Manifest, ManifestError
 from data_pipeline.stats import Summary, merge_index, read_stats, shard_done
@@ -198,7 +198,10 @@ def run(cfg: ShardConfig, *, slurm: bool = False, progress: bool = True, retry_t
         cfg.manifest = str(Path(cfg.manifest).resolve())
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(cfg.manifest, cfg.manifest_format, cfg.columns)
+    if cfg.manifest_cache_dir and "://" not in cfg.manifest_cache_dir:
+        cfg.manifest_cache_dir = str(Path(cfg.manifest_cache_dir).resolve())
+    # parsed once into a mapped columnar file; workers and array tasks map the same file
+    manifest = Manifest(cfg.manifest, cfg.manifest_format, cfg.columns, cache_dir=manifest_cache_dir(cfg))
     num_shards = manifest.num_shards(cfg.samples_per_shard)
     todo = _pending_shards(cfg, num_shards, retry_transient)
     removed = remove_temp_files(out)

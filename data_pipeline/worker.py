@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.config import ShardConfig, config_hash
+from data_pipeline.config import ShardConfig, config_hash, manifest_cache_dir
 from data_pipeline.fetch import FetchError, fetch
 from data_pipeline.manifest import Manifest, Row
 from data_pipeline.mp4 import encode_mp4
@@ -46,7 +46,8 @@ class ShardProcessor:
         hf_logging.disable_progress_bar()  # one bar per run (ours), not one per worker's weight load
         self.cfg = cfg
         self.hash = config_hash(cfg)
-        self.manifest = manifest or Manifest(cfg.manifest, cfg.manifest_format, cfg.columns)
+        self.manifest = manifest or Manifest(cfg.manifest, cfg.manifest_format, cfg.columns,
+                                             cache_dir=manifest_cache_dir(cfg))
         e = cfg.encoder
         if e.threads > 0 and torch.get_num_threads() != e.threads:
             torch.set_num_threads(e.threads)  # oversubscribed OpenMP threads stall a busy machine
