@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,11 +25,13 @@ from data_pipeline.manifest import Manifest, Row
 from data_pipeline.mp4 import encode_mp4
 from data_pipeline.stats import ShardStats, write_stats
 from data_pipeline.video import Clip, DecodeError, VideoInfo, decode_clips
-from data_pipeline.writer import ShardWriter, remove_temp_files, shard_name
+from data_pipeline.writer import ShardWriter, remove_temp_files, shard_name, stats_name
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (videos ok, videos failed) increments
+PROGRESS_EVERY_S = 0.5  # progress reports are batched: one queue message per row costs more than a failed row
+ROW_LOG_LIMIT = 10  # failed rows logged one line each per shard; the rest are summed up in one line
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -90,11 +93,18 @@ class ShardProcessor:
         remove_temp_files(self.out_dir, shard)
         writer = ShardWriter(self.out_dir / shard_name(shard))
         pending: list[tuple[Row, list[tuple[str, dict[str, bytes]]]]] = []
+        n_ok = n_failed = 0  # not yet reported to `progress`
+        last_report = time.monotonic()
         try:
             for row in rows:
-                ok = self._one(row, stats, pending)
-                if progress:
-                    progress(int(ok), int(not ok))
+                if self._one(row, stats, pending):
+                    n_ok += 1
+                else:
+                    n_failed += 1
+                if progress and time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                    progress(n_ok, n_failed)
+                    n_ok = n_failed = 0
+                    last_report = time.monotonic()
                 if len(pending) >= cfg.encoder.batch_size:
                     self._flush(pending, writer, stats)
             self._flush(pending, writer, stats)
@@ -102,16 +112,29 @@ class ShardProcessor:
         except BaseException:
             writer.abort()
             raise
+        if progress and (n_ok or n_failed):
+            progress(n_ok, n_failed)
+        if len(stats.failures) > ROW_LOG_LIMIT:
+            counts = Counter(f["reason"] for f in stats.failures)
+            log.warning("shard %d: %d of %d rows failed (%s); the first %d are logged above, all are in %s",
+                        shard, len(stats.failures), len(rows), ", ".join(f"{r} {n}" for r, n in counts.most_common()),
+                        ROW_LOG_LIMIT, stats_name(shard))
         stats.seconds = time.perf_counter() - t_start
         stats.started, stats.finished = t_wall, time.time()
         stats.cpu_seconds = time.process_time() - t_cpu
         write_stats(self.out_dir, stats)
         return stats.to_json()
 
+    @staticmethod
+    def _level(stats: ShardStats) -> int:
+        """WARNING for a shard's first ROW_LOG_LIMIT failed rows, then DEBUG (a 10M-row run of
+        missing files would otherwise spend more time logging than failing; the shard JSON has all)."""
+        return logging.WARNING if len(stats.failures) <= ROW_LOG_LIMIT else logging.DEBUG
+
     def _one(self, row: Row, stats: ShardStats, pending: list) -> bool:
         if row.reject:
             stats.fail(row.index, row.raw_key, row.reject, f"source {row.source!r}")
-            log.warning("row %d key %r: %s", row.index, row.raw_key, row.reject)
+            log.log(self._level(stats), "row %d key %r: %s", row.index, row.raw_key, row.reject)
             return False
         try:
             info, clips = self._video(row)
@@ -122,7 +145,8 @@ class ShardProcessor:
                 samples.append((key, {ext: media, "json": self._metadata(row, info, clip)}))
         except (FetchError, DecodeError) as e:
             stats.fail(row.index, row.raw_key, e.reason, e.detail)
-            log.warning("row %d key %r (%s): %s %s", row.index, row.raw_key, row.source, e.reason, e.detail)
+            if log.isEnabledFor(level := self._level(stats)):
+                log.log(level, "row %d key %r (%s): %s %s", row.index, row.raw_key, row.source, e.reason, e.detail)
             return False
         except Exception as e:  # an unforeseen decoder/encoder failure must not end the run
             stats.fail(row.index, row.raw_key, "internal_error", f"{type(e).__name__}: {e}")
