@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-VERSION = 1
+VERSION = 2
 WORDS = ("a man woman child dog cat bird horse car city street beach ocean forest mountain river sky sunset "
          "sunrise night day aerial view slow motion close up shot of the in on at with and over under near "
          "walking running flying driving swimming sitting standing smiling looking talking playing dancing "
@@ -63,8 +63,10 @@ def write_manifest(path: Path, rows: int, seed: int = 0) -> Path:
             for i in range(n):
                 vid = 1_000_000 + (c0 + i) * 7
                 page = (c0 + i) // 50 * 50 + 1
-                caption = " ".join(words[ends[i] - lengths[i]:ends[i]])
-                lines.append(f"{vid},/nonexistent/webvid/videos/{page:06d}_{page + 49:06d}/{vid}.mp4,"
+                cap_words = words[ends[i] - lengths[i]:ends[i]]
+                caption = " ".join(cap_words)
+                slug = "-".join(cap_words[:8])  # WebVid's URLs carry the caption's words too
+                lines.append(f"{vid},/nonexistent/shutterstock/videos/{vid}/preview/stock-footage-{slug}.mp4,"
                              f"PT00H00M{secs[i]:02d}S,{page:06d}_{page + 49:06d},{caption}\n")
             f.write("".join(lines))
     side.write_text(json.dumps(params))
@@ -73,29 +75,32 @@ def write_manifest(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
-def _run_child(code: str) -> dict:
-    """Run `code` in a fresh interpreter; it prints one JSON line; VmHWM is added here."""
+def _run_child(code: str, root: Path = ROOT) -> dict:
+    """Run `code` in a fresh interpreter (imports from `root`); it prints one JSON line; VmHWM is added."""
     wrapped = code + textwrap.dedent("""
         import json as _j, sys as _s
         _hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
         _s.stdout.write(_j.dumps({**RESULT, 'peak_rss_mb': int(_hwm) / 1024}) + '\\n')
     """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", wrapped], cwd=ROOT, env=env, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", wrapped], cwd=root, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_load(manifest: Path, cache: Path, in_memory: bool) -> dict:
+def bench_load(manifest: Path, cache: Path, in_memory: bool, baseline: Path | None) -> dict:
     res = {}
+    code = textwrap.dedent(f"""
+        import time
+        from data_pipeline.manifest import Manifest
+        t = time.perf_counter(); m = Manifest({str(manifest)!r}); RESULT = {{'seconds': time.perf_counter() - t,
+        'rows': len(m)}}
+    """)
     if in_memory:
-        res["in_memory"] = _run_child(textwrap.dedent(f"""
-            import time
-            from data_pipeline.manifest import Manifest
-            t = time.perf_counter(); m = Manifest({str(manifest)!r}); RESULT = {{'seconds': time.perf_counter() - t,
-            'rows': len(m)}}
-        """))
+        res["in_memory"] = _run_child(code)
+    if baseline:  # the same in-memory parse by an earlier checkout (e.g. before the mapped copy)
+        res["in_memory_baseline"] = _run_child(code, baseline) | {"root": str(baseline)}
     shutil.rmtree(cache, ignore_errors=True)
     code = textwrap.dedent(f"""
         import time
@@ -142,6 +147,11 @@ def _mem(pid: int) -> dict | None:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, IndexError, ValueError):
+        cpu = 0.0
     fields = {ln.split(":")[0]: ln.split()[1] for ln in status.splitlines() if ln.startswith(("VmRSS", "VmHWM"))}
     pss = next((int(ln.split()[1]) for ln in rollup.splitlines() if ln.startswith("Pss:")), 0)
     if "VmRSS" not in fields:
@@ -149,10 +159,10 @@ def _mem(pid: int) -> dict | None:
     role = ("resource_tracker" if "resource_tracker" in cmd else
             "worker" if "multiprocessing" in cmd or "spawn_main" in cmd else "other")
     return {"rss": int(fields["VmRSS"]) / 1024, "hwm": int(fields.get("VmHWM", 0)) / 1024, "pss": pss / 1024,
-            "role": role}
+            "cpu": cpu, "role": role}
 
 
-def bench_run(manifest: Path, out: Path, encoder: str, workers: int, per_shard: int) -> dict:
+def bench_run(manifest: Path, out: Path, encoder: str, workers: int, per_shard: int, max_s: float = 0) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -167,7 +177,13 @@ def bench_run(manifest: Path, out: Path, encoder: str, workers: int, per_shard: 
         peak_rss_sum = peak_pss_sum = 0.0
         first_shard = None
         shards_dir = out / "shards"
+        killed = False
         while proc.poll() is None:
+            if max_s and time.monotonic() - t0 > max_s:  # workers die with their parent (PDEATHSIG)
+                proc.kill()
+                proc.wait()
+                killed = True
+                break
             rss_sum = pss_sum = 0.0
             for pid in _tree(proc.pid):
                 m = _mem(pid)
@@ -177,22 +193,27 @@ def bench_run(manifest: Path, out: Path, encoder: str, workers: int, per_shard: 
                     m["role"] = "parent"
                 rss_sum += m["rss"]
                 pss_sum += m["pss"]
-                p = peaks.setdefault(pid, {"role": m["role"], "rss": 0.0, "pss": 0.0, "hwm": 0.0})
-                p["rss"], p["pss"], p["hwm"] = max(p["rss"], m["rss"]), max(p["pss"], m["pss"]), max(p["hwm"], m["hwm"])
+                p = peaks.setdefault(pid, {"role": m["role"], "rss": 0.0, "pss": 0.0, "hwm": 0.0, "cpu": 0.0})
+                for k in ("rss", "pss", "hwm", "cpu"):
+                    p[k] = max(p[k], m[k])
             peak_rss_sum, peak_pss_sum = max(peak_rss_sum, rss_sum), max(peak_pss_sum, pss_sum)
             if first_shard is None and shards_dir.exists() and any(shards_dir.glob("shard-*.json")):
                 first_shard = time.monotonic() - t0
             time.sleep(0.25)
     total = time.monotonic() - t0
     stdout = (out / "stdout.txt").read_text()
-    index = json.loads((shards_dir / "index.json").read_text())
+    finished = len(list(shards_dir.glob("shard-*.json")))
+    index = json.loads((shards_dir / "index.json").read_text()) if not killed else {
+        "failed": None, "total": None, "complete": False, "shards": []}
     by_role: dict[str, list] = {}
     for p in peaks.values():
         by_role.setdefault(p["role"], []).append({k: round(v, 1) for k, v in p.items() if k != "role"})
-    return {"workers": workers, "exit": proc.returncode, "seconds": round(total, 1),
+    return {"workers": workers, "exit": proc.returncode, "killed_after_max_s": killed,
+            "shards_finished": finished, "seconds": round(total, 1),
             "first_shard_s": None if first_shard is None else round(first_shard, 1),
             "peak_rss_sum_mb": round(peak_rss_sum), "peak_pss_sum_mb": round(peak_pss_sum),
-            "hwm_sum_mb": round(sum(p["hwm"] for p in peaks.values())), "processes": by_role,
+            "hwm_sum_mb": round(sum(p["hwm"] for p in peaks.values())),
+            "cpu_s": round(sum(p["cpu"] for p in peaks.values()), 1), "processes": by_role,
             "index": {k: index[k] for k in ("failed", "total", "complete")} | {"shards": len(index["shards"])},
             "summary": stdout.strip().splitlines()[:3]}
 
@@ -223,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default="/tmp/bench_manifest")
     p.add_argument("--no-in-memory", action="store_true", help="skip the old in-memory parse (needs ~7 GB at 10M)")
     p.add_argument("--skip-load", action="store_true")
+    p.add_argument("--max-run-s", type=float, default=0, help="stop a sharding run after this long (0: never); "
+                   "its memory peaks and shards/s still count, its index is not written")
+    p.add_argument("--baseline-root", default="", help="also time the in-memory parse of this source tree "
+                   "(e.g. `git archive <commit> data_pipeline trainer model | tar -x -C DIR`)")
     p.add_argument("--out", default="", help="also write the results as JSON here")
     args = p.parse_args(argv)
     d = Path(args.dir)
@@ -233,18 +258,20 @@ def main(argv: list[str] | None = None) -> int:
     encoder = d / "tiny_bert"
     if not (encoder / "config.json").exists():
         make_tiny_bert(encoder, hidden_size=32)
-    results: dict = {"rows": args.rows, "manifest_bytes": manifest.stat().st_size, "cpus": os.cpu_count(),
+    results: dict = {"command": " ".join(sys.argv), "rows": args.rows, "manifest_bytes": manifest.stat().st_size, "cpus": os.cpu_count(),
                      "load_avg_start": os.getloadavg()}
     if not args.skip_load:
-        results["load"] = bench_load(manifest, d / "cache", not args.no_in_memory)
+        results["load"] = bench_load(manifest, d / "cache", not args.no_in_memory,
+                                     Path(args.baseline_root) if args.baseline_root else None)
         print(json.dumps(results["load"], indent=1), file=sys.stderr)
     results["runs"] = []
     for w in args.workers:
-        r = bench_run(manifest, d / f"run_w{w}", str(encoder), w, args.samples_per_shard)
+        r = bench_run(manifest, d / f"run_w{w}", str(encoder), w, args.samples_per_shard, args.max_run_s)
         results["runs"].append(r)
         print(json.dumps(r, indent=1), file=sys.stderr)
-    last = d / f"run_w{args.workers[-1]}" / "shards"
-    results["merge"] = bench_merge(last, -(-args.rows // args.samples_per_shard))
+    done = [r for r in results["runs"] if not r["killed_after_max_s"]]
+    if done:  # merge the first complete run's shards again, in a fresh process
+        results["merge"] = bench_merge(d / f"run_w{done[0]['workers']}" / "shards", -(-args.rows // args.samples_per_shard))
     results["load_avg_end"] = os.getloadavg()
     text = json.dumps(results, indent=1)
     print(text)
