@@ -22,7 +22,10 @@ class ColumnsConfig:
 
     key: str = ""
     source: str = ""
-    caption: str = ""
+    caption: str = ""  # one caption, or (with spans) a list of captions parallel to the spans
+    spans: str = ""  # a list of [start, end] pairs per row (Panda-70M `timestamp`); auto-detected
+    start: str = ""  # or one clip per row: its start and end columns (InternVid); auto-detected
+    end: str = ""
 
 
 @dataclass
@@ -129,7 +132,8 @@ def content_settings(cfg: ShardConfig) -> dict:
     """The settings that determine what a shard contains (the config hash covers exactly these)."""
     d = to_dict(cfg)
     return {
-        "columns": d["columns"],
+        # span columns enter only when set, so configs from before they existed keep their hash
+        "columns": {k: v for k, v in d["columns"].items() if v or k in ("key", "source", "caption")},
         "samples_per_shard": d["samples_per_shard"],
         "clip": d["clip"],
         "storage": d["storage"] if cfg.storage.format == "mp4" else {"format": "npy"},

@@ -30,6 +30,7 @@ class ShardStats:
     config_hash: str
     ok: int = 0  # videos with at least one clip written
     samples: int = 0  # clips written (= tar samples)
+    items: int = 0  # what could fail: a row, or each span of a row with clip spans
     failures: list[dict] = field(default_factory=list)  # {"key", "row", "reason", "detail"}
     tar_bytes: int = 0
     seconds: float = 0.0
@@ -45,7 +46,7 @@ class ShardStats:
         return {
             "version": INDEX_VERSION, "shard": self.shard, "name": shard_name(self.shard),
             "rows": list(self.rows), "config_hash": self.config_hash, "ok": self.ok, "samples": self.samples,
-            "failed": len(self.failures), "by_reason": dict(sorted(Counter(f["reason"] for f in self.failures).items())),
+            "failed": len(self.failures), "items": self.items, "by_reason": dict(sorted(Counter(f["reason"] for f in self.failures).items())),
             "failures": self.failures, "tar_bytes": self.tar_bytes, "seconds": round(self.seconds, 3), "cpu_seconds": round(self.cpu_seconds, 3),
             "started": round(self.started, 3), "finished": round(self.finished, 3),
             "encoder": self.encoder,
@@ -121,13 +122,16 @@ class Summary:
     by_reason: dict[str, int]
     shards: int
     missing_shards: list[int]
+    items: int = 0  # rows, counting a row with clip spans once per span; 0 = same as rows
 
     @property
     def failure_ratio(self) -> float:
-        return self.failed / self.rows if self.rows else 0.0
+        items = self.items or self.rows
+        return self.failed / items if items else 0.0
 
     def text(self, max_ratio: float) -> str:
-        lines = [f"{self.rows} rows → {self.ok} videos ok, {self.samples} clips in {self.shards} shards; "
+        spans = f" ({self.items} spans)" if self.items and self.items != self.rows else ""
+        lines = [f"{self.rows} rows{spans} → {self.ok} videos ok, {self.samples} clips in {self.shards} shards; "
                  f"{self.failed} failed ({self.failure_ratio:.1%})"]
         for reason, n in sorted(self.by_reason.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {reason}: {n}")
@@ -147,7 +151,7 @@ def merge_index(out_dir: str | Path, num_shards: int, config_hash: str, clip: di
     """
     out_dir = Path(out_dir)
     entries, reasons = [], Counter()
-    ok = samples = failed = rows = 0
+    ok = samples = failed = rows = items = 0
     missing, encoder = [], {}
     for n in range(num_shards):
         st = done_summary(out_dir, n, config_hash)
@@ -157,6 +161,7 @@ def merge_index(out_dir: str | Path, num_shards: int, config_hash: str, clip: di
         entries.append({"name": shard_name(n), "count": st["samples"]})
         ok, samples, failed = ok + st["ok"], samples + st["samples"], failed + st["failed"]
         rows += st["rows"][1] - st["rows"][0]
+        items += st.get("items") or st["rows"][1] - st["rows"][0]  # shard JSONs from before `items`
         reasons.update(st["by_reason"])
         encoder = encoder or st.get("encoder", {})
     index = {
@@ -167,4 +172,4 @@ def merge_index(out_dir: str | Path, num_shards: int, config_hash: str, clip: di
     }
     write_json_atomic(out_dir / "index.json", index)
     return Summary(rows=rows, ok=ok, samples=samples, failed=failed, by_reason=dict(reasons),
-                   shards=len(entries), missing_shards=missing)
+                   shards=len(entries), missing_shards=missing, items=items)
