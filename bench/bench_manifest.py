@@ -218,6 +218,30 @@ def bench_run(manifest: Path, out: Path, encoder: str, workers: int, per_shard: 
             "summary": stdout.strip().splitlines()[:3]}
 
 
+def make_failed_shards(shards_dir: Path, num_shards: int, per_shard: int) -> None:
+    """`num_shards` finished shards whose rows all failed `not_found`, in the real format (ShardStats
+    + stats_text; the empty tar ShardWriter makes), without the per-file fsync of a real run."""
+    from data_pipeline.stats import ShardStats, stats_text
+    from data_pipeline.writer import ShardWriter, shard_name, stats_name
+
+    shutil.rmtree(shards_dir, ignore_errors=True)
+    shards_dir.mkdir(parents=True)
+    w = ShardWriter(shards_dir / "empty.tar")
+    w.commit()
+    empty = (shards_dir / "empty.tar").read_bytes()
+    (shards_dir / "empty.tar").unlink()
+    for n in range(num_shards):
+        st = ShardStats(shard=n, rows=(n * per_shard, (n + 1) * per_shard), config_hash="bench",
+                        encoder={"name": "tiny", "dim": 32}, tar_bytes=len(empty), items=per_shard)
+        for r in range(n * per_shard, (n + 1) * per_shard):
+            vid = 1_000_000 + r * 7
+            st.fail(r, str(vid), "not_found", f"no such file /nonexistent/shutterstock/videos/{vid}/preview/"
+                    f"stock-footage-a-man-walking-on-the-beach-at-sunset.mp4")
+        (shards_dir / shard_name(n)).write_bytes(empty)
+        (shards_dir / stats_name(n)).write_text(stats_text(st.to_json()), encoding="utf-8")
+    (shards_dir / "index.json").write_text(json.dumps({"config_hash": "bench"}))
+
+
 def bench_merge(shards_dir: Path, num_shards: int) -> dict:
     return _run_child(textwrap.dedent(f"""
         import json, time
@@ -248,10 +272,22 @@ def main(argv: list[str] | None = None) -> int:
                    "its memory peaks and shards/s still count, its index is not written")
     p.add_argument("--baseline-root", default="", help="also time the in-memory parse of this source tree "
                    "(e.g. `git archive <commit> data_pipeline trainer model | tar -x -C DIR`)")
+    p.add_argument("--merge-only", type=int, default=0, metavar="SHARDS",
+                   help="only the merge, over this many written shards of --samples-per-shard failed rows")
     p.add_argument("--out", default="", help="also write the results as JSON here")
     args = p.parse_args(argv)
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
+    if args.merge_only:
+        t0 = time.perf_counter()
+        make_failed_shards(d / "merge_shards", args.merge_only, args.samples_per_shard)
+        res = {"command": " ".join(sys.argv), "write_s": time.perf_counter() - t0,
+               "merge": bench_merge(d / "merge_shards", args.merge_only)}
+        text = json.dumps(res, indent=1)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return 0
     manifest = write_manifest(d / f"webvid_{args.rows}.csv", args.rows)
     from model.text_encoder import make_tiny_bert
 
