@@ -152,13 +152,16 @@ def _mem(pid: int) -> dict | None:
         cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
     except (OSError, IndexError, ValueError):
         cpu = 0.0
-    fields = {ln.split(":")[0]: ln.split()[1] for ln in status.splitlines() if ln.startswith(("VmRSS", "VmHWM"))}
+    fields = {ln.split(":")[0]: ln.split()[1] for ln in status.splitlines() if ln.startswith(("VmRSS", "VmHWM", "RssAnon", "RssFile"))}
     pss = next((int(ln.split()[1]) for ln in rollup.splitlines() if ln.startswith("Pss:")), 0)
     if "VmRSS" not in fields:
         return None
     role = ("resource_tracker" if "resource_tracker" in cmd else
             "worker" if "multiprocessing" in cmd or "spawn_main" in cmd else "other")
+    # RssAnon: the process's own memory; RssFile: mapped file pages (the manifest copy, libraries):
+    # clean page cache the kernel can drop and re-read, shared by every process that maps the file
     return {"rss": int(fields["VmRSS"]) / 1024, "hwm": int(fields.get("VmHWM", 0)) / 1024, "pss": pss / 1024,
+            "anon": int(fields.get("RssAnon", 0)) / 1024, "file": int(fields.get("RssFile", 0)) / 1024,
             "cpu": cpu, "role": role}
 
 
@@ -174,7 +177,7 @@ def bench_run(manifest: Path, out: Path, encoder: str, workers: int, per_shard: 
     with open(out / "stdout.txt", "w") as so, open(out / "stderr.txt", "w") as se:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=so, stderr=se)
         peaks: dict[int, dict] = {}
-        peak_rss_sum = peak_pss_sum = 0.0
+        peak_rss_sum = peak_pss_sum = peak_anon_sum = 0.0
         first_shard = None
         shards_dir = out / "shards"
         killed = False
@@ -184,7 +187,7 @@ def bench_run(manifest: Path, out: Path, encoder: str, workers: int, per_shard: 
                 proc.wait()
                 killed = True
                 break
-            rss_sum = pss_sum = 0.0
+            rss_sum = pss_sum = anon_sum = 0.0
             for pid in _tree(proc.pid):
                 m = _mem(pid)
                 if m is None:
@@ -193,10 +196,13 @@ def bench_run(manifest: Path, out: Path, encoder: str, workers: int, per_shard: 
                     m["role"] = "parent"
                 rss_sum += m["rss"]
                 pss_sum += m["pss"]
-                p = peaks.setdefault(pid, {"role": m["role"], "rss": 0.0, "pss": 0.0, "hwm": 0.0, "cpu": 0.0})
-                for k in ("rss", "pss", "hwm", "cpu"):
+                anon_sum += m["anon"]
+                p = peaks.setdefault(pid, {"role": m["role"], "rss": 0.0, "pss": 0.0, "hwm": 0.0, "cpu": 0.0,
+                                           "anon": 0.0, "file": 0.0})
+                for k in ("rss", "pss", "hwm", "cpu", "anon", "file"):
                     p[k] = max(p[k], m[k])
             peak_rss_sum, peak_pss_sum = max(peak_rss_sum, rss_sum), max(peak_pss_sum, pss_sum)
+            peak_anon_sum = max(peak_anon_sum, anon_sum)
             if first_shard is None and shards_dir.exists() and any(shards_dir.glob("shard-*.json")):
                 first_shard = time.monotonic() - t0
             time.sleep(0.25)
@@ -212,6 +218,7 @@ def bench_run(manifest: Path, out: Path, encoder: str, workers: int, per_shard: 
             "shards_finished": finished, "seconds": round(total, 1),
             "first_shard_s": None if first_shard is None else round(first_shard, 1),
             "peak_rss_sum_mb": round(peak_rss_sum), "peak_pss_sum_mb": round(peak_pss_sum),
+            "peak_anon_sum_mb": round(peak_anon_sum),
             "hwm_sum_mb": round(sum(p["hwm"] for p in peaks.values())),
             "cpu_s": round(sum(p["cpu"] for p in peaks.values()), 1), "processes": by_role,
             "index": {k: index[k] for k in ("failed", "total", "complete")} | {"shards": len(index["shards"])},
