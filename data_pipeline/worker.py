@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (videos ok, videos failed) increments
 PROGRESS_EVERY_S = 0.5  # progress reports are batched: one queue message per row costs more than a failed row
+REMAP_EVERY_SHARDS = 32  # re-map the manifest copy so a long-lived worker's RSS holds only recent rows
 ROW_LOG_LIMIT = 10  # failed rows logged one line each per shard; the rest are summed up in one line
 
 
@@ -58,6 +59,7 @@ class ShardProcessor:
         self.encoder.encode(["warm up"])  # lazy kernels/allocations now, not inside the first shard's timing
         self.out_dir = Path(cfg.out_dir)
         self.internal_errors = 0
+        self.shards_done = 0
 
     # ------------------------------------------------------------------ per video
     def _media(self, clip: Clip) -> tuple[str, bytes]:
@@ -156,6 +158,9 @@ class ShardProcessor:
         stats.started, stats.finished = t_wall, time.time()
         stats.cpu_seconds = time.process_time() - t_cpu
         write_stats(self.out_dir, stats)
+        self.shards_done += 1
+        if self.shards_done % REMAP_EVERY_SHARDS == 0:
+            self.manifest.remap()
         return stats.to_json()
 
     @staticmethod

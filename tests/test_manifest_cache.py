@@ -72,6 +72,24 @@ def test_mapped_rows_equal_parsed_rows_for_every_format(tmp_path, small_batches)
     assert rows[-1].key == "last" and rows[-1].caption == "the last caption"
 
 
+def test_remap_keeps_the_rows_and_releases_the_old_mapping(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_bytes(_csv_bytes(200))
+    m = Manifest(str(p), cache_dir=tmp_path / "cache")
+    before = _digest(m)
+    rows_file = str(m.cache_path / "rows.arrow")
+
+    def mappings() -> int:
+        return sum(rows_file in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+    assert mappings() == 1
+    for _ in range(5):
+        m.remap()
+        assert _digest(m) == before
+    assert mappings() == 1  # each remap unmapped the previous mapping
+    Manifest(str(p)).remap()  # parsed in memory: nothing to remap
+
+
 def test_rerun_reuses_the_mapped_copy(tmp_path, caplog):
     p = tmp_path / "m.csv"
     p.write_bytes(_csv_bytes(50))
