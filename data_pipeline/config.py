@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from trainer.config import ConfigError, to_dict
@@ -21,7 +22,10 @@ class ColumnsConfig:
 
     key: str = ""
     source: str = ""
-    caption: str = ""
+    caption: str = ""  # one caption, or (with spans) a list of captions parallel to the spans
+    spans: str = ""  # a list of [start, end] pairs per row (Panda-70M `timestamp`); auto-detected
+    start: str = ""  # or one clip per row: its start and end columns (InternVid); auto-detected
+    end: str = ""
 
 
 @dataclass
@@ -86,6 +90,9 @@ class ShardConfig:
     manifest_format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"  # auto = from the suffix
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     out_dir: str = "shards"
+    # where the memory-mapped columnar copy of the manifest lives ("" = out_dir/.manifest); a
+    # node-local directory (e.g. /tmp/manifest) gives one copy per node, made by its first task
+    manifest_cache_dir: str = ""
     samples_per_shard: int = 1000  # manifest rows per shard (shard N = rows N*S .. (N+1)*S-1)
     clip: ClipConfig = field(default_factory=ClipConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -117,11 +124,16 @@ class ShardConfig:
         return self
 
 
+def manifest_cache_dir(cfg: ShardConfig) -> str:
+    return cfg.manifest_cache_dir or str(Path(cfg.out_dir) / ".manifest")
+
+
 def content_settings(cfg: ShardConfig) -> dict:
     """The settings that determine what a shard contains (the config hash covers exactly these)."""
     d = to_dict(cfg)
     return {
-        "columns": d["columns"],
+        # span columns enter only when set, so configs from before they existed keep their hash
+        "columns": {k: v for k, v in d["columns"].items() if v or k in ("key", "source", "caption")},
         "samples_per_shard": d["samples_per_shard"],
         "clip": d["clip"],
         "storage": d["storage"] if cfg.storage.format == "mp4" else {"format": "npy"},

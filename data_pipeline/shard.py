@@ -21,10 +21,10 @@ import threading
 import time
 from pathlib import Path
 
-from data_pipeline.config import ShardConfig, config_hash
+from data_pipeline.config import ShardConfig, config_hash, manifest_cache_dir
 from data_pipeline.lifetime import die_with_parent
 from data_pipeline.manifest import Manifest, ManifestError
-from data_pipeline.stats import Summary, merge_index, read_stats, shard_done
+from data_pipeline.stats import Summary, done_summary, merge_index
 from data_pipeline.writer import remove_temp_files, write_json_atomic
 from trainer.config import ConfigError, load_config, to_dict
 
@@ -57,7 +57,9 @@ def _report(ok: int, failed: int) -> None:
 
 
 def _run_in_worker(shard: int) -> dict:
-    return _PROCESSOR.run_shard(shard, progress=_report)
+    st = _PROCESSOR.run_shard(shard, progress=_report)
+    st.pop("failures", None)  # they are in the shard JSON; the parent needs only the counts
+    return st
 
 
 def run_shard_group(cfg_dict: dict, shards: list[int], submitted_at: float = 0.0) -> list[int]:
@@ -69,8 +71,12 @@ def run_shard_group(cfg_dict: dict, shards: list[int], submitted_at: float = 0.0
 
     cfg = from_dict(ShardConfig, cfg_dict)
     h = config_hash(cfg)
-    todo = [s for s in shards if not (shard_done(cfg.out_dir, s, h)
-                                      and (read_stats(cfg.out_dir, s) or {}).get("finished", 0) >= submitted_at)]
+
+    def redo(s: int) -> bool:
+        st = done_summary(cfg.out_dir, s, h)
+        return st is None or st.get("finished", 0) < submitted_at
+
+    todo = [s for s in shards if redo(s)]
     if todo:
         processor = ShardProcessor(cfg)
         for s in todo:
@@ -108,9 +114,10 @@ def _pending_shards(cfg: ShardConfig, num_shards: int, retry_transient: bool = F
     h = config_hash(cfg)
     todo = []
     for s in range(num_shards):
-        if not shard_done(cfg.out_dir, s, h):
+        st = done_summary(cfg.out_dir, s, h)
+        if st is None:
             todo.append(s)
-        elif retry_transient and any(_transient(r) for r in (read_stats(cfg.out_dir, s) or {}).get("by_reason", {})):
+        elif retry_transient and any(_transient(r) for r in st.get("by_reason", {})):
             todo.append(s)
     return todo
 
@@ -198,7 +205,10 @@ def run(cfg: ShardConfig, *, slurm: bool = False, progress: bool = True, retry_t
         cfg.manifest = str(Path(cfg.manifest).resolve())
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(cfg.manifest, cfg.manifest_format, cfg.columns)
+    if cfg.manifest_cache_dir and "://" not in cfg.manifest_cache_dir:
+        cfg.manifest_cache_dir = str(Path(cfg.manifest_cache_dir).resolve())
+    # parsed once into a mapped columnar file; workers and array tasks map the same file
+    manifest = Manifest(cfg.manifest, cfg.manifest_format, cfg.columns, cache_dir=manifest_cache_dir(cfg))
     num_shards = manifest.num_shards(cfg.samples_per_shard)
     todo = _pending_shards(cfg, num_shards, retry_transient)
     removed = remove_temp_files(out)

@@ -124,23 +124,28 @@ def _open(src: str | bytes):
 
 
 def decode_clips(src: str | bytes, cfg: ClipConfig, decode_threads: int = 1, *,
-                 discard_unneeded: bool = True) -> tuple[VideoInfo, list[Clip]]:
+                 discard_unneeded: bool = True, span: tuple[float, float] | None = None
+                 ) -> tuple[VideoInfo, list[Clip]]:
     """Decode the clips of one video (path or bytes). Raises DecodeError with a reason.
+
+    span=(start, end) seconds: the clips come only from [start, end): the decoder seeks to the
+    keyframe before `start` (never decodes from the file's start to get there) and no picked frame
+    lies at or after `end`. A span outside the video fails as `span_out_of_range`.
 
     discard_unneeded=False decodes every frame; the clips are the same either way (tested), only
     slower: it exists to prove that.
     """
     container = _open(src)
     try:
-        return _decode(container, cfg, decode_threads, discard_unneeded)
+        return _decode(container, cfg, decode_threads, discard_unneeded, span)
     except av.error.FFmpegError as e:
         raise DecodeError("decode_error", f"{type(e).__name__}: {e}") from None
     finally:
         container.close()
 
 
-def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: bool = True
-            ) -> tuple[VideoInfo, list[Clip]]:
+def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: bool = True,
+            clip_range: tuple[float, float] | None = None) -> tuple[VideoInfo, list[Clip]]:
     if not container.streams.video:
         raise DecodeError("no_video_stream", f"streams: {[s.type for s in container.streams]}")
     stream = container.streams.video[0]
@@ -174,10 +179,18 @@ def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: b
     else:
         out_fps = float(cfg.fps)
         span = cfg.frames / out_fps
+    clip_len = span  # seconds one clip covers
+    lo, hi = 0.0, math.inf
+    if clip_range is not None:
+        lo, hi = clip_range
+        one_frame = 1.0 / (src_fps or 25.0)
+        if duration is not None and (lo >= duration or hi > duration + max(0.05, one_frame)):
+            raise DecodeError("span_out_of_range", f"span [{lo:g}, {hi:g}) s outside the video's {duration:.3f} s")
+    avail = (hi - lo) if clip_range is not None else duration
     n = 1
-    if duration is not None and cfg.clips_per_video > 1:
-        n = max(1, min(cfg.clips_per_video, int(duration // span)))
-    starts = [0.0] if n == 1 else [i * (duration - span) / (n - 1) for i in range(n)]
+    if avail is not None and cfg.clips_per_video > 1:
+        n = max(1, min(cfg.clips_per_video, int(avail // clip_len)))
+    starts = [lo] if n == 1 else [lo + i * (avail - clip_len) / (n - 1) for i in range(n)]
     sar = float(stream.sample_aspect_ratio) if stream.sample_aspect_ratio else 1.0
     sar = sar if 0.1 < sar < 10 else 1.0
 
@@ -185,16 +198,20 @@ def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: b
     # Stride mode counts decoded frames, so there every frame is decoded.
     discard = (discard_unneeded and cfg.stride is None and cc.name in _DISCARD_CODECS
                and container.format.name in _DISCARD_CONTAINERS)
-    targets = [t for start in starts for t in _targets(start, cfg)] if discard else None
+    targets = [t for start in starts for t in _targets(start, cfg, hi)] if discard else None
     reader = _FrameReader(container, stream, t0, src_fps, targets)
     converter: _FrameConverter | None = None
     clips: list[Clip] = []
     for ci, start in enumerate(starts):
-        if start > reader.position + 1.0:  # far ahead: seeking beats decoding the gap
+        # far ahead: seeking beats decoding the gap; a span is always reached by seeking
+        if start > reader.position + (1.0 if clip_range is None or ci > 0 else 0.0):
             reader.seek(start)
-        picked = _pick_by_stride(reader, start, cfg) if cfg.stride is not None else _pick_by_time(reader, start, cfg)
+        picked = (_pick_by_stride(reader, start, cfg, hi) if cfg.stride is not None
+                  else _pick_by_time(reader, start, cfg, hi))
         if not picked:
             if ci == 0:
+                if clip_range is not None and duration is None:
+                    raise DecodeError("span_out_of_range", f"no frame in span [{lo:g}, {hi:g}) s")
                 raise reader.failure("no_frames", "no decodable frame at the clip start")
             break
         if converter is None:
@@ -212,8 +229,9 @@ def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: b
             if ci > 0:
                 break
             if cfg.too_short == "skip" or not frames:
-                raise reader.failure("too_short", f"{len(frames)} of {cfg.frames} frames "
-                                     f"(duration {duration if duration is None else round(duration, 3)}s)")
+                where = f"span [{lo:g}, {hi:g}) s" if clip_range is not None else \
+                    f"duration {duration if duration is None else round(duration, 3)}s"
+                raise reader.failure("too_short", f"{len(frames)} of {cfg.frames} frames ({where})")
             frames += [frames[-1]] * padded
         clips.append(Clip(frames=np.stack(frames), index=ci, start_s=round(start, 6), fps=out_fps,
                           padded=padded, times=[round(t, 6) for t, _ in picked]))
@@ -358,13 +376,15 @@ class _FrameReader:
         return DecodeError(reason, detail)
 
 
-def _targets(start: float, cfg: ClipConfig) -> list[float]:
-    return [start + k / cfg.fps for k in range(cfg.frames)]
+def _targets(start: float, cfg: ClipConfig, end: float = math.inf) -> list[float]:
+    """The clip's frame times start + k/fps, k < T, that lie before `end` (a span's end)."""
+    return [t for t in (start + k / cfg.fps for k in range(cfg.frames)) if t < end]
 
 
-def _pick_by_time(reader: _FrameReader, start: float, cfg: ClipConfig) -> list[tuple[float, av.VideoFrame]]:
+def _pick_by_time(reader: _FrameReader, start: float, cfg: ClipConfig, end: float = math.inf
+                  ) -> list[tuple[float, av.VideoFrame]]:
     """Nearest source frame to each target time start + k/fps (sample-and-hold across VFR gaps)."""
-    targets = _targets(start, cfg)
+    targets = _targets(start, cfg, end)
     picked: list[tuple[float, av.VideoFrame]] = []
     prev: tuple[float, av.VideoFrame] | None = None
     while len(picked) < len(targets):
@@ -384,8 +404,9 @@ def _pick_by_time(reader: _FrameReader, start: float, cfg: ClipConfig) -> list[t
     return picked
 
 
-def _pick_by_stride(reader: _FrameReader, start: float, cfg: ClipConfig) -> list[tuple[float, av.VideoFrame]]:
-    """Every stride-th decoded frame from the first one at or after `start`."""
+def _pick_by_stride(reader: _FrameReader, start: float, cfg: ClipConfig, end: float = math.inf
+                    ) -> list[tuple[float, av.VideoFrame]]:
+    """Every stride-th decoded frame from the first one at or after `start` (and before `end`)."""
     picked: list[tuple[float, av.VideoFrame]] = []
     eps = reader.frame_dur / 2
     i = 0
@@ -395,6 +416,8 @@ def _pick_by_stride(reader: _FrameReader, start: float, cfg: ClipConfig) -> list
             break
         if item[0] < start - eps:
             continue
+        if item[0] >= end:
+            break
         if i % cfg.stride == 0:
             picked.append(item)
         i += 1

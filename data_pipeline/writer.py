@@ -68,10 +68,14 @@ class ShardWriter:
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
