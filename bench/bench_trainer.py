@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.metrics import peak_memory_gb
     from trainer.strategies.base import build_strategy
 
-    sets = [f"parallel.strategy={a.strategy}", f"model.gradient_checkpointing={a.gc}"] + a.overrides
+    sets = [f"parallel.strategy={a.strategy}", f"model.checkpoint_policy={'all' if a.gc else 'none'}"] + a.overrides
     if a.precision:
         sets.append(f"run.precision={a.precision}")
     cfg = load_config(TrainConfig, a.config, sets)
