@@ -314,6 +314,12 @@ class RunConfig:
     # are timed and compared with the step's consumption after the first log interval (a starved GPU is
     # flagged). -1 = 8 on CUDA, off on CPU; 0 = off
     loader_probe_batches: int = -1
+    # regional torch.compile: each block's forward compiled once per distinct shape in the first step
+    # (trainer/compile.py); compile time and any recompilation are logged. Off by default: on CPU it
+    # costs minutes of compilation for no gain (see issue 11); on GPUs it fuses norms/activations/FiLM
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" compiles no kernels: tests)
+    compile_mode: str = ""  # torch.compile mode ("" = default, "max-autotune-no-cudagraphs", ...)
 
     def __post_init__(self) -> None:
         if self.peak_tflops < 0:

@@ -123,6 +123,11 @@ class Trainer:
         latest = ckpt.find_latest(self.out_dir)  # a rerun resumes from it (after the strategy is set up)
         if latest is None:
             self._warm_start(model)
+        self.compiled = None
+        if cfg.run.compile:  # before the strategy wraps the blocks (trainer/compile.py)
+            from trainer.compile import compile_blocks
+
+            self.compiled = compile_blocks(model, cfg.run.compile_backend, cfg.run.compile_mode or None)
         self.strategy = build_strategy(cfg, self.dist)
         self.strategy.setup(model)
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
@@ -195,6 +200,17 @@ class Trainer:
             except StopIteration:  # a finite loader: start the next pass
                 self._iter = iter(self.loader)
                 return next(self._iter)
+
+    def _static_text(self, batch: dict) -> dict:
+        """Captions padded (masked) to data.max_text_len, for compiled runs: the loader pads each batch
+        to its longest caption, and every new length would recompile the cross-attention blocks.
+        Masked tokens change nothing (the pooling and the cross-attention ignore them)."""
+        emb, mask = batch["text_emb"], batch["text_mask"]
+        pad = self.cfg.data.max_text_len - emb.shape[1]
+        if pad <= 0:
+            return batch
+        return {**batch, "text_emb": torch.nn.functional.pad(emb, (0, 0, 0, pad)),
+                "text_mask": torch.nn.functional.pad(mask, (0, pad), value=False)}
 
     def _cond(self, batch: dict, drop_captions: bool) -> dict:
         dev = self.dist.device
@@ -324,6 +340,8 @@ class Trainer:
             t0 = time.perf_counter()
             batch = self._next_batch()
             data_wait += time.perf_counter() - t0
+            if self.compiled is not None:
+                batch = self._static_text(batch)
             if self.step_flops is None:
                 t0 = time.perf_counter()
                 self._count_flops(batch)
@@ -420,6 +438,11 @@ class Trainer:
                 t0 = time.perf_counter()
                 out = self.train_step(first_step=step_start)
                 dt = time.perf_counter() - t0 - out["overhead"]
+                if self.compiled is not None and self.compiled.graphs_after_warmup is None:
+                    self.compiled.mark_warm(dt)
+                    self.metrics.print(f"[compile] first step {dt:.1f} s with compilation: "
+                                       f"{self.compiled.graphs()} graphs for {self.compiled.blocks} blocks "
+                                       f"(backend {self.compiled.backend})")
                 step_index = self.step
                 self.step += 1
                 if logf is not None:
@@ -519,6 +542,11 @@ class Trainer:
                 mfu = scalars["perf/mfu"] = tflops / self.peak_tflops
         if self._loader_rate is not None:
             self._check_loader(interval, step_time, wait, scalars)
+        if self.compiled is not None:
+            scalars["perf/recompiles"] = new = self.compiled.new_graphs()
+            if new:
+                self.metrics.print(f"[compile] WARNING: {new} graphs compiled after the first step (recompilation: "
+                                   f"a shape changed, e.g. the caption length); see TORCH_LOGS=recompiles")
         self.metrics.scalars(scalars, self.step)
         elapsed = time.time() - t_start
         it_s = (self.step - step_start) / elapsed if elapsed > 0 else 0.0
