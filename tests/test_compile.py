@@ -26,7 +26,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("policy", ["none", "all"])
+@pytest.mark.parametrize("policy", ["none", "all", "selective"])
 def test_blocks_compile_once_share_graphs_and_match_eager(policy):
     eager = make_model(checkpoint_policy=policy).train()
     model = make_model(checkpoint_policy=policy).train()

@@ -379,7 +379,8 @@ class Trainer:
         compute; trainer.perf). Later batches may have other caption lengths: the text tokens are a
         small share of the work, so the first batch stands for the run."""
         geometry = BatchGeometry.of_batch(batch)
-        self.step_flops = f = StepFlops.count(self.cfg.model, geometry, self.cfg.optim.grad_accum)
+        with preserved_rng():  # building a model (on meta) must not shift the training RNG (exact resume)
+            self.step_flops = f = StepFlops.count(self.cfg.model, geometry, self.cfg.optim.grad_accum)
         recompute = (f"; hardware {f.hardware / 1e9:.4g} GFLOP with checkpoint policy {f.policy} "
                      f"(+{100 * (f.hardware / f.model - 1):.1f}% recompute)" if f.policy != "none" else "")
         self.metrics.print(f"[perf] model FLOPs per optimizer step and rank: {f.model / 1e9:.4g} GFLOP "
