@@ -171,7 +171,7 @@ class Trainer:
         self.peak_tflops, peak_source = peak_tflops(self.dist.device, cfg.run.precision, cfg.run.peak_tflops)
         self.metrics.print(f"[perf] peak {self.peak_tflops:g} TFLOP/s per device from {peak_source}"
                            if self.peak_tflops else f"[perf] perf/mfu not logged: {peak_source}")
-        self._loader_rate: float | None = None  # clips/s of the start-up loader probe
+        self._loader_rate: float | None = None  # clips/s of the start-up loader probe (nan: probe failed)
 
     def _gpu_settings(self) -> None:
         """Free speed on CUDA, nothing changed on CPU: fp32 runs may use TF32 tensor cores for matmuls
@@ -413,8 +413,8 @@ class Trainer:
                 clips += int(batch["video"].shape[0])
             elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
             del it, loader
-        if clips and elapsed > 0:
-            self._loader_rate = clips / elapsed
+        # set on every rank alike (the check at the first log is collective); nan = nothing measured here
+        self._loader_rate = clips / elapsed if clips and elapsed > 0 else float("nan")
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -561,9 +561,13 @@ class Trainer:
         s = self.strategy
         compute = max(step_time - interval["wait"] / max(1, interval["steps"]), 1e-9)
         consumed = interval["videos"] / max(1, interval["steps"]) / compute  # clips/s on this rank
-        ratio = s.all_reduce_max(-(self._loader_rate / consumed)) * -1  # the worst rank
         rate = self._loader_rate
         self._loader_rate = None
+        local = rate / consumed if math.isfinite(rate) else math.inf  # a rank that measured nothing: no vote
+        ratio = -s.all_reduce_max(-local)  # the worst rank
+        if not math.isfinite(ratio):
+            self.metrics.print("[perf] loader probe measured nothing (fewer than 2 batches); no loader check")
+            return
         scalars["perf/loader_to_consumption"] = ratio
         verdict = ("ok" if ratio >= 1.2 else "tight: little headroom" if ratio >= 1 else
                    "STARVED: the accelerator will wait for data; raise data.num_workers or use npy shards")
