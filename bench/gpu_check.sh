@@ -70,7 +70,7 @@ r = rows[-1]
 mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
 note = f"recompiles {r['recompiles']}" if "recompiles" in r else ""
 print(f"| {strategy} | {policy} | {'yes' if comp == '1' else 'no'} | {r['step_time_s']:.3f} | {r['first_step_s']:.1f} | "
-      f"{r['samples_per_s']:.1f} | {r['model_tflops_per_s']:.1f} | {mfu} | {r['peak_mem_gb_max_rank']:.1f} | {note} |")
+      f"{r['samples_per_s']:.1f} | {r['model_tflops_per_s']:.3g} | {mfu} | {r['peak_mem_gb_max_rank']:.1f} | {note} |")
 EOF
   else
     local rc=$?
