@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, help="per-rank batch (default: data.batch_size)")
     p.add_argument("--precision", help="fp32|bf16|fp16 (default: run.precision)")
-    p.add_argument("--gc", action="store_true", help="gradient checkpointing on")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak for MFU (H100 SXM: 989)")
+    p.add_argument("--gc", action="store_true", help="gradient checkpointing on (= --policy all)")
+    p.add_argument("--policy", help="model.checkpoint_policy (none|all|attention|resblocks|every_k|selective)")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (run.compile)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="dense peak TFLOP/s for MFU (default: trainer.perf's device table on GPUs)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     a = p.parse_args(argv)
 
@@ -55,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.metrics import peak_memory_gb
     from trainer.strategies.base import build_strategy
 
-    sets = [f"parallel.strategy={a.strategy}", f"model.gradient_checkpointing={a.gc}"] + a.overrides
+    policy = a.policy or ("all" if a.gc else "none")
+    sets = [f"parallel.strategy={a.strategy}", f"model.checkpoint_policy={policy}",
+            "model.gradient_checkpointing=false"] + a.overrides
     if a.precision:
         sets.append(f"run.precision={a.precision}")
     cfg = load_config(TrainConfig, a.config, sets)
@@ -63,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = SpaceTimeUNet(cfg.model)
     n_params = sum(p.numel() for p in model.parameters())
+    compiled = None
+    if a.compile:
+        from trainer.compile import compile_blocks
+
+        compiled = compile_blocks(model, cfg.run.compile_backend, cfg.run.compile_mode or None)
     strategy = build_strategy(cfg, dist_env)
     strategy.setup(model)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
@@ -76,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     cond = {"text_emb": emb, "text_mask": mask, "num_video_frames": cfg.data.num_frames}
 
     times = []
+    t_first = None
     for i in range(a.warmup + a.steps):
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -88,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         strategy.zero_grad()
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        if i == 0:
+            t_first = time.perf_counter() - t0
+            if compiled is not None:
+                compiled.mark_warm(t_first)
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
 
@@ -95,22 +110,26 @@ def main(argv: list[str] | None = None) -> int:
     world = dist_env.world_size
     result = {
         "strategy": a.strategy, "world_size": world, "device": str(dev), "precision": cfg.run.precision,
-        "gradient_checkpointing": a.gc, "config": a.config, "params": n_params, "batch_per_rank": b,
+        "checkpoint_policy": policy, "compile": a.compile, "first_step_s": round(t_first, 2), "config": a.config, "params": n_params, "batch_per_rank": b,
         "frames": frames, "size": size, "step_time_s": round(step, 4),
         "videos_per_s": round(b * world / step, 3),
         "peak_mem_gb_max_rank": round(strategy.all_reduce_max(peak_memory_gb(dev)), 3),
         "param_mb_per_rank": round(strategy.all_reduce_max(tensor_bytes(strategy.local_params()) / 2**20), 2),
         "optimizer_mb_per_rank": round(strategy.all_reduce_max(optimizer_bytes(strategy.optimizer) / 2**20), 2),
     }
-    if dev.type == "cuda":
-        # training FLOPs ≈ 3 × forward FLOPs, forward counted with torch's FLOP counter on one micro-batch
-        from torch.utils.flop_counter import FlopCounterMode
+    # model FLOPs of forward + backward on the meta device (trainer.perf, as the trainer logs them)
+    from trainer.perf import BatchGeometry, StepFlops, peak_tflops
 
-        with FlopCounterMode(display=False) as counter, torch.no_grad(), strategy.autocast():
-            strategy.forward(x, torch.zeros(b, device=dev), **cond)
-        flops = 3 * counter.get_total_flops()
-        result["tflops_per_s_per_gpu"] = round(flops / step / 1e12, 2)
-        result["mfu"] = round(flops / step / 1e12 / a.peak_tflops, 4)
+    geometry = BatchGeometry(b, frames, cfg.data.num_frames, size, size, 16)
+    flops = StepFlops.count(cfg.model, geometry)
+    result["model_tflops_per_s"] = round(flops.model / step / 1e12, 3)
+    result["hardware_tflops_per_s"] = round(flops.hardware / step / 1e12, 3)
+    result["samples_per_s"] = round(b * world * (1 + cfg.data.num_image_frames) / step, 3)
+    peak, _ = peak_tflops(dev, cfg.run.precision, a.peak_tflops)
+    if peak:
+        result["mfu"] = round(flops.model / step / 1e12 / peak, 4)
+    if compiled is not None:
+        result["recompiles"] = compiled.new_graphs()
     if dist_env.rank == 0:
         print(json.dumps(result), flush=True)
     destroy_distributed()

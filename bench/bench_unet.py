@@ -73,7 +73,8 @@ def model_flops(cfg: TrainConfig) -> int:
 
     # checkpointing off: recomputation is not model work and would inflate the count by ~25%
     with torch.device("meta"):
-        model = SpaceTimeUNet(dataclasses.replace(cfg.model, gradient_checkpointing=False)).train()
+        model = SpaceTimeUNet(dataclasses.replace(cfg.model, checkpoint_policy="none",
+                                                   gradient_checkpointing=False)).train()
         z, logsnr, text, mask = _inputs(cfg, device="meta")
     counter = FlopCounterMode(display=False)
     with counter:
@@ -84,7 +85,7 @@ def model_flops(cfg: TrainConfig) -> int:
 def run_case(config: str, precision: str, checkpointing: bool, warmup: int, steps: int) -> dict:
     """One case in this (fresh) process; returns the measurements."""
     cfg = load_config(TrainConfig, ROOT / CONFIGS[config],
-                      [f"model.gradient_checkpointing={str(checkpointing).lower()}"])
+                      [f"model.checkpoint_policy={'all' if checkpointing else 'none'}"])
     torch.manual_seed(0)
     model = SpaceTimeUNet(cfg.model).train()
     z, logsnr, text, mask = _inputs(cfg)

@@ -60,7 +60,34 @@ class UNetConfig:
     # direction of motion. motion_scale maps the measured share of the frame crossed per clip to O(1).
     motion_conditioning: bool = False
     motion_scale: float = 7.0
+    # activation checkpointing (docs/model.md, "Activation checkpointing"): which blocks keep only their
+    # inputs in forward and recompute the rest in backward. none | all (every block) | attention (the
+    # SpaceTimeAttention blocks) | resblocks (the ResBlocks) | every_k (1 block in checkpoint_every_k, in
+    # forward order) | selective (every block, but matmul/conv/SDPA outputs are kept: only the cheap
+    # elementwise ops, norms and activations are recomputed)
+    checkpoint_policy: Literal["none", "all", "attention", "resblocks", "every_k", "selective"] = "none"
+    checkpoint_every_k: int = 2
+    # the old switch: true = checkpoint_policy "all" (read with a RenamedWarning)
     gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.gradient_checkpointing:
+            if self.checkpoint_policy not in ("none", "all"):
+                raise ValueError(f"model.gradient_checkpointing=true and model.checkpoint_policy="
+                                 f"{self.checkpoint_policy!r} disagree; gradient_checkpointing is the old form of "
+                                 f"checkpoint_policy: all, keep only checkpoint_policy")
+            warn_renamed("model.gradient_checkpointing: true", "model.checkpoint_policy: all",
+                         "more policies than on/off", stacklevel=4)
+        if self.checkpoint_every_k < 1:
+            raise ValueError(f"model.checkpoint_every_k must be >= 1, got {self.checkpoint_every_k}")
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """The policy in effect: `checkpoint_policy`, or "all" when only the old switch is on (a config
+        may also be edited after construction, as tests and scripts do, so this is read at use)."""
+        if self.checkpoint_policy == "none" and self.gradient_checkpointing:
+            return "all"
+        return self.checkpoint_policy
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from model.attention import AttentionPool, SpaceTimeAttention, temporal_attention_mask
 from model.blocks import (
@@ -31,6 +31,29 @@ from model.blocks import (
 )
 from model.config import UNetConfig
 from model.motion import MotionConditioning
+
+aten = torch.ops.aten
+# The ops whose outputs the `selective` checkpoint policy keeps: the matmuls, convolutions and fused
+# attention kernels hold nearly all of a block's FLOPs, so recomputing only what lies between them
+# (norms, SiLU, FiLM, residual adds, softmax of the written-out attention) costs a few percent of
+# the step while the activations between those ops are not stored (torchtitan's "op-level SAC").
+SELECTIVE_SAVE_OPS = frozenset({
+    aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.convolution.default,
+    aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
+})
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_checkpoint_context():
+    """The (forward, recompute) context pair of the `selective` policy (a fresh cache per call)."""
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+CHECKPOINT_POLICIES = ("none", "all", "attention", "resblocks", "every_k", "selective")
 
 
 def validate_config(cfg: UNetConfig) -> None:
@@ -141,10 +164,41 @@ class SpaceTimeUNet(nn.Module):
         return [m for m in self.modules() if isinstance(m, (ResBlock, TemporalConv, SpaceTimeAttention))]
 
     # ------------------------------------------------------------------ forward
+    def checkpointed_blocks(self, policy: str | None = None) -> list[nn.Module]:
+        """The blocks `policy` (default: the config's) recomputes in backward, in forward order.
+
+        `every_k` takes blocks 0, k, 2k, ... of `blocks()`: spread over every resolution, so the
+        memory saved is spread too (the activations of the high-resolution blocks are the big ones).
+        """
+        policy = policy or self.cfg.activation_checkpointing
+        blocks = self.blocks()
+        if policy in ("all", "selective"):
+            return blocks
+        if policy == "attention":
+            return [b for b in blocks if isinstance(b, SpaceTimeAttention)]
+        if policy == "resblocks":
+            return [b for b in blocks if isinstance(b, ResBlock)]
+        if policy == "every_k":
+            return blocks[:: self.cfg.checkpoint_every_k]
+        if policy == "none":
+            return []
+        raise ValueError(f"model.checkpoint_policy {policy!r} is not one of {list(CHECKPOINT_POLICIES)}")
+
     def _run(self, block: nn.Module, *args):
-        if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        policy = self.cfg.activation_checkpointing
+        if policy == "none" or not self.training or not torch.is_grad_enabled():
+            return block(*args)
+        # which blocks: cached per policy (blocks() walks the module tree; a policy edited on the
+        # config after construction is still honoured because the key includes it)
+        key = (policy, self.cfg.checkpoint_every_k)
+        if getattr(self, "_ckpt_key", None) != key:
+            self._ckpt_ids = frozenset(id(b) for b in self.checkpointed_blocks(policy))
+            self._ckpt_key = key
+        if id(block) not in self._ckpt_ids:
+            return block(*args)
+        if policy == "selective":
+            return checkpoint(block, *args, use_reentrant=False, context_fn=selective_checkpoint_context)
+        return checkpoint(block, *args, use_reentrant=False)
 
     def _stage(self, stage: _Stage, h, cond, frames, context, context_mask, frame_mask, num_video_frames):
         h = self._run(stage.res, h, cond)

@@ -150,6 +150,8 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:  # a required field missing
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+    except ValueError as e:  # a section's __post_init__ check (its message names the key)
+        raise ConfigError(str(e)) from e
 
 
 def to_dict(cfg: Any) -> dict:
@@ -307,6 +309,24 @@ class RunConfig:
     # has its own checkpoint (a rerun resumes from that).
     init_from: str = ""
     eval_every: int = 0  # 0 = never; else the `eval:` section runs on the EMA weights every this many steps
+    # peak dense TFLOP/s of one device at this run's precision, for perf/mfu. 0 = look the device up in
+    # trainer.perf.PEAK_TFLOPS (H100/H200/A100/L40S/MI300X); CPUs and unknown devices need it set, else
+    # MFU is not logged (model TFLOP/s still is)
+    peak_tflops: float = 0.0
+    # start-up check that the loader keeps up: this many batches drawn from a second, throw-away loader
+    # are timed and compared with the step's consumption after the first log interval (a starved GPU is
+    # flagged). -1 = 8 on CUDA, off on CPU; 0 = off
+    loader_probe_batches: int = -1
+    # regional torch.compile: each block's forward compiled once per distinct shape in the first step
+    # (trainer/compile.py); compile time and any recompilation are logged. Off by default: on CPU it
+    # costs minutes of compilation for no gain (see issue 11); on GPUs it fuses norms/activations/FiLM
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" compiles no kernels: tests)
+    compile_mode: str = ""  # torch.compile mode ("" = default, "max-autotune-no-cudagraphs", ...)
+
+    def __post_init__(self) -> None:
+        if self.peak_tflops < 0:
+            raise ValueError(f"run.peak_tflops must be >= 0 (0 = from the device table), got {self.peak_tflops}")
 
 
 @dataclass

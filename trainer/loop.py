@@ -28,6 +28,7 @@ Test hooks (environment variables, read once at start; harmless when unset):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -57,6 +58,7 @@ from trainer.metrics import (
     peak_memory_gb,
     progress_line,
 )
+from trainer.perf import BatchGeometry, StepFlops, peak_tflops
 from trainer.strategies.base import build_strategy
 
 EXIT_OK = 0
@@ -140,11 +142,17 @@ class Trainer:
         from model.diffusion import GaussianDiffusion
         from model.unet import SpaceTimeUNet
 
+        self._gpu_settings()
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         model = SpaceTimeUNet(cfg.model)
         latest = ckpt.find_latest(self.out_dir)  # a rerun resumes from it (after the strategy is set up)
         if latest is None:
             self._warm_start(model)
+        self.compiled = None
+        if cfg.run.compile:  # before the strategy wraps the blocks (trainer/compile.py)
+            from trainer.compile import compile_blocks
+
+            self.compiled = compile_blocks(model, cfg.run.compile_backend, cfg.run.compile_mode or None)
         self.strategy = build_strategy(cfg, self.dist)
         self.strategy.setup(model)
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
@@ -183,6 +191,21 @@ class Trainer:
         # too short to reach its first evaluation needs no evaluator (nor its text encoder/detector).
         self._evaluates = 0 < cfg.run.eval_every <= cfg.run.steps
         self._evaluator = self._evaluator_for_run() if self._evaluates and self.rank == 0 else None
+        # throughput accounting (trainer.perf): FLOPs are counted at the first batch's geometry
+        self.step_flops: StepFlops | None = None
+        self.peak_tflops, peak_source = peak_tflops(self.dist.device, cfg.run.precision, cfg.run.peak_tflops)
+        self.metrics.print(f"[perf] peak {self.peak_tflops:g} TFLOP/s per device from {peak_source}"
+                           if self.peak_tflops else f"[perf] perf/mfu not logged: {peak_source}")
+        self._loader_rate: float | None = None  # clips/s of the start-up loader probe (nan: probe failed)
+
+    def _gpu_settings(self) -> None:
+        """Free speed on CUDA, nothing changed on CPU: fp32 runs may use TF32 tensor cores for matmuls
+        and convolutions (10-bit mantissa products, fp32 accumulation: the usual trade for training;
+        set run.precision to bf16 for more). Fused AdamW and pinned loader memory are set where the
+        optimizer and the loader are built (trainer.strategies.base, data_pipeline.loader)."""
+        if self.dist.device.type == "cuda" and self.cfg.run.precision == "fp32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
     # ------------------------------------------------------------------ data
     def _build_loader(self, train: bool, **kwargs):
@@ -206,6 +229,17 @@ class Trainer:
             except StopIteration:  # a finite loader: start the next pass
                 self._iter = iter(self.loader)
                 return next(self._iter)
+
+    def _static_text(self, batch: dict) -> dict:
+        """Captions padded (masked) to data.max_text_len, for compiled runs: the loader pads each batch
+        to its longest caption, and every new length would recompile the cross-attention blocks.
+        Masked tokens change nothing (the pooling and the cross-attention ignore them)."""
+        emb, mask = batch["text_emb"], batch["text_mask"]
+        pad = self.cfg.data.max_text_len - emb.shape[1]
+        if pad <= 0:
+            return batch
+        return {**batch, "text_emb": torch.nn.functional.pad(emb, (0, 0, 0, pad)),
+                "text_mask": torch.nn.functional.pad(mask, (0, pad), value=False)}
 
     def _cond(self, batch: dict, drop_captions: bool) -> dict:
         dev = self.dist.device
@@ -329,6 +363,7 @@ class Trainer:
         lr = lr_from_config(self.step, cfg)
         s.set_lr(lr)
         data_wait = 0.0
+        overhead = 0.0  # one-off start-up work inside the step (the FLOP count), kept out of step time
         loss_sum = torch.zeros((), dtype=torch.float64)
         n_videos = 0
         keys: list[str] = []
@@ -337,6 +372,12 @@ class Trainer:
             batch = self._next_batch()
             data_wait += time.perf_counter() - t0
             keys += batch_keys(batch)
+            if self.compiled is not None:
+                batch = self._static_text(batch)
+            if self.step_flops is None:
+                t0 = time.perf_counter()
+                self._count_flops(batch)
+                overhead += time.perf_counter() - t0
             x = batch["video"].to(self.dist.device, non_blocking=True).float()
             if self.step in self._nan_steps:
                 x = torch.full_like(x, float("nan"))
@@ -366,7 +407,50 @@ class Trainer:
             self.skipped_steps += 1
         s.zero_grad()
         return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "ok": ok, "data_wait": data_wait,
-                "videos": n_videos, "loss_finite": math.isfinite(loss_mean), "batch_digest": digest}
+                "videos": n_videos, "loss_finite": math.isfinite(loss_mean), "batch_digest": digest,
+                "overhead": overhead}
+
+    def _count_flops(self, batch: dict) -> None:
+        """Model and hardware FLOPs of one optimizer step at this batch's geometry (meta device, no
+        compute; trainer.perf). Later batches may have other caption lengths: the text tokens are a
+        small share of the work, so the first batch stands for the run."""
+        geometry = BatchGeometry.of_batch(batch)
+        with preserved_rng():  # building a model (on meta) must not shift the training RNG (exact resume)
+            self.step_flops = f = StepFlops.count(self.cfg.model, geometry, self.cfg.optim.grad_accum)
+        recompute = (f"; hardware {f.hardware / 1e9:.4g} GFLOP with checkpoint policy {f.policy} "
+                     f"(+{100 * (f.hardware / f.model - 1):.1f}% recompute)" if f.policy != "none" else "")
+        self.metrics.print(f"[perf] model FLOPs per optimizer step and rank: {f.model / 1e9:.4g} GFLOP "
+                           f"(forward + backward, {self.cfg.optim.grad_accum} x micro-batch {geometry.describe()})"
+                           f"{recompute}")
+        self.metrics.text("perf/flops", json.dumps({"model_flops": f.model, "hardware_flops": f.hardware,
+                                                    "policy": f.policy, "grad_accum": self.cfg.optim.grad_accum,
+                                                    "geometry": dataclasses.asdict(geometry)}), self.step)
+
+    def _probe_loader(self) -> None:
+        """Time `run.loader_probe_batches` batches from a second, throw-away loader (the run's own
+        loader, its position and the RNG streams are untouched) → clips/s this rank's loader can
+        deliver; compared with what training consumes at the first log (`_log`)."""
+        n = self.cfg.run.loader_probe_batches
+        if n < 0:
+            n = 8 if self.dist.device.type == "cuda" else 0
+        if n < 2:
+            return
+        with preserved_rng():
+            loader = self._build_loader(train=True)
+            it = iter(loader)
+            clips, t0 = 0, None
+            for i in range(n):
+                batch = next(it, None)
+                if batch is None:
+                    break
+                if i == 0:  # worker start-up is not throughput
+                    t0 = time.perf_counter()
+                    continue
+                clips += int(batch["video"].shape[0])
+            elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
+            del it, loader
+        # set on every rank alike (the check at the first log is collective); nan = nothing measured here
+        self._loader_rate = clips / elapsed if clips and elapsed > 0 else float("nan")
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -381,6 +465,7 @@ class Trainer:
         interval = {"t": 0.0, "wait": 0.0, "steps": 0, "videos": 0, "loss": 0.0, "n_loss": 0}
         last_saved = self.step if self.resumed_from is not None else -1
         frames_per_video = cfg.data.num_frames + cfg.data.num_image_frames
+        self._probe_loader()
         t_start, step_start = time.time(), self.step
         exit_code = EXIT_OK
         with self._signal_handlers():
@@ -389,7 +474,12 @@ class Trainer:
                     os.kill(os.getpid(), signal.SIGKILL)
                 t0 = time.perf_counter()
                 out = self.train_step(first_step=step_start)
-                dt = time.perf_counter() - t0
+                dt = time.perf_counter() - t0 - out["overhead"]
+                if self.compiled is not None and self.compiled.graphs_after_warmup is None:
+                    self.compiled.mark_warm(dt)
+                    self.metrics.print(f"[compile] first step {dt:.1f} s with compilation: "
+                                       f"{self.compiled.graphs()} graphs for {self.compiled.blocks} blocks "
+                                       f"(backend {self.compiled.backend})")
                 step_index = self.step
                 self.step += 1
                 if logf is not None:
@@ -479,12 +569,47 @@ class Trainer:
         if skipped_samples is not None:
             scalars["data/skipped_samples"] = s.all_reduce_mean(float(skipped_samples)) * self.world
         scalars.update({f"train/loss_band/{k}": v for k, v in bands.items()})
+        tflops = mfu = None
+        if self.step_flops is not None and step_time > 0:
+            # per rank: this rank's FLOPs over its own mean step time (data wait included: MFU is
+            # what the run achieves, not what the kernels could)
+            tflops = self.step_flops.model / step_time / 1e12
+            scalars["perf/model_tflops_per_s"] = tflops
+            scalars["perf/hardware_tflops_per_s"] = self.step_flops.hardware / step_time / 1e12
+            if self.peak_tflops:
+                mfu = scalars["perf/mfu"] = tflops / self.peak_tflops
+        if self._loader_rate is not None:
+            self._check_loader(interval, step_time, wait, scalars)
+        if self.compiled is not None:
+            scalars["perf/recompiles"] = new = self.compiled.new_graphs()
+            if new:
+                self.metrics.print(f"[compile] WARNING: {new} graphs compiled after the first step (recompilation: "
+                                   f"a shape changed, e.g. the caption length); see TORCH_LOGS=recompiles")
         self.metrics.scalars(scalars, self.step)
         elapsed = time.time() - t_start
         it_s = (self.step - step_start) / elapsed if elapsed > 0 else 0.0
         self.metrics.print(progress_line(self.step, self.cfg.run.steps, loss, out["lr"], it_s,
-                                         wait / max(step_time, 1e-9), self.skipped_steps))
+                                         wait / max(step_time, 1e-9), self.skipped_steps, tflops=tflops, mfu=mfu))
         self.metrics.flush()
+
+    def _check_loader(self, interval: dict, step_time: float, wait: float, scalars: dict) -> None:
+        """Once, at the first log: the loader's probed clips/s over the clips/s the step consumes when
+        it never waits (compute time only). Below 1 the accelerator will wait for data (starved)."""
+        s = self.strategy
+        compute = max(step_time - interval["wait"] / max(1, interval["steps"]), 1e-9)
+        consumed = interval["videos"] / max(1, interval["steps"]) / compute  # clips/s on this rank
+        rate = self._loader_rate
+        self._loader_rate = None
+        local = rate / consumed if math.isfinite(rate) else math.inf  # a rank that measured nothing: no vote
+        ratio = -s.all_reduce_max(-local)  # the worst rank
+        if not math.isfinite(ratio):
+            self.metrics.print("[perf] loader probe measured nothing (fewer than 2 batches); no loader check")
+            return
+        scalars["perf/loader_to_consumption"] = ratio
+        verdict = ("ok" if ratio >= 1.2 else "tight: little headroom" if ratio >= 1 else
+                   "STARVED: the accelerator will wait for data; raise data.num_workers or use npy shards")
+        self.metrics.print(f"[perf] loader delivers {rate:.1f} clips/s per rank, training consumes {consumed:.1f} "
+                           f"(worst rank ratio {ratio:.2f}): {verdict}; perf/data_wait_s tracks it from here")
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()

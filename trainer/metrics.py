@@ -2,7 +2,9 @@
 
 Tags (see docs/trainer.md): train/loss, train/loss_band/<band>, train/lr, train/grad_norm,
 train/skipped_steps, train/rollbacks, perf/samples_per_s, perf/videos_per_s, perf/step_time_s,
-perf/data_wait_s (max over ranks), perf/peak_mem_gb (max over ranks), val/loss (weighted like training),
+perf/data_wait_s (max over ranks), perf/peak_mem_gb (max over ranks), perf/model_tflops_per_s and
+perf/hardware_tflops_per_s (rank 0's, trainer.perf), perf/mfu (model TFLOP/s over the device's peak),
+perf/loader_to_consumption (once, from the start-up loader probe), val/loss (weighted like training),
 val/loss_band_mean, val/loss_band/<band>,
 samples/<i> (animated). Loss per log-SNR band shows which noise levels the model is still bad at,
 which the mean loss hides (high-SNR bands dominate nothing, low-SNR bands everything).
@@ -101,10 +103,14 @@ def format_eta(seconds: float) -> str:
 
 
 def progress_line(step: int, total: int, loss: float, lr: float, it_per_s: float, data_frac: float,
-                  skipped: int) -> str:
+                  skipped: int, tflops: float | None = None, mfu: float | None = None) -> str:
+    """tflops: model TFLOP/s of this rank; mfu: that over the device's peak (None = not known)."""
     eta = (total - step) / it_per_s if it_per_s > 0 else float("nan")
+    perf = ""
+    if tflops is not None:
+        perf = f" | {tflops:.3g} TFLOP/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
     extra = f" | skipped {skipped}" if skipped else ""
-    return (f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {it_per_s:.2f} it/s | "
+    return (f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {it_per_s:.2f} it/s{perf} | "
             f"data {100 * data_frac:.0f}% | ETA {format_eta(eta)}{extra}")
 
 
