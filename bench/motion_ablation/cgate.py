@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import model.blocks as B
-import model.unet as U
+from bench.motion_ablation.common import pass_cond_to_temporal_conv
 
 
 def apply() -> None:
@@ -28,12 +28,4 @@ def apply() -> None:
     B.TemporalConv.__init__ = __init__
     B.TemporalConv.forward = forward
 
-    def _stage(self, stage, h, cond, frames, context, context_mask, frame_mask, num_video_frames):
-        h = self._run(stage.res, h, cond)
-        if stage.tconv is not None:
-            h = self._run(stage.tconv, h, frames, num_video_frames, cond)
-        if stage.attn is not None:
-            h = self._run(stage.attn, h, frames, context, context_mask, frame_mask)
-        return h
-
-    U.SpaceTimeUNet._stage = _stage
+    pass_cond_to_temporal_conv()
