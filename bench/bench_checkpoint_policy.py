@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
+from common.config import load_config
 from model.unet import CHECKPOINT_POLICIES, SpaceTimeUNet
-from trainer.config import TrainConfig, load_config
+from trainer.config import TrainConfig
 from trainer.perf import ActivationMemory, BatchGeometry, count_step_flops
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.bench_loader --shards demo_out/shards      # your own shards
 
 Writes real shards first (h264 mp4 clips of moving shapes via data_pipeline.synthetic.render_clip and
-data_pipeline.mp4.encode_mp4, float16 [L, 384] caption embeddings, webdataset.TarWriter, index.json),
+common.mp4.encode_mp4, float16 [L, 384] caption embeddings, webdataset.TarWriter, index.json),
 then times the loader in steady state: worker start-up and the first batch are excluded, since
 training pays them once per run. The bare decode floor (one process decoding every clip with
 data_pipeline.decode, no tar, no batching) is the reference the loader is measured against.
@@ -34,7 +34,7 @@ def write_demo_shards(out: Path, samples: int, per_shard: int, frames: int, size
                       dim: int = 384, seed: int = 0) -> Path:
     import webdataset as wds
 
-    from data_pipeline.mp4 import encode_mp4
+    from common.mp4 import encode_mp4
     from data_pipeline.synthetic import COLOURS, DIRECTIONS, SHAPES, render_clip
 
     rng = np.random.default_rng(seed)
@@ -77,7 +77,7 @@ def time_loader(shards: Path, *, workers: int, batch: int, frames: int, size: in
     first loader consumed) until its first batch.
     """
     from data_pipeline.loader import build_loader
-    from trainer.config import DataConfig
+    from data_pipeline.loader_config import DataConfig
 
     cfg = DataConfig(shards=str(shards), batch_size=batch, num_workers=workers, shuffle_buffer=64,
                      num_frames=frames, image_size=size, num_image_frames=image_frames)

@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(text + "\n")
         return 0
     manifest = write_manifest(d / f"webvid_{args.rows}.csv", args.rows)
-    from model.text_encoder import make_tiny_bert
+    from testing.tiny_bert import make_tiny_bert
 
     encoder = d / "tiny_bert"
     if not (encoder / "config.json").exists():

@@ -28,11 +28,12 @@ from unittest import mock
 import torch
 
 import model.sampling as sampling
+from common.config import load_config
 from model.diffusion import GaussianDiffusion
 from model.guidance import frame_guide
 from model.sampling import sample
 from model.unet import SpaceTimeUNet
-from trainer.config import TrainConfig, load_config
+from trainer.config import TrainConfig
 from trainer.generate import null_text_branch
 
 

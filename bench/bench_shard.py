@@ -62,7 +62,7 @@ def _textured_clip(rng, frames: int, h: int, w: int) -> np.ndarray:
 
 def make_videos(d: Path, n: int) -> Path:
     """n textured h264 videos of 2, 3, 5 and 6 s (cycled) at 320x240, 24 fps + a manifest."""
-    from data_pipeline.mp4 import write_video
+    from common.mp4 import write_video
 
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         manifest = make_videos(tmp / "videos", a.n)
         paths = [r["path"] for r in csv.DictReader(open(manifest, encoding="utf-8"))]
-        from model.text_encoder import make_tiny_bert
+        from testing.tiny_bert import make_tiny_bert
 
         tiny = make_tiny_bert(tmp / "tiny_bert")
         result["cases"] = []

@@ -51,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     a = p.parse_args(argv)
 
+    from common.config import load_config
     from model.diffusion import GaussianDiffusion
     from model.unet import SpaceTimeUNet
-    from trainer.config import TrainConfig, load_config
+    from trainer.config import TrainConfig
     from trainer.distributed import destroy_distributed, init_distributed
     from trainer.metrics import peak_memory_gb
     from trainer.strategies.base import build_strategy

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from common.config import load_config
 from model.unet import SpaceTimeUNet, count_parameters
-from trainer.config import TrainConfig, load_config
+from trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {

@@ -1,4 +1,4 @@
-"""Settings of `python -m data_pipeline.shard` (YAML + `--set a.b=v`, via trainer.config.load_config).
+"""Settings of `python -m data_pipeline.shard` (YAML + `--set a.b=v`, via common.config.load_config).
 
 Sections follow the pipeline's stages so a user finds a knob where the work happens. Only the
 settings that change shard *content* enter the config hash (`content_settings`); worker counts,
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from trainer.config import ConfigError, to_dict
+from common.config import ConfigError, to_dict
 
 
 @dataclass

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.decode import BadSample, Sample, decode_sample
 from data_pipeline.index import ShardIndex, check_matches, open_binary, read_index
 from data_pipeline.lifetime import exit_when_process_exits
+from data_pipeline.loader_config import DataConfig
 from data_pipeline.plan import (
     SALT_TRAIN_IMAGE_FRAMES,
     SALT_VAL_IMAGE_FRAMES,
@@ -699,7 +700,7 @@ class VideoTextLoader:
 # ------------------------------------------------------------------------------------ entry point
 
 
-def build_loader(cfg, *, rank: int = 0, world_size: int = 1, shards: str | os.PathLike | None = None,
+def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards: str | os.PathLike | None = None,
                  train: bool = True, grad_accum: int = 1) -> VideoTextLoader:
     """Loader over `shards` (default: cfg.shards for train, cfg.val_shards or cfg.shards otherwise).
 
@@ -720,7 +721,7 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, shards: str | os.Pa
     check_matches(index, encoder=cfg.encoder, frames=cfg.num_frames, height=cfg.image_size, width=cfg.image_size)
     streams = 0
     if train:
-        streams = resolve_streams(getattr(cfg, "streams", 0), cfg.batch_size * world_size * grad_accum)
+        streams = resolve_streams(cfg.streams, cfg.batch_size * world_size * grad_accum)
         check_enough_samples(index.counts, streams, index.source)
     spec = StreamSpec(
         index=index, train=train, rank=rank, world_size=world_size, workers=max(1, cfg.num_workers),
@@ -728,5 +729,5 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, shards: str | os.Pa
         height=cfg.image_size, width=cfg.image_size, max_text_len=cfg.max_text_len,
         shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, grad_accum=grad_accum, streams=streams,
     )
-    return VideoTextLoader(spec, num_workers=cfg.num_workers, prefetch_factor=getattr(cfg, "prefetch_factor", 2),
-                           start_method=getattr(cfg, "worker_start_method", "forkserver"))
+    return VideoTextLoader(spec, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                           start_method=cfg.worker_start_method)

@@ -21,12 +21,12 @@ import threading
 import time
 from pathlib import Path
 
+from common.config import ConfigError, load_config, to_dict
 from data_pipeline.config import ShardConfig, config_hash, manifest_cache_dir
 from data_pipeline.lifetime import die_with_parent
 from data_pipeline.manifest import Manifest, ManifestError
 from data_pipeline.stats import Summary, done_summary, merge_index
 from data_pipeline.writer import remove_temp_files, write_json_atomic
-from trainer.config import ConfigError, load_config, to_dict
 
 log = logging.getLogger("data_pipeline.shard")
 
@@ -45,8 +45,8 @@ def _init_worker(cfg_dict: dict, queue, log_level: int) -> None:
     global _PROCESSOR, _QUEUE
     die_with_parent()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    from common.config import from_dict
     from data_pipeline.worker import ShardProcessor
-    from trainer.config import from_dict
 
     _PROCESSOR = ShardProcessor(from_dict(ShardConfig, cfg_dict))
     _QUEUE = queue
@@ -66,8 +66,8 @@ def run_shard_group(cfg_dict: dict, shards: list[int], submitted_at: float = 0.0
     """One SLURM array task: its shards, skipping those a requeued earlier attempt already finished
     (finished after `submitted_at`; older finished shards were handed to us to be redone)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from common.config import from_dict
     from data_pipeline.worker import ShardProcessor
-    from trainer.config import from_dict
 
     cfg = from_dict(ShardConfig, cfg_dict)
     h = config_hash(cfg)

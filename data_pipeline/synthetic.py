@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.mp4 import write_video
+from common.mp4 import write_video
 
 SHAPES = ("square", "circle", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40)}
@@ -44,9 +44,11 @@ def shape_radius(height: int, width: int) -> float:
 
 
 def render_clip(shape: str, colour: str, direction: str, frames: int, height: int, width: int,
-                start: tuple[float, float], background: int = 24, travel: float = 0.6) -> np.ndarray:
+                start: tuple[float, float], background: int = 24, travel: float = 0.6,
+                wrap: bool = True) -> np.ndarray:
     """[T, H, W, 3] uint8: the shape crosses `travel` of the frame over the clip; a shape that
-    leaves the frame wraps around (`inside_start` picks starts where it never does)."""
+    leaves the frame wraps around, or with `wrap=False` leaves it as objects leave a camera's view
+    (`inside_start` picks starts where it never reaches the edge)."""
     r = shape_radius(height, width)
     dx, dy = DIRECTIONS[direction]
     travel = travel * (width if dx else height)
@@ -54,15 +56,17 @@ def render_clip(shape: str, colour: str, direction: str, frames: int, height: in
     out = np.full((frames, height, width, 3), background, dtype=np.uint8)
     cy0, cx0 = start
     for t in range(frames):
-        cy = (cy0 + dy * step * t) % height
-        cx = (cx0 + dx * step * t) % width
+        cy, cx = cy0 + dy * step * t, cx0 + dx * step * t
+        if wrap:
+            cy, cx = cy % height, cx % width
         out[t][_shape_mask(shape, height, width, cy, cx, r)] = COLOURS[colour]
     return out
 
 
 def inside_start(rng: np.random.Generator, direction: str, height: int, width: int,
-                 travel: float) -> tuple[float, float]:
-    """A start (cy, cx) from which the shape stays wholly inside the frame for the whole clip.
+                 travel: float, room: float = 1.0) -> tuple[float, float]:
+    """A start (cy, cx) from which the shape stays wholly inside the frame for the whole clip, and for
+    `room` times the clip's travel (room > 1 leaves space to keep moving after the clip ends).
 
     Why not wrap around: a shape leaving at one edge and re-entering at the other is a jump across
     the frame, not motion. With the old uniform starts about 40% of clips wrapped, and a model
@@ -73,11 +77,11 @@ def inside_start(rng: np.random.Generator, direction: str, height: int, width: i
     dx, dy = DIRECTIONS[direction]
     start = []
     for side, d in ((height, dy), (width, dx)):
-        span = travel * side if d else 0.0
+        span = room * travel * side if d else 0.0
         low, high = r + (span if d < 0 else 0.0), side - 1 - r - (span if d > 0 else 0.0)
         if low > high:
-            raise ValueError(f"travel={travel} does not fit a {height}x{width} frame without wrapping "
-                             f"(at most {(side - 1 - 2 * r) / side:.2f})")
+            raise ValueError(f"travel={travel} (x room={room}) does not fit a {height}x{width} frame without "
+                             f"wrapping (travel at most {(side - 1 - 2 * r) / side / room:.2f})")
         start.append(float(rng.uniform(low, high)))
     return start[0], start[1]
 
@@ -85,14 +89,17 @@ def inside_start(rng: np.random.Generator, direction: str, height: int, width: i
 def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: int = 32, fps: float = 8,
                           seed: int = 0, *, height: int | None = None, width: int | None = None,
                           codec: str = "libx264", travel: float = 0.3, wrap: bool = False,
-                          directions: Sequence[str] | None = None) -> str:
+                          directions: Sequence[str] | None = None, room: float = 1.0) -> str:
     """Write n mp4 files + manifest.csv (key,path,caption) under out_dir; returns the manifest path.
 
     height/width override the square `size` (benchmarks use realistic 320x240). The shape crosses
     `travel` of the frame over the video; it stays inside the frame unless `wrap` (the old
     behaviour: uniform starts in the middle 60% of the frame, wrapping around the edges).
     `directions` (default: all four) limits the directions drawn; the default draws the same clips
-    as before the option existed.
+    as before the option existed. `room` > 1 places each shape so that it could go on for `room`
+    times its travel without touching the edge: a model that extends a clip (autoregressive
+    extension) has then seen shapes with space ahead of them, never one about to hit the edge, and
+    the same seed draws the same shapes, colours and directions.
     """
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
@@ -110,7 +117,7 @@ def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: i
         if wrap:
             start = (float(rng.uniform(0.2, 0.8) * h), float(rng.uniform(0.2, 0.8) * w))
         else:
-            start = inside_start(rng, direction, h, w, travel)
+            start = inside_start(rng, direction, h, w, travel, room=room)
         key = f"vid{i:06d}"
         path = out_dir / "videos" / f"{key}.mp4"
         write_video(path, render_clip(shape, colour, direction, frames, h, w, start, travel=travel), fps, codec=codec,
@@ -136,12 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fps", type=float, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--travel", type=float, default=0.3, help="share of the frame the shape crosses over the video")
+    p.add_argument("--room", type=float, default=1.0,
+                   help="place shapes with space to go on for this many times the video's travel (>= 1)")
     p.add_argument("--wrap", action="store_true", help="old behaviour: shapes may leave the frame and wrap around")
     p.add_argument("--directions", default=",".join(DIRECTIONS),
                    help="comma-separated directions to draw from (default: all four)")
     a = p.parse_args(argv)
     path = make_synthetic_videos(a.out_dir, a.n, a.frames, a.size, a.fps, a.seed, height=a.height, width=a.width,
-                                 travel=a.travel, wrap=a.wrap, directions=a.directions.split(","))
+                                 travel=a.travel, wrap=a.wrap, directions=a.directions.split(","), room=a.room)
     print(path)
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.mp4 import encode_mp4
 from data_pipeline.config import ShardConfig, config_hash, manifest_cache_dir
 from data_pipeline.fetch import FetchError, fetch
 from data_pipeline.manifest import Manifest, Row, Span
-from data_pipeline.mp4 import encode_mp4
 from data_pipeline.stats import ShardStats, write_stats
 from data_pipeline.video import Clip, DecodeError, VideoInfo, decode_clips
 from data_pipeline.writer import ShardWriter, remove_temp_files, shard_name, stats_name

@@ -7,23 +7,10 @@ validate settings without building a network.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-
-class RenamedWarning(FutureWarning):
-    """An old name (config key, CLI flag, keyword) was used: it still works, under its new name.
-
-    A FutureWarning, not a DeprecationWarning, because Python shows it by default: the people who
-    must edit their YAML or command line are users of the CLIs, not only developers.
-    """
-
-
-def warn_renamed(old: str, new: str, why: str = "", stacklevel: int = 3) -> None:
-    """Warn that `old` is deprecated in favour of `new` (both named in the message)."""
-    warnings.warn(f"{old} is deprecated; use {new} instead{' (' + why + ')' if why else ''}", RenamedWarning,
-                  stacklevel=stacklevel)
+from common.config import warn_renamed
 
 
 @dataclass
@@ -138,7 +125,7 @@ class SamplingConfig:
     # reconstruction guidance weight w_r (eqs. 7/8) when extending videos window by window
     reconstruction_weight: float = 4.0
 
-    # old keys still read, with a RenamedWarning (trainer.config.from_dict and --set): old -> new
+    # old keys still read, with a RenamedWarning (common.config.from_dict and --set): old -> new
     RENAMED: ClassVar[dict[str, str]] = {"guide_weight": "reconstruction_weight"}
     RENAMED_WHY: ClassVar[str] = "guide_weight read like guidance_weight, the classifier-free guidance weight"
 

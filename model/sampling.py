@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.config import SamplingConfig, warn_renamed
+from common.config import warn_renamed
+from model.config import SamplingConfig
 from model.diffusion import (
     Denoiser,
     GaussianDiffusion,

@@ -30,9 +30,9 @@ from typing import Any
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from common.exit_codes import EXIT_REQUEUE  # the trainer's "saved, requeue me" (dependency-free)
 from slurm import env as slurm_env
 from slurm.executor import SIGNAL_DELAY_S, SRUN_ARGS, make_executor, slurm_available
-from trainer.exit_codes import EXIT_REQUEUE  # the trainer's "saved, requeue me" (dependency-free)
 
 TRAIN_MODULE_ENV = "VDM_TRAIN_MODULE"  # tests and debugging swap the trainer for a probe
 
@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_run_dir(config: str, sets: list[str], root: Path) -> Path:
     """Validate the config now (fail before queueing for hours) and return the absolute run.out_dir."""
-    from trainer.config import TrainConfig, load_config
+    from common.config import load_config
+    from trainer.config import TrainConfig
 
     out = Path(load_config(TrainConfig, config, sets).run.out_dir)
     return out if out.is_absolute() else root / out

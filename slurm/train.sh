@@ -16,7 +16,7 @@
 # - Preemption / time limit: SLURM sends USR1 to the training processes 120 s before the end
 #   (--signal=USR1@120; with --signal=B:USR1@.. it reaches this script, which forwards it to srun,
 #   and srun forwards it to every task). The trainer finishes its step, saves a checkpoint and exits
-#   124 = "saved, requeue me" (EXIT_REQUEUE in trainer/exit_codes.py); this script then runs
+#   124 = "saved, requeue me" (EXIT_REQUEUE in common/exit_codes.py); this script then runs
 #   `scontrol requeue`, the job restarts with the
 #   same id and the trainer resumes from the latest checkpoint in run.out_dir. The log file is
 #   appended to, not replaced. `scancel --signal=USR1 <job>` triggers the same save + requeue by hand.
@@ -61,7 +61,8 @@ MODULE=${VDM_TRAIN_MODULE:-trainer.train}
 # Validate config + overrides once, before starting processes on every node, and learn the run dir.
 RUN_DIR=$("$PY" - "$CONFIG" "${SETS[@]}" <<'EOF'
 import sys
-from trainer.config import ConfigError, TrainConfig, load_config
+from common.config import ConfigError, load_config
+from trainer.config import TrainConfig
 args = sys.argv[2:]
 sets = [args[i + 1] for i in range(len(args) - 1) if args[i] == "--set"]
 try:

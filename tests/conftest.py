@@ -42,7 +42,7 @@ def pytest_make_collect_report(collector):
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> str:
     """Directory of a tiny random BERT (hidden 32) with a WordPiece vocab; loadable by TextEncoder."""
-    from model.text_encoder import make_tiny_bert
+    from testing.tiny_bert import make_tiny_bert
 
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), hidden_size=32)
 

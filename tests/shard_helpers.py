@@ -11,7 +11,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from data_pipeline.mp4 import write_video
+from common.mp4 import write_video
 from data_pipeline.synthetic import render_clip
 
 
@@ -214,7 +214,7 @@ def tar_members(out: Path) -> dict[str, bytes]:
 
 def assert_identical_shards(a: Path, b: Path) -> None:
     """Same shards, same members in the same order, every member byte-identical (mp4s included: the
-    clip encode in data_pipeline/mp4.py pins everything that could vary between runs or processes)."""
+    clip encode in common/mp4.py pins everything that could vary between runs or processes)."""
     ma, mb = tar_members(a), tar_members(b)
     assert list(ma) == list(mb), "member lists differ"
     differing = [k for k in ma if ma[k] != mb[k]]

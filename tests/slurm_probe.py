@@ -13,7 +13,8 @@ import signal
 import sys
 import time
 
-from trainer.config import TrainConfig, load_config
+from common.config import load_config
+from trainer.config import TrainConfig
 
 args = sys.argv[1:]
 sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]

@@ -15,10 +15,10 @@ import torch
 import model.sampling as sampling
 from model.config import UNetConfig
 from model.diffusion import GaussianDiffusion
-from model.gaussian_denoiser import GaussianDenoiser
 from model.guidance import ReconstructionGuidance, frame_guide
 from model.sampling import extend, merge_cfg_batch, pad_cfg_sequences, sample
 from model.unet import SpaceTimeUNet
+from testing.gaussian_denoiser import GaussianDenoiser
 from trainer.generate import generate, null_text_branch
 
 F64 = torch.float64

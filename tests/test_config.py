@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, TrainConfig, load_config, to_dict
+from common.config import ConfigError, load_config, to_dict
+from trainer.config import TrainConfig
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 
@@ -69,13 +70,14 @@ def test_missing_file_and_bad_override_syntax(tmp_path):
 
 def test_round_trip_through_dict():
     cfg = load_config(TrainConfig, "configs/vdm_t2v_9x128.yaml")
-    from trainer.config import from_dict
+    from common.config import from_dict
 
     assert from_dict(TrainConfig, to_dict(cfg)) == cfg
 
 
 def test_an_empty_override_sets_a_string_to_empty():
-    from trainer.config import TrainConfig, load_config
+    from common.config import load_config
+    from trainer.config import TrainConfig
 
     cfg = load_config(TrainConfig, None, ["run.init_from=x.safetensors"])
     assert cfg.run.init_from == "x.safetensors"
@@ -85,7 +87,7 @@ def test_an_empty_override_sets_a_string_to_empty():
 # sampling.guide_weight was renamed sampling.reconstruction_weight (it read like guidance_weight, the
 # classifier-free weight): the old key still works, with a warning that names both
 def test_old_guide_weight_key_in_yaml_is_read_and_warns(tmp_path):
-    from model.config import RenamedWarning
+    from common.config import RenamedWarning
 
     p = tmp_path / "c.yaml"
     p.write_text("sampling:\n  guide_weight: 6.5\n")
@@ -96,7 +98,7 @@ def test_old_guide_weight_key_in_yaml_is_read_and_warns(tmp_path):
 
 
 def test_old_guide_weight_override_is_read_and_warns(tmp_path):
-    from model.config import RenamedWarning
+    from common.config import RenamedWarning
 
     with pytest.warns(RenamedWarning, match=r"sampling\.guide_weight.*sampling\.reconstruction_weight"):
         cfg = load_config(TrainConfig, None, ["sampling.guide_weight=2"])

@@ -80,7 +80,7 @@ def test_sample_cli_fills_unset_flags_from_the_checkpoint_config():
 
 
 def test_old_guide_weight_names_still_work_and_warn():
-    from model.config import RenamedWarning
+    from common.config import RenamedWarning
 
     base = ["--checkpoint", "x", "--prompt", "p", "--out", "o.mp4"]
     with pytest.warns(RenamedWarning, match="--guide-weight.*--reconstruction-weight"):
@@ -103,10 +103,11 @@ def test_old_guide_weight_names_still_work_and_warn():
 
 def test_shared_constants_have_one_home():
     """The precision map, the requeue exit code and the seed salts are defined once and imported."""
+    from common import exit_codes
     from data_pipeline import loader, plan
     from model import precision, text_encoder
     from slurm import launch
-    from trainer import evaluate, exit_codes, loop
+    from trainer import evaluate, loop
     from trainer.strategies import base
 
     assert base.autocast_dtype is precision.autocast_dtype

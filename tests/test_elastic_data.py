@@ -61,8 +61,9 @@ def test_ddp_two_ranks_killed_resume_on_one_rank_with_the_same_samples_and_state
     checkpoint into the real Trainer in this process)."""
     import torch
 
+    from common.config import load_config
     from trainer.checkpoint import find_latest, read_state
-    from trainer.config import TrainConfig, load_config
+    from trainer.config import TrainConfig
     from trainer.distributed import DistEnv
     from trainer.loop import Trainer
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 import webdataset as wds
 
+from common.mp4 import encode_mp4
 from data_pipeline.decode import BadSample, decode_sample
 from data_pipeline.index import ShardIndexError, read_index
 from data_pipeline.loader import build_loader
-from data_pipeline.mp4 import encode_mp4
+from data_pipeline.loader_config import DataConfig
 from data_pipeline.plan import buffer_shuffle_order, train_plan
-from trainer.config import DataConfig
 
 D = 8  # embedding width of the fixture "encoder"
 ENCODER = "fixture-encoder"
@@ -135,7 +135,7 @@ def test_npy_exact_and_text_cut_to_max_len(tmp_path):
 
 @pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
 def test_decode_other_codecs_and_wrong_geometry(tmp_path, codec):
-    from data_pipeline.mp4 import write_video
+    from common.mp4 import write_video
 
     write_video(tmp_path / "v.mp4", clip_frames(3, 6, 16, 16), 8, codec=codec)
     raw = {"__key__": "k", "mp4": (tmp_path / "v.mp4").read_bytes(), "emb.npy": npy_bytes(text_emb(3)), "txt": b"\xff"}
@@ -542,10 +542,10 @@ def test_loads_what_data_pipeline_shard_writes(tmp_path, synthetic_videos, tiny_
     """Synthetic mp4s → `data_pipeline.shard` (tiny BERT) → this loader: captions, embeddings, pixels agree."""
     import csv
 
+    from common.config import from_dict
     from data_pipeline.config import ShardConfig
     from data_pipeline.shard import run
     from model.text_encoder import TextEncoder
-    from trainer.config import from_dict
 
     out = tmp_path / "shards"
     shard_cfg = from_dict(ShardConfig, {

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from test_unet import TEXT_DIM, inputs, make_model, tiny_cfg
 from torch import nn
 
+from common.config import ConfigError, RenamedWarning, load_config
 from model.blocks import SpaceConv
-from model.config import RenamedWarning, UNetConfig
+from model.config import UNetConfig
 from model.unet import CHECKPOINT_POLICIES, SpaceTimeUNet
-from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.config import TrainConfig
 from trainer.perf import (
     PEAK_TFLOPS,
     ActivationMemory,

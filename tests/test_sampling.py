@@ -1,6 +1,6 @@
 """Samplers checked against the exact denoiser of Gaussian data.
 
-For x ~ N(μ, Σ) the optimal network is closed form (model.gaussian_denoiser), so any gap between the
+For x ~ N(μ, Σ) the optimal network is closed form (testing.gaussian_denoiser), so any gap between the
 samples and N(μ, Σ) is the sampler's own error: discretisation bias (shrinks with steps) plus Monte
 Carlo error. Tolerances are k·(MC standard error) + a small bias allowance measured at these step
 counts; the mutation tests show that plausible formula slips (a missing ½, a misplaced square root)
@@ -16,9 +16,9 @@ import torch
 
 import model.sampling as sampling
 from model.diffusion import GaussianDiffusion, alpha_sigma
-from model.gaussian_denoiser import GaussianDenoiser
 from model.guidance import Guide, ReconstructionGuidance, Replacement, cfg_combine, frame_guide
 from model.sampling import extend, langevin_step, sample
+from testing.gaussian_denoiser import GaussianDenoiser
 
 F64 = torch.float64
 

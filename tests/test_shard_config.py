@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from common.config import ConfigError, load_config
 from data_pipeline.config import ShardConfig, config_hash
-from trainer.config import ConfigError, load_config
 
 
 def cfg(*overrides: str) -> ShardConfig:

@@ -15,9 +15,9 @@ import webdataset as wds
 import yaml
 from shard_helpers import VideoServer, assert_identical_shards
 
+from common.config import from_dict
 from data_pipeline.config import ShardConfig
 from data_pipeline.shard import main, run
-from trainer.config import from_dict
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ import pytest
 import webdataset as wds
 import yaml
 
+from common.mp4 import write_video
 from data_pipeline.config import ClipConfig, ColumnsConfig
 from data_pipeline.manifest import Manifest, parse_time
-from data_pipeline.mp4 import write_video
 from data_pipeline.shard import main
 from data_pipeline.stats import read_stats
 from data_pipeline.video import DecodeError, decode_clips

@@ -14,8 +14,8 @@ from shard_helpers import (
     make_vfr_mp4,
 )
 
+from common.mp4 import write_video
 from data_pipeline.config import ClipConfig
-from data_pipeline.mp4 import write_video
 from data_pipeline.video import DecodeError, decode_clips
 
 

@@ -23,7 +23,7 @@ from slurm import env as slurm_env
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
-# Step HOLD (0-based) waits mid-step for the signal (trainer.loop's VDM_TEST_HOLD_AT_STEP): the tests
+# Step HOLD (0-based) waits mid-step for the signal (VDM_TEST_HOLD_AT_STEP of testing/fault_injection.py): the tests
 # signal once rank 0 says it is waiting, so the save lands at exactly HOLD + 1 with steps still left
 # however fast the machine is (unheld, 6 tiny steps can end before `scancel` arrives). Waiting for
 # step HOLD-1's log line instead is a race: that line is written before the ranks agree on "stop?"
@@ -34,6 +34,9 @@ SHARD_SETS = ["--set", "clip.frames=8", "--set", "clip.height=16", "--set", "cli
               "--samples-per-shard", "6", "--no-progress"]
 
 
+FAULTS = "testing.fault_injection:FaultInjection"  # VDM_TEST_HOLD_AT_STEP reaches the job's trainer through it
+
+
 def tiny_sets(shards: Path, out_dir: Path, steps: int, ckpt_every: int) -> list[str]:
     """A U-Net small enough that a 2-rank DDP step takes ~1 s on a loaded 2-core machine."""
     kv = {"data.shards": shards, "run.out_dir": out_dir, "run.steps": steps, "run.ckpt_every": ckpt_every,
@@ -41,7 +44,7 @@ def tiny_sets(shards: Path, out_dir: Path, steps: int, ckpt_every: int) -> list[
           "model.base_channels": 8, "model.channel_mults": "[1,2]", "model.attention_resolutions": "[8]",
           "model.head_dim": 8, "model.cond_dim": 16, "model.groups": 4, "run.log_every": 1,
           "run.val_every": 0, "run.sample_every": 0, "data.batch_size": 1, "data.num_workers": 0,
-          "data.num_image_frames": 0, "data.shuffle_buffer": 4}
+          "data.num_image_frames": 0, "data.shuffle_buffer": 4, "run.callbacks": f"[{FAULTS}]"}
     return [x for k, v in kv.items() for x in ("--set", f"{k}={v}")]
 
 

@@ -74,8 +74,9 @@ def test_trainer_cli_resumes_exactly_and_exports(tmp_path, extra):
     assert proc.returncode == 0, proc.stderr[-4000:]
     from safetensors.torch import load_file
 
+    from common.config import from_dict
     from model.unet import SpaceTimeUNet
-    from trainer.config import TrainConfig, from_dict
+    from trainer.config import TrainConfig
 
     exported = load_file(str(out))
     cfg = from_dict(TrainConfig, json.loads((resumed / "checkpoints" / "step-000004" / "trainer_state.json")

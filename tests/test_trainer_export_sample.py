@@ -39,8 +39,9 @@ def test_export_roundtrips_ema_and_config(trained_run, tmp_path):
     tensors = load_file(str(target))
     ckpt = find_latest(out)
     ema = torch.load(ckpt / "ema-rank0.pt", weights_only=True)
+    from common.config import from_dict
     from model.unet import SpaceTimeUNet
-    from trainer.config import TrainConfig, from_dict
+    from trainer.config import TrainConfig
 
     with safe_open(str(target), framework="pt") as f:
         meta = f.metadata()
@@ -71,7 +72,8 @@ def test_init_from_starts_a_new_run_on_another_world_size_from_the_exported_weig
     model and EMA must equal the export; a rerun then resumes from its own checkpoint, not the export."""
     import yaml
 
-    from trainer.config import TrainConfig, from_dict
+    from common.config import from_dict
+    from trainer.config import TrainConfig
 
     src = from_dict(TrainConfig, yaml.safe_load((trained_run[0] / "config.yaml").read_text()))
     out = tmp_path / "warm"
@@ -95,8 +97,9 @@ def test_init_from_starts_a_new_run_on_another_world_size_from_the_exported_weig
 
 
 def test_init_from_a_different_model_names_what_differs(exported):
+    from common.config import from_dict
     from model.unet import SpaceTimeUNet
-    from trainer.config import TrainConfig, from_dict
+    from trainer.config import TrainConfig
     from trainer.export import load_initial_weights
 
     with safe_open(str(exported), framework="pt") as f:

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from trainer_helpers import tiny_config
 
-from trainer.config import TrainConfig, load_config
+from common.config import load_config
+from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
 from trainer.loop import MAX_ROLLBACKS_PER_CHECKPOINT, Trainer
 

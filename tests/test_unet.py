@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.config import load_config
 from model.attention import relative_position_bucket, temporal_attention_mask
 from model.blocks import ResBlock
 from model.config import UNetConfig
 from model.unet import SpaceTimeUNet, count_parameters
-from trainer.config import TrainConfig, load_config
+from trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_DIM = 16

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from testing.fault_injection import ENV_VARS as FAULT_ENV_VARS
+from testing.fault_injection import SPEC as FAULTS
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -21,7 +24,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
-    for k in ("VDM_TEST_NAN_STEPS", "VDM_TEST_KILL_AT_STEP", "VDM_TEST_SLEEP_IN_SAVE", "VDM_TEST_HOLD_AT_STEP"):
+    for k in FAULT_ENV_VARS:
         env.pop(k, None)
     env.update(extra)
     return env
@@ -47,7 +50,8 @@ def make_trainer_shards(tmp_path_factory, tiny_bert_dir: str) -> tuple[str, str]
 
 
 def tiny_config(path: Path, shards: str, out_dir: Path, **sections) -> Path:
-    """A tiny-model training config (8x8, 4+1 frames, 16 channels) written to `path`."""
+    """A tiny-model training config (8x8, 4+1 frames, 16 channels) written to `path`. It carries the
+    fault-injection callback, so a test's VDM_TEST_* variables (testing/fault_injection.py) take effect."""
     cfg = {
         "model": {"base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1, "image_size": 8,
                   "attention_resolutions": [4], "head_dim": 8, "cond_dim": 32, "text_dim": 32, "groups": 4},
@@ -58,7 +62,7 @@ def tiny_config(path: Path, shards: str, out_dir: Path, **sections) -> Path:
         "optim": {"lr": 1e-3, "warmup_steps": 2},
         "parallel": {"strategy": "single"},
         "run": {"out_dir": str(out_dir), "steps": 4, "precision": "fp32", "log_every": 1, "ckpt_every": 2,
-                "ema_decay": 0.9, "caption_dropout": 0.5},
+                "ema_decay": 0.9, "caption_dropout": 0.5, "callbacks": [FAULTS]},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)

@@ -22,8 +22,7 @@ import os
 import random
 import re
 import shutil
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,18 +114,10 @@ def read_state(ckpt_dir: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ save / load
-def _test_pause_in_save() -> None:
-    """Test hook: VDM_TEST_SLEEP_IN_SAVE=seconds pauses mid-write so a test can SIGKILL us there."""
-    pause = float(os.environ.get("VDM_TEST_SLEEP_IN_SAVE", "0") or 0)
-    if pause > 0:
-        print("CHECKPOINT-WRITE-IN-PROGRESS", flush=True)
-        sys.stdout.flush()
-        time.sleep(pause)
-
-
 def save_checkpoint(strategy, out_dir: str | Path, step: int, *, ema, loader_state: dict | None,
-                    state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                    state: dict[str, Any], keep_last: int, during_write: Callable[[], None] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory. `during_write` runs on
+    every rank once its files are in the temporary directory, before the rename (a callback's hook)."""
     rank, world = strategy.dist.rank, strategy.dist.world_size
     root = checkpoint_root(out_dir)
     final = root / step_dir_name(step)
@@ -147,7 +138,8 @@ def save_checkpoint(strategy, out_dir: str | Path, step: int, *, ema, loader_sta
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     torch.save(ema.state_dict() if ema is not None else [], tmp / f"ema-rank{rank}.pt")
     (tmp / f"loader-rank{rank}.json").write_text(json.dumps(loader_state))
-    _test_pause_in_save()
+    if during_write is not None:
+        during_write()
     strategy.barrier()
 
     if rank == 0:

@@ -20,6 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 SHARD_CONFIG = REPO / "configs" / "shard" / "demo.yaml"
+# synthetic shapes start where they could keep moving for 1.5 clips: with 1.0 (edge reached at the clip's
+# end) extension kept the direction in 88% of samples, every failure a shape stuck at the frame's edge
+DEMO_ROOM = 1.5
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:
@@ -39,9 +42,10 @@ def make_shards(videos_dir: Path, shards_dir: Path, n: int, seed: int, geometry:
         from data_pipeline.synthetic import make_synthetic_videos
 
         # one clip per video, so the video is the clip: the shape crosses 30% of the frame in it and never
-        # leaves the frame (docs/motion.md: wrapped-around shapes jump across the frame)
+        # leaves the frame (docs/motion.md: wrapped-around shapes jump across the frame); it starts with
+        # room to go on for half a clip more, so extended samples have seen space ahead (docs/motion.md)
         make_synthetic_videos(videos_dir, n=n, frames=geometry["frames"], size=2 * geometry["size"], fps=8,
-                              seed=seed, travel=0.3)
+                              seed=seed, travel=0.3, room=DEMO_ROOM)
         print(f"[demo] wrote {n} synthetic captioned videos to {videos_dir}", flush=True)
     _run([sys.executable, "-m", "data_pipeline.shard", "--config", str(SHARD_CONFIG), "--manifest", str(manifest),
           "--out", str(shards_dir), "--workers", "1", "--samples-per-shard", str(max(4, n // 4)), "--no-progress",
@@ -65,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra trainer config overrides")
     a = p.parse_args(argv)
 
-    from trainer.config import TrainConfig, load_config
+    from common.config import load_config
+    from trainer.config import TrainConfig
 
     out = Path(a.out).resolve()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))

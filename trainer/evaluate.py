@@ -226,7 +226,8 @@ def _overrides(a: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from trainer.config import ConfigError, TrainConfig, apply_overrides, from_dict, to_dict
+    from common.config import ConfigError, apply_overrides, from_dict, to_dict
+    from trainer.config import TrainConfig
     from trainer.export import load_ema_model
 
     try:

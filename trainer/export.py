@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from common.config import from_dict, to_dict
 from trainer.checkpoint import read_state, resolve_checkpoint
-from trainer.config import TrainConfig, from_dict, to_dict
+from trainer.config import TrainConfig
 
 FORMAT = "vdm-ema-v1"
 REPLICATED = ("single", "ddp")

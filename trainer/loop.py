@@ -16,13 +16,8 @@ What it guarantees (tests/test_trainer_*.py check each):
 - A step whose loss or gradient norm is non-finite is skipped (no optimizer/EMA update) and counted;
   after `run.max_nonfinite_in_row` such steps in a row the run rolls back to the last checkpoint.
 
-Test hooks (environment variables, read once at start; harmless when unset):
-  VDM_TEST_NAN_STEPS="5,6"   replace the batch of these (0-based) steps with NaNs, once each
-  VDM_TEST_KILL_AT_STEP=N    SIGKILL this process when step N (0-based) is about to start
-  VDM_TEST_SLEEP_IN_SAVE=S   sleep S seconds inside a checkpoint write (trainer.checkpoint)
-  VDM_TEST_HOLD_AT_STEP=N    step N (0-based) waits mid-step, up to 120 s, for SIGUSR1/SIGTERM: a test
-                             can signal a multi-node job at a known step with steps left (a run
-                             resumed at or after step N does not wait)
+`run.callbacks` (trainer/callbacks.py) hook extra code into the step and the checkpoint write; the
+tests inject their faults (NaN batches, kills, held steps) that way, not through switches in here.
 """
 
 from __future__ import annotations
@@ -32,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -40,12 +34,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from common.config import to_dict
+from common.exit_codes import EXIT_REQUEUE
 from model.motion import global_motion
 from trainer import checkpoint as ckpt
-from trainer.config import TrainConfig, to_dict
+from trainer.callbacks import load_callbacks
+from trainer.config import TrainConfig
 from trainer.distributed import DistEnv, init_distributed
 from trainer.ema import EMA
-from trainer.exit_codes import EXIT_REQUEUE
 from trainer.loaders import loader_factory_or_default
 from trainer.lr import lr_from_config
 from trainer.metrics import (
@@ -66,7 +62,6 @@ EXIT_OK = 0
 RANK_SEED_STRIDE = 1_000_003  # each rank's torch/numpy/random seed: run.seed + stride * (rank + 1)
 SALT_VAL_NOISE = 4242  # the fixed t and noise of the validation loss (same every evaluation)
 MAX_ROLLBACKS_PER_CHECKPOINT = 3
-HOLD_FOR_SIGNAL_S = 120.0
 
 
 def _usr1_after_finish(signum, frame) -> None:
@@ -107,11 +102,6 @@ def batch_digest(keys: list[str]) -> str:
     """sha256 hex of the step's global batch: every rank's keys, sorted (duplicates kept). The same on
     every rank and for any number of ranks, since the global batch is (data_pipeline.loader)."""
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
-
-
-def _env_steps(name: str) -> set[int]:
-    raw = os.environ.get(name, "")
-    return {int(s) for s in raw.replace(" ", "").split(",") if s}
 
 
 def shard_encoder_name(shards_dir: str) -> str | None:
@@ -175,11 +165,7 @@ class Trainer:
         # per-rank streams for t, noise and caption dropout (differ across ranks, restored on resume)
         seed_everything(cfg.run.seed + RANK_SEED_STRIDE * (self.rank + 1))
 
-        self._nan_steps = _env_steps("VDM_TEST_NAN_STEPS")
-        kill = os.environ.get("VDM_TEST_KILL_AT_STEP", "")
-        self._kill_at = int(kill) if kill else None
-        hold = os.environ.get("VDM_TEST_HOLD_AT_STEP", "")
-        self._hold_at = int(hold) if hold else None
+        self.callbacks = load_callbacks(cfg.run.callbacks)
         self._stop_requested = False
         self._stop_signal = ""
         self._prompt_cache = None
@@ -258,7 +244,8 @@ class Trainer:
     def save(self) -> Path:
         path = ckpt.save_checkpoint(self.strategy, self.out_dir, self.step, ema=self.ema,
                                     loader_state=self.loader.state_dict(), state=self._state(),
-                                    keep_last=self.cfg.run.keep_last)
+                                    keep_last=self.cfg.run.keep_last,
+                                    during_write=lambda: self.callbacks.during_checkpoint_write(self))
         if self.rank == 0:
             (path / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         self.strategy.barrier()
@@ -346,15 +333,10 @@ class Trainer:
                 # lands while the process exits must not kill it (128+10 reads as "requeue me").
                 signal.signal(sig, _usr1_after_finish if finished and sig == signal.SIGUSR1 else handler)
 
-    def _hold_for_signal(self, first_step: int) -> None:
-        """VDM_TEST_HOLD_AT_STEP: wait (mid-step) until a stop signal arrives, so a test's signal lands
-        at a known step with steps left however fast or slow the machine is."""
-        if self._hold_at is None or self.step != self._hold_at or first_step >= self._hold_at:
-            return
-        print(f"[rank {self.rank}] VDM_TEST_HOLD_AT_STEP: step {self.step} waits for SIGUSR1/SIGTERM", flush=True)
-        deadline = time.monotonic() + HOLD_FOR_SIGNAL_S
-        while not self._stop_requested and time.monotonic() < deadline:
-            time.sleep(0.05)
+    @property
+    def stop_requested(self) -> bool:
+        """A stop signal (SIGUSR1/SIGTERM) arrived; the run saves and exits after the current step."""
+        return self._stop_requested
 
     # ------------------------------------------------------------------ one step
     def train_step(self, first_step: int | None = None) -> dict:
@@ -379,8 +361,7 @@ class Trainer:
                 self._count_flops(batch)
                 overhead += time.perf_counter() - t0
             x = batch["video"].to(self.dist.device, non_blocking=True).float()
-            if self.step in self._nan_steps:
-                x = torch.full_like(x, float("nan"))
+            x = self.callbacks.on_batch(self, x)
             n_videos += x.shape[0]
             cond = self._cond(batch, drop_captions=True)
             if self.cfg.model.motion_conditioning:
@@ -393,8 +374,7 @@ class Trainer:
                 s.backward(loss / accum)
             self.bands.add(per_sample, logsnr)
             loss_sum += loss.detach().double().cpu()
-        self._nan_steps.discard(self.step)
-        self._hold_for_signal(self.step if first_step is None else first_step)
+        self.callbacks.before_optimizer_step(self, self.step if first_step is None else first_step)
         grad_norm = s.clip_grad_norm(cfg.optim.grad_clip)
         loss_mean = s.all_reduce_mean(float(loss_sum) / accum)
         digest = batch_digest([k for rank_keys in s.all_gather_object(keys) for k in rank_keys])
@@ -470,8 +450,7 @@ class Trainer:
         exit_code = EXIT_OK
         with self._signal_handlers():
             while self.step < run.steps:
-                if self._kill_at is not None and self.step == self._kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                self.callbacks.on_step_start(self)
                 t0 = time.perf_counter()
                 out = self.train_step(first_step=step_start)
                 dt = time.perf_counter() - t0 - out["overhead"]

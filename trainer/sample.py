@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     if a.guide_weight is not None:
-        from model.config import SamplingConfig, warn_renamed
+        from common.config import warn_renamed
+        from model.config import SamplingConfig
 
         warn_renamed("--guide-weight", "--reconstruction-weight", SamplingConfig.RENAMED_WHY, stacklevel=2)
         if a.reconstruction_weight is not None:

@@ -15,7 +15,8 @@ import os
 import signal
 import sys
 
-from trainer.config import ConfigError, TrainConfig, load_config
+from common.config import ConfigError, load_config
+from trainer.config import TrainConfig
 from trainer.loop import run_training
 
 

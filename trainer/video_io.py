@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.mp4 import write_video
+from common.mp4 import write_video
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:

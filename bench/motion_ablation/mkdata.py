@@ -16,7 +16,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from data_pipeline.mp4 import write_video  # noqa: E402
+from common.mp4 import write_video  # noqa: E402
 from data_pipeline.synthetic import COLOURS, SHAPES, inside_start, render_clip  # noqa: E402
 
 
