@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import model.blocks as B
-from bench.motion_ablation.common import pass_cond_to_temporal_conv
+from bench.motion_ablation.stage_override import pass_cond_to_temporal_conv
 
 
 def apply() -> None:
