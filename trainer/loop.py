@@ -55,6 +55,7 @@ from trainer.metrics import (
     progress_line,
 )
 from trainer.perf import BatchGeometry, StepFlops, peak_tflops
+from trainer.step_control import Interval, NonFiniteGuard, SaveSchedule, StepResult
 from trainer.strategies.base import build_strategy
 
 EXIT_OK = 0
@@ -339,7 +340,7 @@ class Trainer:
         return self._stop_requested
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, first_step: int | None = None) -> dict:
+    def train_step(self, first_step: int | None = None) -> StepResult:
         cfg, s = self.cfg, self.strategy
         accum = cfg.optim.grad_accum
         lr = lr_from_config(self.step, cfg)
@@ -386,9 +387,8 @@ class Trainer:
             s.skip_step()
             self.skipped_steps += 1
         s.zero_grad()
-        return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "ok": ok, "data_wait": data_wait,
-                "videos": n_videos, "loss_finite": math.isfinite(loss_mean), "batch_digest": digest,
-                "overhead": overhead}
+        return StepResult(loss=loss_mean, grad_norm=grad_norm, lr=lr, ok=ok, data_wait=data_wait, videos=n_videos,
+                          batch_digest=digest, overhead=overhead)
 
     def _count_flops(self, batch: dict) -> None:
         """Model and hardware FLOPs of one optimizer step at this batch's geometry (meta device, no
@@ -434,110 +434,109 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
-        cfg, s = self.cfg, self.strategy
-        run = cfg.run
-        log_path = self.out_dir / "train_log.jsonl"
+        """Steps until run.steps or a stop signal; returns EXIT_OK, or EXIT_REQUEUE after a signal's save."""
+        run = self.cfg.run
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        logf = open(log_path, "a", buffering=1) if self.rank == 0 else None
-        nonfinite_in_row = 0
-        save_pending = False
-        interval = {"t": 0.0, "wait": 0.0, "steps": 0, "videos": 0, "loss": 0.0, "n_loss": 0}
-        last_saved = self.step if self.resumed_from is not None else -1
-        frames_per_video = cfg.data.num_frames + cfg.data.num_image_frames
+        logf = open(self.out_dir / "train_log.jsonl", "a", buffering=1) if self.rank == 0 else None
+        guard = NonFiniteGuard(run.max_nonfinite_in_row)
+        saves = SaveSchedule(run.ckpt_every, run.steps, self.step if self.resumed_from is not None else -1)
+        interval = Interval()
         self._probe_loader()
         t_start, step_start = time.time(), self.step
         exit_code = EXIT_OK
         with self._signal_handlers():
             while self.step < run.steps:
                 self.callbacks.on_step_start(self)
-                t0 = time.perf_counter()
-                out = self.train_step(first_step=step_start)
-                dt = time.perf_counter() - t0 - out["overhead"]
-                if self.compiled is not None and self.compiled.graphs_after_warmup is None:
-                    self.compiled.mark_warm(dt)
-                    self.metrics.print(f"[compile] first step {dt:.1f} s with compilation: "
-                                       f"{self.compiled.graphs()} graphs for {self.compiled.blocks} blocks "
-                                       f"(backend {self.compiled.backend})")
-                step_index = self.step
+                out, seconds = self._timed_step(step_start)
                 self.step += 1
                 if logf is not None:
-                    logf.write(json.dumps({"step": step_index, "loss": out["loss"], "grad_norm": out["grad_norm"],
-                                           "lr": out["lr"], "skipped": not out["ok"],
-                                           "batch_digest": out["batch_digest"]}) + "\n")
-                interval["t"] += dt
-                interval["wait"] += out["data_wait"]
-                interval["steps"] += 1
-                interval["videos"] += out["videos"]
-                if math.isfinite(out["loss"]):
-                    interval["loss"] += out["loss"]
-                    interval["n_loss"] += 1
-
-                if out["ok"]:
-                    nonfinite_in_row = 0
-                else:
-                    overflow_only = cfg.run.precision == "fp16" and out["loss_finite"]
-                    if not overflow_only:
-                        nonfinite_in_row += 1
-                    self.metrics.print(f"[nan-guard] step {step_index}: non-finite "
-                                       f"{'grad norm' if out['loss_finite'] else 'loss'} (loss={out['loss']}, "
-                                       f"grad_norm={out['grad_norm']}); step skipped ({self.skipped_steps} so far)")
-                    self.metrics.scalars({"train/skipped_steps": self.skipped_steps}, self.step)
-                    if nonfinite_in_row >= max(1, run.max_nonfinite_in_row):
-                        self._rollback()
-                        nonfinite_in_row, save_pending = 0, False
-                        continue
-
+                    logf.write(json.dumps(out.log_record(self.step - 1)) + "\n")
+                interval.add(out, seconds)
+                if self._guard(out, guard):  # rolled back to the last checkpoint
+                    saves.cancel()
+                    continue
                 if self.step % max(1, run.log_every) == 0 or self.step == run.steps:
-                    self._log(interval, out, frames_per_video, t_start, step_start)
-                    interval = dict.fromkeys(interval, 0)
-                    interval["loss"] = 0.0
-
-                if run.val_every > 0 and self.step % run.val_every == 0 and cfg.data.val_shards:
-                    self.validate()
-                if run.sample_every > 0 and self.step % run.sample_every == 0 and run.sample_prompts:
-                    self.sample_to_tensorboard()
-                if self._evaluates and self.step % run.eval_every == 0:
-                    self.evaluate()
-
-                stop = s.all_reduce_max(1.0 if self._stop_requested else 0.0) > 0
-                if (run.ckpt_every > 0 and self.step % run.ckpt_every == 0) or self.step == run.steps:
-                    save_pending = True
-                # never checkpoint inside a non-finite streak: a rollback must land before it
-                if (save_pending and nonfinite_in_row == 0) or stop:
-                    if last_saved != self.step:
-                        self.save()
-                        last_saved = self.step
-                    save_pending = False
-                if stop and self.step >= run.steps:
-                    break  # the run is complete and saved: nothing to requeue (reported below)
+                    self._log(interval, out, t_start, step_start)
+                    interval = Interval()
+                self._periodic_checks()
+                stop = self.strategy.all_reduce_max(1.0 if self._stop_requested else 0.0) > 0
+                if saves.due(self.step, in_streak=guard.in_streak, stop=stop):
+                    self.save()
+                    saves.saved(self.step)
                 if stop:
-                    self.metrics.print(f"[signal] checkpoint at step {self.step} written; exiting with "
-                                       f"{EXIT_REQUEUE} (requeue)")
-                    exit_code = EXIT_REQUEUE
+                    exit_code = self._exit_code_after_stop()
                     break
-            if exit_code == EXIT_OK and self._stop_requested:
-                # Arrived during the last step or its final checkpoint (after the ranks' last stop check):
-                # still inside the handlers, so it did not kill the process.
-                self.metrics.print(f"[signal] {self._stop_signal or 'stop signal'} arrived at the end of training; "
-                                   f"the final checkpoint at step {self.step} is written, exiting with "
-                                   f"{EXIT_OK} (finished, not requeued)")
+            self._report_late_signal(exit_code)
             if logf is not None:
                 logf.close()
             self.metrics.flush()
         return exit_code
 
-    def _log(self, interval: dict, out: dict, frames_per_video: int, t_start: float, step_start: int) -> None:
+    def _timed_step(self, step_start: int) -> tuple[StepResult, float]:
+        """One step and its seconds (start-up overhead excluded); the first compiled step reports
+        what compilation took."""
+        t0 = time.perf_counter()
+        out = self.train_step(first_step=step_start)
+        seconds = time.perf_counter() - t0 - out.overhead
+        if self.compiled is not None and self.compiled.graphs_after_warmup is None:
+            self.compiled.mark_warm(seconds)
+            self.metrics.print(f"[compile] first step {seconds:.1f} s with compilation: "
+                               f"{self.compiled.graphs()} graphs for {self.compiled.blocks} blocks "
+                               f"(backend {self.compiled.backend})")
+        return out, seconds
+
+    def _guard(self, out: StepResult, guard: NonFiniteGuard) -> bool:
+        """Count the step with the guard and report it if skipped; True when it completed a non-finite
+        streak and the run rolled back."""
+        roll_back = guard.record(out, fp16=self.cfg.run.precision == "fp16")
+        if out.ok:
+            return False
+        step_index = self.step - 1
+        self.metrics.print(f"[nan-guard] step {step_index}: non-finite "
+                           f"{'grad norm' if out.loss_finite else 'loss'} (loss={out.loss}, "
+                           f"grad_norm={out.grad_norm}); step skipped ({self.skipped_steps} so far)")
+        self.metrics.scalars({"train/skipped_steps": self.skipped_steps}, self.step)
+        if roll_back:
+            self._rollback()
+        return roll_back
+
+    def _periodic_checks(self) -> None:
+        """Validation loss, TensorBoard samples and evaluation, each on its own schedule."""
+        run = self.cfg.run
+        if run.val_every > 0 and self.step % run.val_every == 0 and self.cfg.data.val_shards:
+            self.validate()
+        if run.sample_every > 0 and self.step % run.sample_every == 0 and run.sample_prompts:
+            self.sample_to_tensorboard()
+        if self._evaluates and self.step % run.eval_every == 0:
+            self.evaluate()
+
+    def _exit_code_after_stop(self) -> int:
+        """A stop signal's checkpoint is written: requeue unless the run was complete anyway."""
+        if self.step >= self.cfg.run.steps:
+            return EXIT_OK  # the run is complete and saved: nothing to requeue (reported below)
+        self.metrics.print(f"[signal] checkpoint at step {self.step} written; exiting with {EXIT_REQUEUE} (requeue)")
+        return EXIT_REQUEUE
+
+    def _report_late_signal(self, exit_code: int) -> None:
+        """A signal that arrived during the last step or its final checkpoint (after the ranks' last
+        stop check) did not kill the process (we are still inside the handlers): say it was seen."""
+        if exit_code == EXIT_OK and self._stop_requested:
+            self.metrics.print(f"[signal] {self._stop_signal or 'stop signal'} arrived at the end of training; "
+                               f"the final checkpoint at step {self.step} is written, exiting with "
+                               f"{EXIT_OK} (finished, not requeued)")
+
+    def _log(self, interval: Interval, out: StepResult, t_start: float, step_start: int) -> None:
         s = self.strategy
-        steps = max(1, interval["steps"])
-        step_time = interval["t"] / steps
-        wait = s.all_reduce_max(interval["wait"] / steps)
+        frames_per_video = self.cfg.data.num_frames + self.cfg.data.num_image_frames
+        step_time = interval.step_time
+        wait = s.all_reduce_max(interval.wait / max(1, interval.steps))
         mem = s.all_reduce_max(peak_memory_gb(self.dist.device))
-        videos_per_s = interval["videos"] * self.world / max(interval["t"], 1e-9)
+        videos_per_s = interval.videos * self.world / max(interval.seconds, 1e-9)
         bands = self.bands.reduced(s)
         self.bands.reset()
-        loss = interval["loss"] / interval["n_loss"] if interval["n_loss"] else float("nan")
-        scalars = {"train/loss": loss, "train/lr": out["lr"], "train/grad_norm": out["grad_norm"],
+        loss = interval.mean_loss
+        scalars = {"train/loss": loss, "train/lr": out.lr, "train/grad_norm": out.grad_norm,
                    "train/skipped_steps": self.skipped_steps, "train/rollbacks": self.rollbacks,
                    "perf/step_time_s": step_time, "perf/data_wait_s": wait, "perf/peak_mem_gb": mem,
                    "perf/videos_per_s": videos_per_s,
@@ -567,16 +566,16 @@ class Trainer:
         self.metrics.scalars(scalars, self.step)
         elapsed = time.time() - t_start
         it_s = (self.step - step_start) / elapsed if elapsed > 0 else 0.0
-        self.metrics.print(progress_line(self.step, self.cfg.run.steps, loss, out["lr"], it_s,
+        self.metrics.print(progress_line(self.step, self.cfg.run.steps, loss, out.lr, it_s,
                                          wait / max(step_time, 1e-9), self.skipped_steps, tflops=tflops, mfu=mfu))
         self.metrics.flush()
 
-    def _check_loader(self, interval: dict, step_time: float, wait: float, scalars: dict) -> None:
+    def _check_loader(self, interval: Interval, step_time: float, wait: float, scalars: dict) -> None:
         """Once, at the first log: the loader's probed clips/s over the clips/s the step consumes when
         it never waits (compute time only). Below 1 the accelerator will wait for data (starved)."""
         s = self.strategy
-        compute = max(step_time - interval["wait"] / max(1, interval["steps"]), 1e-9)
-        consumed = interval["videos"] / max(1, interval["steps"]) / compute  # clips/s on this rank
+        compute = max(step_time - interval.wait / max(1, interval.steps), 1e-9)
+        consumed = interval.videos / max(1, interval.steps) / compute  # clips/s on this rank
         rate = self._loader_rate
         self._loader_rate = None
         local = rate / consumed if math.isfinite(rate) else math.inf  # a rank that measured nothing: no vote
