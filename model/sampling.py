@@ -226,42 +226,15 @@ def sample(
         device = _infer_device(guide, cond)
     shape = tuple(shape)
     lam = diffusion.logsnr(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)).to(device)
-    merged = merge_cfg_batch(cond, uncond, shape[0]) if guidance_weight != 0.0 else None
-
-    def call(z: Tensor, lam_b: Tensor, kwargs: dict[str, Any]) -> Tensor:
-        out = denoiser(z, lam_b, **kwargs)
-        if out.shape != z.shape:
-            raise ValueError(f"denoiser returned shape {tuple(out.shape)} for z of shape {tuple(z.shape)}")
-        return out
-
-    def predict_native(z: Tensor, lam_b: Tensor) -> Tensor:
-        if guidance_weight == 0.0:
-            return call(z, lam_b, cond)
-        return cfg_output(call, z, lam_b, guidance_weight, cond, uncond, merged)
-
-    def predict(z: Tensor, lam_t: Tensor) -> tuple[Tensor, Tensor]:
-        """(x̂, ε̂) at z_t with CFG, the guide's correction and optional clipping applied."""
-        lam_b = lam_t.to(dtype).expand(shape[0])
-        if guide is None:
-            out = predict_native(z, lam_b)
-            x_hat = diffusion.to_x(out, z, lam_t)
-            eps_hat = None if clip_x else diffusion.to_eps(out, z, lam_t)
-        else:
-            x_hat = guide.predict_x(lambda zz: diffusion.to_x(predict_native(zz, lam_b), zz, lam_t), z, lam_t)
-            eps_hat = None
-        if clip_x:
-            x_hat = x_hat.clamp(-1.0, 1.0)
-        if eps_hat is None:
-            alpha, sigma = alpha_sigma(lam_t)
-            eps_hat = eps_from_x(z, x_hat, alpha.to(z.dtype), sigma.to(z.dtype))
-        return x_hat, eps_hat
+    predict = _Predictor(denoiser, diffusion, cond, uncond, guidance_weight, guide, clip_x, dtype, shape[0])
 
     def noise_like(z: Tensor) -> Tensor:
         return torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
 
-    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    if guide is not None:
-        z = guide.replace(z, lam[0], generator)
+    def replaced(z: Tensor, lam_now: Tensor) -> Tensor:
+        return z if guide is None else guide.replace(z, lam_now, generator)
+
+    z = replaced(torch.randn(shape, generator=generator, device=device, dtype=dtype), lam[0])
     for i in range(steps):
         lam_t, lam_s = lam[i], lam[i + 1]
         x_hat, eps_hat = predict(z, lam_t)
@@ -272,17 +245,54 @@ def sample(
             z = ddim_step(x_hat, eps_hat, lam_s)
         else:
             z = ancestral_step(z, x_hat, lam_t, lam_s, gamma, noise_like(z))
-        if guide is not None:
-            z = guide.replace(z, lam_s, generator)
+        z = replaced(z, lam_s)
         if sampler == "pc" and langevin_delta > 0:
             _, eps_s = predict(z, lam_s)
-            sigma_s = float(alpha_sigma(lam_s)[1])
-            z = langevin_step(z, eps_s, sigma_s, langevin_delta, noise_like(z))
-            if guide is not None:
-                z = guide.replace(z, lam_s, generator)
-    if guide is not None:
-        z = guide.finalize(z)
-    return z
+            z = replaced(langevin_step(z, eps_s, float(alpha_sigma(lam_s)[1]), langevin_delta, noise_like(z)), lam_s)
+    return z if guide is None else guide.finalize(z)
+
+
+class _Predictor:
+    """(x̂, ε̂) at z_t for one `sample()` call: the denoiser's output with classifier-free guidance
+    (eq. 6), the guide's correction of x̂, and x̂ clipped when asked, in that order."""
+
+    def __init__(self, denoiser: Denoiser, diffusion: GaussianDiffusion, cond: dict[str, Any],
+                 uncond: dict[str, Any], guidance_weight: float, guide: Guide | None, clip_x: bool,
+                 dtype: torch.dtype, batch: int):
+        self.denoiser, self.diffusion, self.guide = denoiser, diffusion, guide
+        self.cond, self.uncond, self.weight = cond, uncond, guidance_weight
+        self.clip_x, self.dtype, self.batch = clip_x, dtype, batch
+        # the two CFG branches as one call on a doubled batch, when their keywords merge
+        self.merged = merge_cfg_batch(cond, uncond, batch) if guidance_weight != 0.0 else None
+
+    def call(self, z: Tensor, lam_b: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        out = self.denoiser(z, lam_b, **kwargs)
+        if out.shape != z.shape:
+            raise ValueError(f"denoiser returned shape {tuple(out.shape)} for z of shape {tuple(z.shape)}")
+        return out
+
+    def native(self, z: Tensor, lam_b: Tensor) -> Tensor:
+        """The network's own output (ε, v or x) at z, guided between the branches when w ≠ 0."""
+        if self.weight == 0.0:
+            return self.call(z, lam_b, self.cond)
+        return cfg_output(self.call, z, lam_b, self.weight, self.cond, self.uncond, self.merged)
+
+    def __call__(self, z: Tensor, lam_t: Tensor) -> tuple[Tensor, Tensor]:
+        diffusion, lam_b = self.diffusion, lam_t.to(self.dtype).expand(self.batch)
+        eps_hat = None
+        if self.guide is None:
+            out = self.native(z, lam_b)
+            x_hat = diffusion.to_x(out, z, lam_t)
+            if not self.clip_x:
+                eps_hat = diffusion.to_eps(out, z, lam_t)
+        else:
+            x_hat = self.guide.predict_x(lambda zz: diffusion.to_x(self.native(zz, lam_b), zz, lam_t), z, lam_t)
+        if self.clip_x:
+            x_hat = x_hat.clamp(-1.0, 1.0)
+        if eps_hat is None:  # ε̂ consistent with the guided or clipped x̂
+            alpha, sigma = alpha_sigma(lam_t)
+            eps_hat = eps_from_x(z, x_hat, alpha.to(z.dtype), sigma.to(z.dtype))
+        return x_hat, eps_hat
 
 
 def extend(

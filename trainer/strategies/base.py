@@ -57,6 +57,7 @@ class Strategy(abc.ABC):
         self.dist = dist_env
         self.device = dist_env.device
         self.model: nn.Module | None = None  # the wrapped module the loop calls through forward()
+        self.module: nn.Module | None = None  # the model itself (its parameters may be sharded)
         self.optimizer: torch.optim.Optimizer | None = None
 
     # ------------------------------------------------------------------ building
