@@ -53,6 +53,20 @@ def job_state(job_id: str) -> str:
     return out[0] if out else ""
 
 
+def wait_batch_step_ended(job_id: str, timeout_s: float) -> None:
+    """Poll sacct until the job's batch step (the script itself) has an end time: the script can
+    then no longer act (e.g. requeue the job). Fails the test on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "-o", "JobID,End"], capture_output=True,
+                              text=True, timeout=30).stdout.split()
+        ends = [row.split("|")[1] for row in rows if row.split("|")[0] == f"{job_id}.batch"]
+        if ends and ends[0] not in ("", "Unknown"):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"the batch step of job {job_id} did not end within {timeout_s:.0f} s")
+
+
 def wait_state(job_id: str, states: set[str], timeout_s: float) -> str:
     """Poll until the job reaches one of `states`; fails the test (with the state) on timeout."""
     deadline = time.monotonic() + timeout_s
