@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 
+import process_group
 import pytest
 from trainer_helpers import PY, REPO, run_train, subprocess_env, tiny_config
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "trainer.evaluate", *args], cwd=REPO, env=subprocess_env(),
+    return process_group.run([PY, "-m", "trainer.evaluate", *args], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
 
 

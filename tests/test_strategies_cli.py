@@ -7,10 +7,10 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import process_group
 import pytest
 import torch
 
@@ -33,7 +33,7 @@ def _train(out_dir: Path, shards: Path, extra: dict, module: str = "trainer.trai
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", module, "--config",
            "configs/demo.yaml", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = process_group.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout
 
@@ -70,7 +70,7 @@ def test_trainer_cli_resumes_exactly_and_exports(tmp_path, extra):
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "trainer.export",
            "--checkpoint", str(resumed), "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = process_group.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     from safetensors.torch import load_file
 

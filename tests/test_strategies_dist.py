@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import process_group
 import pytest
 import torch
 
@@ -36,7 +37,7 @@ CASES = {
 def torchrun(args: list[str], timeout: int = 240) -> None:
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(DRIVER), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = process_group.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
@@ -141,7 +142,7 @@ def _one_process(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.run([sys.executable, str(DRIVER), *args], cwd=ROOT, env=env, capture_output=True,
+    return process_group.run([sys.executable, str(DRIVER), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=240)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 
+import process_group
 from trainer_helpers import PY, REPO, subprocess_env
 
 
@@ -13,7 +14,7 @@ def _demo(out, *extra: str) -> subprocess.CompletedProcess:
            "--set", "data.batch_size=2", "--set", "run.log_every=1", "--set", "run.ckpt_every=2",
            "--set", "run.val_every=4", "--set", "run.val_batches=1", "--set", "run.sample_every=4",
            "--set", "run.sample_steps=2", "--set", "data.num_workers=0", "--eval-seeds", "1", *extra]
-    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    return process_group.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
 
 
 def test_demo_runs_end_to_end_and_is_idempotent(tmp_path):

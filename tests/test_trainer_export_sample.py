@@ -7,6 +7,7 @@ import json
 import subprocess
 
 import av
+import process_group
 import pytest
 import torch
 from PIL import Image
@@ -28,7 +29,7 @@ def trained_run(tmp_path_factory, trainer_shards):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    return process_group.run([PY, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
 
 
 def test_export_roundtrips_ema_and_config(trained_run, tmp_path):

@@ -8,6 +8,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import process_group
 import pytest
 import torch
 
@@ -485,10 +486,9 @@ print("FSDP2-OK")
 def test_blocks_can_be_wrapped_one_by_one_with_fsdp2():
     """The contract with the strategies: fully_shard per block + root, with checkpointing, gives the
     plain model's outputs and gradients (1-process gloo group, in a subprocess for isolation)."""
-    import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT, str(Path(__file__).parent)], cwd=ROOT,
+    res = process_group.run([sys.executable, "-c", FSDP2_SCRIPT, str(Path(__file__).parent)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "FSDP2-OK" in res.stdout, res.stderr[-3000:]
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import process_group
 import yaml
 
 from testing.fault_injection import ENV_VARS as FAULT_ENV_VARS
@@ -43,7 +44,7 @@ def make_trainer_shards(tmp_path_factory, tiny_bert_dir: str) -> tuple[str, str]
     cmd = [PY, "-m", "data_pipeline.shard", "--manifest", manifest, "--out", str(out), "--encoder", tiny_bert_dir,
            "--workers", "1", "--samples-per-shard", "4", "--no-progress", "--set", "clip.frames=4",
            "--set", "clip.height=8", "--set", "clip.width=8", "--set", "clip.too_short=pad"]
-    r = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    r = process_group.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads((out / "index.json").read_text())["total"] == 12
     return str(out), tiny_bert_dir
@@ -79,7 +80,7 @@ def train_cmd(config: Path, *sets: str, nproc: int = 1) -> list[str]:
 
 
 def run_train(config: Path, *sets: str, nproc: int = 1, timeout: float = 180, **env: str):
-    return subprocess.run(train_cmd(config, *sets, nproc=nproc), cwd=REPO, env=subprocess_env(**env),
+    return process_group.run(train_cmd(config, *sets, nproc=nproc), cwd=REPO, env=subprocess_env(**env),
                           capture_output=True, text=True, timeout=timeout)
 
 
