@@ -26,6 +26,7 @@ or loader workers:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import multiprocessing
 import multiprocessing.context
@@ -143,6 +144,7 @@ class StreamPos:
     offset: int = 0
     delivered: int = 0
     skipped: int = 0  # bad or missing samples passed over (each also logged with its reason)
+    filtered: int = 0  # good samples passed over on purpose: motion score below data.min_motion
 
 
 def image_frames_from_other_clips(samples: list[Sample], extra: list[Sample], k: int,
@@ -223,6 +225,24 @@ class StreamSpec:
     seed: int
     grad_accum: int = 1  # micro-batches per optimizer step (train: part of the global batch size)
     streams: int = 0  # train: canonical streams C (resolved, a multiple of the global batch size)
+    min_motion: float = 0.0  # data.min_motion: skip samples whose stored motion score is lower
+
+    def too_static(self, raw: dict) -> bool:
+        """True when the sample's stored motion score is below data.min_motion (reads only its JSON,
+        never the video). Samples without a score (shards made before it existed) are kept."""
+        if not self.min_motion or "json" not in raw:
+            return False
+        try:
+            score = json.loads(raw["json"]).get("motion")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            return False  # decode_sample reports the broken JSON as a bad sample
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            return False
+        if score < self.min_motion:
+            log.debug("sample %s in %s: motion %.4f < data.min_motion=%g, skipped", raw.get("__key__"),
+                      raw.get("__url__"), score, self.min_motion)
+            return True
+        return False
 
     @property
     def global_batch(self) -> int:
@@ -252,6 +272,8 @@ class ShardStream(IterableDataset):
         self.spec = spec
 
     def _decode(self, raw: dict | None) -> Sample | None:
+        if raw is not None and self.spec.too_static(raw):
+            return None  # data.min_motion: left out of validation too (logged at DEBUG)
         return decode_or_log(self.spec, raw)
 
     def __iter__(self):
@@ -367,6 +389,7 @@ class _Item:
     epoch: int
     offset: int
     skipped: int
+    filtered: int = 0
 
 
 class TrainStream(IterableDataset):
@@ -386,20 +409,26 @@ class TrainStream(IterableDataset):
     def _stream_items(self, stream: int, pos: StreamPos) -> Iterator[_Item]:
         """The stream's good samples from `pos` on, epoch after epoch (bad ones counted and passed over)."""
         sp = self.spec
-        epoch, offset, skipped = pos.epoch, pos.offset, pos.skipped
+        epoch, offset, skipped, filtered = pos.epoch, pos.offset, pos.skipped, pos.filtered
         while True:
             plan = train_plan(sp.index.counts, seed=sp.seed, epoch=epoch, stream=stream,
                               n_streams=self.layout.streams, buffer=sp.shuffle_buffer)
-            good = 0
+            good = static = 0
             for p, raw in follow_plan(sp.index, plan, offset):
+                if raw is not None and sp.too_static(raw):  # like a bad sample: the stream's next one replaces it
+                    filtered += 1
+                    static += 1
+                    continue
                 sample = self._decode(raw)
                 if sample is None:
                     skipped += 1
                     continue
                 good += 1
-                yield _Item(sample, epoch, p + 1, skipped)
+                yield _Item(sample, epoch, p + 1, skipped, filtered)
             if good == 0 and offset == 0:
-                raise RuntimeError(f"loader stream {stream}: no readable sample in epoch {epoch} of {sp.index.source}")
+                why = f" ({static} below data.min_motion={sp.min_motion:g})" if static else ""
+                raise RuntimeError(f"loader stream {stream}: no readable sample in epoch {epoch} of "
+                                   f"{sp.index.source}{why}")
             epoch, offset = epoch + 1, 0
 
     def _image_sources(self, sample: Sample, window: deque[_Item], items: Iterator[_Item]) -> list[Sample]:
@@ -448,7 +477,7 @@ class TrainStream(IterableDataset):
                 keys.append(item.sample.key)
                 captions.append(item.sample.caption)
                 image_keys.append([src.key for src in sources])
-                pos[c] = [item.epoch, item.offset, delivered[c], item.skipped]
+                pos[c] = [item.epoch, item.offset, delivered[c], item.skipped, item.filtered]
             yield {"rows": rows, "video": to_unit_range(np.stack(frames)) if frames else None, "text_emb": embs,
                    "keys": keys, "captions": captions, "image_keys": image_keys, "pos": pos}
             micro += 1
@@ -544,6 +573,11 @@ class VideoTextLoader:
         return sum(p.skipped for p in self.positions.values())
 
     @property
+    def filtered_samples(self) -> int:
+        """Samples this rank's train streams left out for data.min_motion so far (for monitoring)."""
+        return sum(p.filtered for p in self.positions.values())
+
+    @property
     def epoch(self) -> int:
         """The oldest epoch any of this rank's streams is still in."""
         return min(p.epoch for p in self.positions.values())
@@ -605,8 +639,10 @@ class VideoTextLoader:
         if not sp.train:
             return state
         return {**state, "grad_accum": sp.grad_accum, "global_batch": sp.global_batch, "streams": sp.streams,
+                "min_motion": sp.min_motion,
                 "samples": self.samples, "micro": self.micro,
-                "positions": {str(c): [p.epoch, p.offset, p.delivered, p.skipped] for c, p in self.positions.items()}}
+                "positions": {str(c): [p.epoch, p.offset, p.delivered, p.skipped, p.filtered]
+                              for c, p in self.positions.items()}}
 
     def load_state_dict(self, state: dict | list[dict], *, strict: bool = True) -> None:
         """Restore a position saved by state_dict(); call before iterating.
@@ -655,6 +691,10 @@ class VideoTextLoader:
                 log.warning("%s; restarting all streams at the start of epoch %d", msg, oldest)
                 self._restart(oldest, 0.0, samples)
                 return
+        if float(first.get("min_motion", 0.0)) != sp.min_motion:
+            log.warning("loader state: data.min_motion was %g when saved, this run has %g; resuming at the saved "
+                        "positions, but from here on other samples are skipped", float(first.get("min_motion", 0.0)),
+                        sp.min_motion)
         if first.get("dataset") != sp.index.fingerprint():
             log.warning("loader state: the shards in %s changed since the state was saved; resuming at the saved "
                         "epochs/offsets, but the sample order differs", sp.index.source)
@@ -717,8 +757,13 @@ def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards:
         raise ValueError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    if not 0.0 <= cfg.min_motion <= 1.0:
+        raise ValueError(f"data.min_motion is a motion score in [0, 1] (0 = off), got {cfg.min_motion}")
     index = read_index(os.fspath(shards))
     check_matches(index, encoder=cfg.encoder, frames=cfg.num_frames, height=cfg.image_size, width=cfg.image_size)
+    if cfg.min_motion and "motion" not in index.raw:
+        log.warning("%s: shards made before motion scores existed; data.min_motion=%g skips only samples whose "
+                    "{key}.json has a \"motion\" score (re-shard to score them all)", index.source, cfg.min_motion)
     streams = 0
     if train:
         streams = resolve_streams(cfg.streams, cfg.batch_size * world_size * grad_accum)
@@ -728,6 +773,7 @@ def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards:
         batch_size=cfg.batch_size, num_frames=cfg.num_frames, image_frames=cfg.num_image_frames,
         height=cfg.image_size, width=cfg.image_size, max_text_len=cfg.max_text_len,
         shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, grad_accum=grad_accum, streams=streams,
+        min_motion=cfg.min_motion,
     )
     return VideoTextLoader(spec, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
                            start_method=cfg.worker_start_method)

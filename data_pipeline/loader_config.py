@@ -28,6 +28,9 @@ class DataConfig:
     encoder: str = ""  # text encoder the shards must have been made with ("" = accept any)
     max_text_len: int = 77  # captions' token embeddings are cut to this many tokens
     seed: int = 0
+    # skip clips whose stored motion score ({key}.json "motion", data_pipeline.motion) is below this
+    # (0 = off); reads only the JSON, so no re-sharding; skipped clips are counted (filtered_samples)
+    min_motion: float = 0.0
     prefetch_factor: int = 2  # batches each loader worker prepares ahead
     # how loader workers start: forkserver/spawn never fork a process that holds PyAV/FFmpeg state
     worker_start_method: Literal["forkserver", "spawn", "fork"] = "forkserver"
