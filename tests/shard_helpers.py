@@ -113,6 +113,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     hits: dict[str, int] = {}
     answered: dict[str, int] = {}  # requests whose handler returned (a hang counts once released)
     release: threading.Event = threading.Event()  # ends the /hang requests (set on server exit)
+    # path → answers before the file is served: an HTTP status to send, or 0 = accept and never answer
+    fail_first: dict[str, list[int]] = {}
 
     def log_message(self, *args):  # keep test output quiet
         pass
@@ -120,7 +122,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         path = self.path.split("?")[0]
         self.hits[path] = self.hits.get(path, 0) + 1
-        if path == "/500":
+        failures = self.fail_first.get(path, [])
+        if self.hits[path] <= len(failures):
+            if failures[self.hits[path] - 1]:
+                self.send_error(failures[self.hits[path] - 1], "planned failure")
+            else:
+                self.release.wait(10)  # a server that accepted the request and hangs
+        elif path == "/500":
             self.send_error(500, "boom")
         elif path == "/flaky":  # 503 twice, then the file: retries with backoff must get it
             if self.hits[path] <= 2:
@@ -166,11 +174,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class VideoServer:
-    """http.server on 127.0.0.1 in a thread; `files` maps URL paths to bytes."""
+    """http.server on 127.0.0.1 in a thread; `files` maps URL paths to bytes; `fail_first` maps a
+    path to the answers it gets before its file is served (e.g. [500, 500]; 0 = hang)."""
 
-    def __init__(self, files: dict[str, bytes]):
+    def __init__(self, files: dict[str, bytes], fail_first: dict[str, list[int]] | None = None):
         handler = type("H", (_Handler,), {"files": dict(files), "hits": {}, "answered": {},
-                                          "release": threading.Event()})
+                                          "release": threading.Event(), "fail_first": dict(fail_first or {})})
         self.handler = handler
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
