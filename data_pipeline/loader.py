@@ -448,6 +448,7 @@ class TrainStream(IterableDataset):
             plan = train_plan(sp.index.counts, seed=sp.seed, epoch=epoch, stream=stream,
                               n_streams=self.layout.streams, buffer=sp.shuffle_buffer)
             good = static = 0
+            lost_before = len(lost)
             for p, raw in follow_plan(sp.index, plan, offset, sp.download, lost):
                 if raw is not None and sp.too_static(raw):  # like a bad sample: the stream's next one replaces it
                     filtered += 1
@@ -461,6 +462,8 @@ class TrainStream(IterableDataset):
                 yield _Item(sample, epoch, p + 1, skipped, filtered, pos.lost_shards + len(lost))
             if good == 0 and offset == 0:
                 why = f" ({static} below data.min_motion={sp.min_motion:g})" if static else ""
+                if len(lost) > lost_before:
+                    why += f" (shards unavailable: {', '.join(lost[lost_before:][:5])})"
                 raise RuntimeError(f"loader stream {stream}: no readable sample in epoch {epoch} of "
                                    f"{sp.index.source}{why}")
             epoch, offset = epoch + 1, 0

@@ -147,3 +147,12 @@ def test_backoff_names_and_siblings():
     assert sibling("https://h/a/b/shard-1.tar?x=1", "index.json") == "https://h/a/b/index.json"
     assert sibling("pipe:aws s3 cp s3://b/p/shard-1.tar -", "index.json") == "pipe:aws s3 cp s3://b/p/index.json -"
     assert torch.tensor(waits).argmax().item() >= 3  # later tries wait longer
+
+
+def test_a_stream_with_no_reachable_shard_stops_with_an_error_naming_them(shards):
+    d, _ = shards
+    with VideoServer({"/d/index.json": (d / "index.json").read_bytes()}) as srv:  # every shard 404s
+        loader = build_loader(cfg(f"{srv.url}/d/{PATTERN}", batch_size=1, download=FAST))
+        with pytest.raises(RuntimeError, match=r"no readable sample in epoch 0 .*shards unavailable: .*shard-0000"):
+            take(loader, 1)
+        assert sum(srv.hits.get(f"/d/shard-{n:06d}.tar", 0) for n in range(4)) == 4  # each tried once (404)
