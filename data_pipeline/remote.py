@@ -127,7 +127,9 @@ def _http_once(url: str, sink: IO[bytes], cfg: DownloadConfig) -> None:
     req = urllib.request.Request(url, headers={"User-Agent": "vdm-loader/1"})
     try:
         with OPENER.open(req, timeout=cfg.timeout_s) as resp:
-            _copy(resp.read, sink, deadline, cfg)
+            # read1: whatever arrived (one socket read), so a trickle meets the deadline check between
+            # reads; read(n) would keep collecting until it had n bytes
+            _copy(resp.read1, sink, deadline, cfg)
     except _TryFailed:
         raise
     except FetchError as e:  # a redirect to another scheme (file://, ftp://): refused, and final

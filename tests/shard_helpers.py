@@ -113,7 +113,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     hits: dict[str, int] = {}
     answered: dict[str, int] = {}  # requests whose handler returned (a hang counts once released)
     release: threading.Event = threading.Event()  # ends the /hang requests (set on server exit)
-    # path → answers before the file is served: an HTTP status to send, or 0 = accept and never answer
+    # path → answers before the file is served: an HTTP status to send, 0 = accept and never answer,
+    # -1 = trickle (headers, then a byte every 0.1 s: every read answers, the download never ends)
     fail_first: dict[str, list[int]] = {}
 
     def log_message(self, *args):  # keep test output quiet
@@ -124,10 +125,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.hits[path] = self.hits.get(path, 0) + 1
         failures = self.fail_first.get(path, [])
         if self.hits[path] <= len(failures):
-            if failures[self.hits[path] - 1]:
-                self.send_error(failures[self.hits[path] - 1], "planned failure")
-            else:
+            code = failures[self.hits[path] - 1]
+            if code > 0:
+                self.send_error(code, "planned failure")
+            elif code == 0:
                 self.release.wait(10)  # a server that accepted the request and hangs
+            else:
+                self._trickle(1 << 20)
         elif path == "/500":
             self.send_error(500, "boom")
         elif path == "/flaky":  # 503 twice, then the file: retries with backoff must get it
@@ -165,6 +169,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_error(404, "nope")
         self.answered[path] = self.answered.get(path, 0) + 1
+
+    def _trickle(self, length: int):
+        self.send_response(200)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        try:
+            for _ in range(100):  # 10 s at most
+                if self.release.wait(0.1):
+                    return
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _send(self, data: bytes):
         self.send_response(200)

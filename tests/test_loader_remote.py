@@ -156,3 +156,17 @@ def test_a_stream_with_no_reachable_shard_stops_with_an_error_naming_them(shards
         with pytest.raises(RuntimeError, match=r"no readable sample in epoch 0 .*shards unavailable: .*shard-0000"):
             take(loader, 1)
         assert sum(srv.hits.get(f"/d/shard-{n:06d}.tar", 0) for n in range(4)) == 4  # each tried once (404)
+
+
+def test_a_trickling_shard_meets_the_whole_download_deadline(shards, caplog):
+    """A server that answers every read (so the per-read timeout never fires) but never finishes:
+    each try ends at download.total_timeout_s, and after the tries the shard is skipped."""
+    d, keys = shards
+    slow = DownloadConfig(attempts=2, backoff_s=0.01, timeout_s=0.5, total_timeout_s=1.0)
+    with VideoServer(_files(d), fail_first={"/d/shard-000001.tar": [-1] * 5}) as srv:
+        with caplog.at_level(logging.ERROR):
+            loader = build_loader(cfg(f"{srv.url}/d/{PATTERN}", batch_size=4, download=slow), train=False)
+            got = [k for b in loader for k in b["keys"]]
+        assert got == keys[:5] + keys[9:] and srv.hits["/d/shard-000001.tar"] == 2
+    assert "shard-000001.tar unavailable (timeout after 2 attempt(s): download longer than " \
+           "data.download.total_timeout_s=1)" in caplog.text
