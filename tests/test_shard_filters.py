@@ -18,6 +18,8 @@ from common.config import ConfigError, from_dict
 from common.mp4 import write_video
 from data_pipeline.config import ClipConfig, FilterConfig, ShardConfig, config_hash, content_settings
 from data_pipeline.filters import Filtered, check_source
+from data_pipeline.loader import build_loader
+from data_pipeline.loader_config import DataConfig
 from data_pipeline.motion import motion_score
 from data_pipeline.shard import main
 from data_pipeline.stats import read_stats
@@ -127,10 +129,19 @@ def test_each_filter_fails_its_clip_with_its_reason(tmp_path, videos, tiny_bert_
 @pytest.mark.slow
 def test_filters_are_off_by_default_and_every_sample_is_scored(tmp_path, videos, tiny_bert_dir):
     manifest = write_manifest(tmp_path / "m.csv", [(k, str(p), f"clip {k}") for k, p in videos.items()])
-    samples = _samples(_shard(tmp_path, manifest, tiny_bert_dir))
+    out = _shard(tmp_path, manifest, tiny_bert_dir)
+    samples = _samples(out)
     assert sorted(samples) == sorted(videos)  # nothing filtered
     motion = {k: json.loads(s["json"])["motion"] for k, s in samples.items()}
     assert motion["static_clip"] == pytest.approx(0.0, abs=1e-4) and motion["moving"] > 0.005
+    # the loader leaves the static clip out by its JSON, without re-sharding, and counts it
+    data = DataConfig(shards=str(out), batch_size=1, num_workers=0, shuffle_buffer=0, num_frames=8, image_size=16,
+                      min_motion=0.002)
+    assert sorted(k for b in build_loader(data, train=False) for k in b["keys"]) == sorted(set(videos) - {"static_clip"})
+    loader = build_loader(data)
+    keys = [k for _, b in zip(range(len(videos)), loader) for k in b["keys"]]  # one epoch and one more clip
+    assert "static_clip" not in keys and set(keys) == set(videos) - {"static_clip"}
+    assert loader.filtered_samples >= 1 and loader.skipped_samples == 0
 
 
 @pytest.mark.slow
@@ -166,3 +177,20 @@ def test_bad_filter_settings_are_refused_naming_the_key(filt, words):
     cfg = from_dict(ShardConfig, {"manifest": "m.csv", "filter": filt, "clip": {"frames": frames}})
     with pytest.raises(ConfigError, match=words):
         cfg.validate()
+
+
+@pytest.mark.slow
+def test_filters_fail_single_spans_with_their_reason(tmp_path, tiny_bert_dir):
+    """Clip spans: a still span fails as static_clip, a short one as too_short (its own length, not
+    the video's), and the moving span of the same video is kept."""
+    still = render_clip("circle", "blue", "right", 16, 32, 32, (16, 8), travel=0.0)
+    moves = render_clip("circle", "blue", "right", 16, 32, 32, (16, 8), travel=0.6, wrap=False)
+    write_video(tmp_path / "v.mp4", np.concatenate([still, moves]), 8, codec="libx264")
+    manifest = write_manifest(tmp_path / "m.csv", [("v", str(tmp_path / "v.mp4"), "a blue circle",
+                                                    "[[0, 2], [2, 4], [3.25, 4]]")],
+                              header=("key", "path", "caption", "spans"))
+    out = _shard(tmp_path, manifest, tiny_bert_dir, {"min_motion": 0.002, "min_duration_s": 1.0})
+    assert sorted(_samples(out)) == ["v_001"]
+    fails = {f["key"]: (f["reason"], f["detail"]) for f in read_stats(out, 0)["failures"]}
+    assert fails["v_000"][0] == "static_clip"
+    assert fails["v_002"] == ("too_short", "span 0.750 s < filter.min_duration_s=1")
