@@ -44,6 +44,24 @@ class ClipConfig:
 
 
 @dataclass
+class FilterConfig:
+    """Clips left out of the shards on purpose, each a failure with its reason; 0 = that filter off.
+
+    Off by default. The source checks (duration, size, aspect) run on the stream's metadata before
+    a frame is decoded; the motion check runs on each decoded clip (data_pipeline.motion).
+    """
+
+    min_motion: float = 0.0  # static_clip: the clip's motion score (0..1, data_pipeline.motion) is below this
+    min_duration_s: float = 0.0  # too_short: the source (or the span) lasts less than this many seconds
+    min_side: int = 0  # too_small: the source's shorter side has fewer pixels than this
+    max_aspect: float = 0.0  # bad_aspect: long side / short side as displayed is above this (e.g. 2.5)
+
+    def active(self) -> dict:
+        """The filters that are on (name → threshold): what enters the config hash."""
+        return {k: v for k, v in vars(self).items() if v}
+
+
+@dataclass
 class StorageConfig:
     format: Literal["mp4", "npy"] = "mp4"  # mp4: small h264 (default); npy: raw uint8 [T,H,W,3]
     crf: int = 20  # h264 quality (lower = better, bigger)
@@ -96,6 +114,7 @@ class ShardConfig:
     samples_per_shard: int = 1000  # manifest rows per shard (shard N = rows N*S .. (N+1)*S-1)
     clip: ClipConfig = field(default_factory=ClipConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     workers: int = 1  # local worker processes, each owning whole shards
@@ -121,7 +140,20 @@ class ShardConfig:
             raise ConfigError("clip: mp4 (yuv420p h264) needs even height and width; use npy or even sizes")
         if c.clips_per_video < 1:
             raise ConfigError("clip.clips_per_video must be >= 1")
+        self._validate_filter()
         return self
+
+    def _validate_filter(self) -> None:
+        f = self.filter
+        for name in ("min_motion", "min_duration_s", "min_side", "max_aspect"):
+            if getattr(f, name) < 0:
+                raise ConfigError(f"filter.{name} must be >= 0 (0 = off), got {getattr(f, name)}")
+        if f.min_motion > 1:
+            raise ConfigError(f"filter.min_motion is a score in [0, 1] (data_pipeline/motion.py), got {f.min_motion}")
+        if f.min_motion and self.clip.frames < 2:
+            raise ConfigError("filter.min_motion needs clip.frames >= 2 (motion is measured between frames)")
+        if f.max_aspect and f.max_aspect < 1:
+            raise ConfigError(f"filter.max_aspect is long side / short side, so >= 1 (or 0 = off), got {f.max_aspect}")
 
 
 def manifest_cache_dir(cfg: ShardConfig) -> str:
@@ -138,6 +170,8 @@ def content_settings(cfg: ShardConfig) -> dict:
         "clip": d["clip"],
         "storage": d["storage"] if cfg.storage.format == "mp4" else {"format": "npy"},
         "encoder": {k: d["encoder"][k] for k in ("name_or_path", "dtype", "max_length")},
+        # filters that are on only, so configs from before they existed (all off) keep their hash
+        **({"filter": cfg.filter.active()} if cfg.filter.active() else {}),
     }
 
 

@@ -101,7 +101,7 @@ class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
-_OPENER = urllib.request.build_opener(_SameSchemeRedirects())
+OPENER = urllib.request.build_opener(_SameSchemeRedirects())
 
 
 def _read_capped(read, cfg: FetchConfig, deadline: float) -> bytes:
@@ -122,7 +122,7 @@ def _fetch_http_once(url: str, cfg: FetchConfig, deadline: float) -> bytes:
     timeout = max(0.001, min(cfg.timeout_s, deadline - time.monotonic()))
     req = urllib.request.Request(url, headers={"User-Agent": "vdm-shard/1"})
     try:
-        with _OPENER.open(req, timeout=timeout) as resp:
+        with OPENER.open(req, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > cfg.max_bytes:
                 raise FetchError("too_large", f"Content-Length {length} > fetch.max_bytes={cfg.max_bytes}")

@@ -10,7 +10,13 @@ reads it, so both sides agree on one format:
      "encoder": {"name": str, "dim": D}, "clip": {"frames": T, "height": H, "width": W, ...},
      "format": "mp4" | "npy", "config_hash": str}
 
-Shard directories may be local paths or fsspec URLs (`s3://bucket/shards`).
+Where the shards are (`data.shards`, docs/loader.md): a directory (local, an fsspec URL such as
+`s3://bucket/shards`, or http(s)://) holding index.json; or a *shard list*: brace patterns
+(`/data/shard-{000000..000099}.tar`, `https://host/shard-{0000..0099}.tar`), several joined by `::`,
+or `pipe:` commands. A list gets its sample counts from an index.json: the one named by
+`data.index`, else the one next to its first shard (for a pipe: command, the same command with
+the .tar argument replaced by index.json). The list picks, and orders, the index's shards: every
+shard of the list must be in that index (matched by file name).
 """
 
 from __future__ import annotations
@@ -20,7 +26,19 @@ import json
 import logging
 import os
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from data_pipeline.loader_config import DownloadConfig
+from data_pipeline.remote import (
+    ShardUnavailable,
+    is_http,
+    is_local,
+    is_pipe,
+    local_path,
+    open_source,
+    shard_name,
+    sibling,
+)
 
 INDEX_NAME = "index.json"
 log = logging.getLogger(__name__)
@@ -51,6 +69,7 @@ class ShardIndex:
     format: str
     config_hash: str
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+    location: str = field(default="", compare=False)  # where index.json was read from (for messages)
 
     @property
     def counts(self) -> list[int]:
@@ -76,17 +95,23 @@ def join(directory: str, name: str) -> str:
     return os.path.join(directory, name)
 
 
-def open_binary(path: str):
-    """A readable binary file object for a local path or any fsspec URL."""
-    if _is_url(path) and not path.startswith("file://"):
-        import fsspec
+def is_shard_list(spec: str) -> bool:
+    """A brace pattern, a `::`-joined list, a pipe: command or one .tar, rather than a directory."""
+    return is_pipe(spec) or "::" in spec or ("{" in spec and "}" in spec) or spec.rstrip("/").endswith(".tar")
 
-        return fsspec.open(path, "rb").open()
-    return open(path[len("file://"):] if path.startswith("file://") else path, "rb")
+
+def expand_shard_list(spec: str) -> list[str]:
+    """The URLs / paths / commands of a shard list, in order (braceexpand, as webdataset does)."""
+    from braceexpand import braceexpand
+
+    return [u for part in spec.split("::") if part.strip() for u in braceexpand(part.strip())]
 
 
 def _exists_all(directory: str, names: list[str]) -> list[str]:
-    """Names from `names` that are NOT present in `directory` (one listing for URLs, not N round trips)."""
+    """Names from `names` that are NOT present in `directory` (one listing for URLs, not N round trips).
+    http(s) directories cannot be listed: their shards are checked when they are downloaded."""
+    if is_http(directory):
+        return []
     if _is_url(directory) and not directory.startswith("file://"):
         import fsspec
 
@@ -106,9 +131,9 @@ def _need(d: dict, key: str, kind: type | tuple, where: str):
     return value
 
 
-def parse_index(data: dict, source: str) -> ShardIndex:
+def parse_index(data: dict, source: str, where: str = "") -> ShardIndex:
     """Validate the structure of a loaded index.json (no file-system access)."""
-    where = join(source, INDEX_NAME)
+    where = where or join(source, INDEX_NAME)
     if not isinstance(data, dict):
         raise ShardIndexError(f"{where}: top level must be an object")
     version = data.get("version")
@@ -150,42 +175,93 @@ def parse_index(data: dict, source: str) -> ShardIndex:
         format=fmt,
         config_hash=str(data.get("config_hash", "")),
         raw=data,
+        location=where,
     )
 
 
-def read_index(directory: str | os.PathLike, *, check_files: bool = True) -> ShardIndex:
-    """Load and validate `directory/index.json`; with check_files, every listed tar must exist."""
-    directory = os.fspath(directory)
-    if not directory:
-        raise ShardIndexError("no shard directory configured (set data.shards / data.val_shards)")
-    path = join(directory, INDEX_NAME)
+def read_index(shards: str | os.PathLike, *, index: str = "", check_files: bool = True,
+               download: DownloadConfig | None = None) -> ShardIndex:
+    """Load and validate the index of `shards` (a directory or a shard list, see the module doc);
+    with check_files, every listed tar that can be checked without downloading it must exist.
+    `index` overrides where index.json is read from."""
+    spec = os.fspath(shards)
+    download = download or DownloadConfig()
+    if not spec:
+        raise ShardIndexError("no shards configured (set data.shards / data.val_shards)")
+    if is_shard_list(spec):
+        return _read_list_index(spec, index, check_files, download)
+    location = index or join(spec, INDEX_NAME)
+    parsed = parse_index(_load_json(location, spec, download), spec, location)
+    _warn_incomplete(parsed)
+    if check_files:
+        missing = _exists_all(spec, [s.name for s in parsed.shards])
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise ShardIndexError(f"{location} lists {len(missing)} shard file(s) missing from {spec}: {shown}")
+    return parsed
+
+
+def _load_json(location: str, shards: str, download: DownloadConfig) -> dict:
+    """index.json's content (downloaded with retries when remote); ShardIndexError naming it otherwise."""
     try:
-        with open_binary(path) as f:
+        with open_source(location, download) as f:
             text = f.read().decode("utf-8")
     except FileNotFoundError:
         raise ShardIndexError(
-            f"{path} not found: {directory} is not a finished shard directory "
+            f"{location} not found: {shards} is not a finished shard directory "
             "(make shards with `python -m data_pipeline.shard`; it writes index.json last)"
         ) from None
+    except ShardUnavailable as e:
+        raise ShardIndexError(f"{location}: cannot read the index of {shards}: {e.reason} after {e.attempts} "
+                              f"attempt(s) ({e.detail}); set data.index to where index.json is") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardIndexError(f"{location}: cannot read ({e})") from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ShardIndexError(f"{path}: not valid JSON ({e})") from None
-    index = parse_index(data, directory)
-    if data.get("complete") is False:
+        raise ShardIndexError(f"{location}: not valid JSON ({e})") from None
+
+
+def _warn_incomplete(index: ShardIndex) -> None:
+    if index.raw.get("complete") is False:
         log.warning("%s: the sharding run that wrote it had unfinished shards; training on the %d finished ones "
-                    "(rerun data_pipeline.shard to complete the dataset)", path, len(index.shards))
+                    "(rerun data_pipeline.shard to complete the dataset)", index.location, len(index.shards))
+
+
+def _read_list_index(spec: str, index: str, check_files: bool, download: DownloadConfig) -> ShardIndex:
+    """A shard list's index: the counts of its shards (matched by file name), in the list's order."""
+    urls = expand_shard_list(spec)
+    if not urls:
+        raise ShardIndexError(f"data.shards {spec!r} expands to no shard")
+    names = [shard_name(u) for u in urls]
+    unnamed = [u for u, n in zip(urls, names) if not n.endswith(".tar")]
+    if unnamed:
+        raise ShardIndexError(f"cannot tell which index.json entry {unnamed[0]!r} is: a shard list's entries must "
+                              "end in (or, for pipe:, name) a .tar file")
+    location = index or sibling(urls[0], INDEX_NAME)
+    full = parse_index(_load_json(location, spec, download), spec, location)
+    counts = {e.name: e.count for e in full.shards}
+    unknown = [n for n in names if n not in counts]
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise ShardIndexError(f"{location} does not list {len(unknown)} shard(s) of data.shards={spec!r}: {shown} "
+                              "(point data.index at the index.json that made them)")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ShardIndexError(f"data.shards={spec!r} names {twice[:5]} more than once")
+    entries = tuple(ShardEntry(name=n, count=counts[n], url=u) for n, u in zip(names, urls))
+    _warn_incomplete(full)
     if check_files:
-        missing = _exists_all(directory, [s.name for s in index.shards])
+        missing = [e.url for e in entries if is_local(e.url) and not os.path.isfile(local_path(e.url))]
         if missing:
             shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-            raise ShardIndexError(f"{path} lists {len(missing)} shard file(s) missing from {directory}: {shown}")
-    return index
+            raise ShardIndexError(f"data.shards={spec!r}: {len(missing)} shard file(s) missing: {shown}")
+    return replace(full, shards=entries, total=sum(e.count for e in entries))
 
 
 def check_matches(index: ShardIndex, *, encoder: str, frames: int, height: int, width: int) -> None:
     """Refuse shards made with other settings than the run's. encoder "" accepts any encoder."""
-    where = join(index.source, INDEX_NAME)
+    where = index.location or join(index.source, INDEX_NAME)
     if encoder and index.encoder_name != encoder:
         raise ShardIndexError(
             f"{where}: encoder mismatch: shards were embedded with encoder {index.encoder_name!r} but the run's "

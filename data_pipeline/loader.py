@@ -26,22 +26,23 @@ or loader workers:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import multiprocessing
 import multiprocessing.context
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.decode import BadSample, Sample, decode_sample
-from data_pipeline.index import ShardIndex, check_matches, open_binary, read_index
+from data_pipeline.index import ShardIndex, check_matches, read_index
 from data_pipeline.lifetime import exit_when_process_exits
-from data_pipeline.loader_config import DataConfig
+from data_pipeline.loader_config import DataConfig, DownloadConfig
 from data_pipeline.plan import (
     SALT_TRAIN_IMAGE_FRAMES,
     SALT_VAL_IMAGE_FRAMES,
@@ -52,6 +53,7 @@ from data_pipeline.plan import (
     train_plan,
     val_plan,
 )
+from data_pipeline.remote import ShardUnavailable, open_source
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,8 @@ STATE_VERSION = 2  # 1: positions per (rank, worker) stream, before elastic dete
 # ----------------------------------------------------------------------------------- shard reading
 
 
-def read_shard(url: str) -> Iterator[dict]:
-    """Raw samples (suffix → bytes) of one tar, in tar order, via webdataset's tar iterators.
+def tar_samples(url: str, stream) -> Iterator[dict]:
+    """Raw samples (suffix → bytes) of an open tar, in tar order, via webdataset's tar iterators.
 
     A read error ends the shard with an error log naming it; the samples not read count as missing.
     """
@@ -72,21 +74,38 @@ def read_shard(url: str) -> Iterator[dict]:
         log.error("shard %s: read error, rest of the shard skipped: %s", url, exn)
         return False  # stop this shard
 
+    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+    yield from wds.tariterators.group_by_keys(files, handler=handler)
+
+
+def unavailable(e: OSError) -> str:
+    """Why a shard could not be opened, for the log line that names it."""
+    if isinstance(e, ShardUnavailable):
+        return f"{e.reason} after {e.attempts} attempt(s)" + (f": {e.detail}" if e.detail else "")
+    return f"{type(e).__name__}: {e}"
+
+
+def read_shard(url: str, download: DownloadConfig | None = None) -> Iterator[dict]:
+    """Raw samples of one shard (local, URL or pipe:, downloaded with retries); a shard that cannot
+    be opened is logged and yields nothing."""
     try:
-        stream = open_binary(url)
+        stream = open_source(url, download or DownloadConfig())
     except OSError as e:
-        log.error("shard %s: cannot open (%s); its samples are skipped", url, e)
+        log.error("shard %s: cannot open (%s); its samples are skipped", url, unavailable(e))
         return
     with stream:
-        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
-        yield from wds.tariterators.group_by_keys(files, handler=handler)
+        yield from tar_samples(url, stream)
 
 
-def follow_plan(index: ShardIndex, plan: Plan, start: int = 0) -> Iterator[tuple[int, dict | None]]:
+def follow_plan(index: ShardIndex, plan: Plan, start: int = 0, download: DownloadConfig | None = None,
+                lost: list[str] | None = None) -> Iterator[tuple[int, dict | None]]:
     """(output position, raw sample or None when missing) for plan positions start, start+1, ...
 
-    Holds read-but-not-yet-due samples in memory; the plan's buffer locality bounds them.
+    Holds read-but-not-yet-due samples in memory; the plan's buffer locality bounds them. A shard
+    that cannot be opened (every download try failed) is logged, appended to `lost`, and its planned
+    samples are missing (the caller replaces them like bad samples).
     """
+    download = download or DownloadConfig()
     n = len(plan)
     if start >= n:
         return
@@ -114,15 +133,27 @@ def follow_plan(index: ShardIndex, plan: Plan, start: int = 0) -> Iterator[tuple
             continue  # every planned sample of this segment was already delivered: don't open it
         entry = index.shards[seg.shard]
         seen = seg.start
-        for j, raw in enumerate(read_shard(entry.url)):
-            if j < seg.start:
-                continue  # before this stream's range (or already delivered): read past, never decoded
-            if j >= seg.stop:
-                break
-            seen = j + 1
-            if needed[r0 + j - seg.start]:
-                pending[r0 + j - seg.start] = raw
-                yield from due()
+        try:
+            stream = open_source(entry.url, download)
+        except OSError as e:
+            planned = [r for r in range(r0, r1) if needed[r]]
+            log.error("shard %s unavailable (%s); its %d planned samples are skipped", entry.url, unavailable(e),
+                      len(planned))
+            if lost is not None:
+                lost.append(entry.url)
+            missing.update(planned)
+            yield from due()
+            continue
+        with stream:
+            for j, raw in enumerate(tar_samples(entry.url, stream)):
+                if j < seg.start:
+                    continue  # before this stream's range (or already delivered): read past, never decoded
+                if j >= seg.stop:
+                    break
+                seen = j + 1
+                if needed[r0 + j - seg.start]:
+                    pending[r0 + j - seg.start] = raw
+                    yield from due()
         if seen < seg.stop:
             lost = [r for r in range(r0 + seen - seg.start, r1) if needed[r]]
             log.error("shard %s: index.json says %d samples, only %d readable; %d planned samples skipped",
@@ -143,6 +174,8 @@ class StreamPos:
     offset: int = 0
     delivered: int = 0
     skipped: int = 0  # bad or missing samples passed over (each also logged with its reason)
+    filtered: int = 0  # good samples passed over on purpose: motion score below data.min_motion
+    lost_shards: int = 0  # shards given up after every download try (their samples are in `skipped`)
 
 
 def image_frames_from_other_clips(samples: list[Sample], extra: list[Sample], k: int,
@@ -223,6 +256,25 @@ class StreamSpec:
     seed: int
     grad_accum: int = 1  # micro-batches per optimizer step (train: part of the global batch size)
     streams: int = 0  # train: canonical streams C (resolved, a multiple of the global batch size)
+    min_motion: float = 0.0  # data.min_motion: skip samples whose stored motion score is lower
+    download: DownloadConfig = field(default_factory=DownloadConfig)  # remote shards: tries, backoff, timeouts
+
+    def too_static(self, raw: dict) -> bool:
+        """True when the sample's stored motion score is below data.min_motion (reads only its JSON,
+        never the video). Samples without a score (shards made before it existed) are kept."""
+        if not self.min_motion or "json" not in raw:
+            return False
+        try:
+            score = json.loads(raw["json"]).get("motion")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            return False  # decode_sample reports the broken JSON as a bad sample
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            return False
+        if score < self.min_motion:
+            log.debug("sample %s in %s: motion %.4f < data.min_motion=%g, skipped", raw.get("__key__"),
+                      raw.get("__url__"), score, self.min_motion)
+            return True
+        return False
 
     @property
     def global_batch(self) -> int:
@@ -252,6 +304,8 @@ class ShardStream(IterableDataset):
         self.spec = spec
 
     def _decode(self, raw: dict | None) -> Sample | None:
+        if raw is not None and self.spec.too_static(raw):
+            return None  # data.min_motion: left out of validation too (logged at DEBUG)
         return decode_or_log(self.spec, raw)
 
     def __iter__(self):
@@ -274,7 +328,7 @@ class ShardStream(IterableDataset):
     def _val_batches(self, worker: int) -> Iterator[dict]:
         sp = self.spec
         plan = val_plan(sp.index.counts, rank=sp.rank, world_size=sp.world_size)
-        items = follow_plan(sp.index, plan, 0)
+        items = follow_plan(sp.index, plan, 0, sp.download)
         previous: Sample | None = None
         ahead: list[tuple[int, dict | None]] = []
         n_batches = -(-len(plan) // sp.batch_size)
@@ -367,6 +421,8 @@ class _Item:
     epoch: int
     offset: int
     skipped: int
+    filtered: int = 0
+    lost_shards: int = 0
 
 
 class TrainStream(IterableDataset):
@@ -386,20 +442,30 @@ class TrainStream(IterableDataset):
     def _stream_items(self, stream: int, pos: StreamPos) -> Iterator[_Item]:
         """The stream's good samples from `pos` on, epoch after epoch (bad ones counted and passed over)."""
         sp = self.spec
-        epoch, offset, skipped = pos.epoch, pos.offset, pos.skipped
+        epoch, offset, skipped, filtered = pos.epoch, pos.offset, pos.skipped, pos.filtered
+        lost: list[str] = []  # shards of this stream given up since `pos` (follow_plan appends)
         while True:
             plan = train_plan(sp.index.counts, seed=sp.seed, epoch=epoch, stream=stream,
                               n_streams=self.layout.streams, buffer=sp.shuffle_buffer)
-            good = 0
-            for p, raw in follow_plan(sp.index, plan, offset):
+            good = static = 0
+            lost_before = len(lost)
+            for p, raw in follow_plan(sp.index, plan, offset, sp.download, lost):
+                if raw is not None and sp.too_static(raw):  # like a bad sample: the stream's next one replaces it
+                    filtered += 1
+                    static += 1
+                    continue
                 sample = self._decode(raw)
                 if sample is None:
                     skipped += 1
                     continue
                 good += 1
-                yield _Item(sample, epoch, p + 1, skipped)
+                yield _Item(sample, epoch, p + 1, skipped, filtered, pos.lost_shards + len(lost))
             if good == 0 and offset == 0:
-                raise RuntimeError(f"loader stream {stream}: no readable sample in epoch {epoch} of {sp.index.source}")
+                why = f" ({static} below data.min_motion={sp.min_motion:g})" if static else ""
+                if len(lost) > lost_before:
+                    why += f" (shards unavailable: {', '.join(lost[lost_before:][:5])})"
+                raise RuntimeError(f"loader stream {stream}: no readable sample in epoch {epoch} of "
+                                   f"{sp.index.source}{why}")
             epoch, offset = epoch + 1, 0
 
     def _image_sources(self, sample: Sample, window: deque[_Item], items: Iterator[_Item]) -> list[Sample]:
@@ -448,7 +514,7 @@ class TrainStream(IterableDataset):
                 keys.append(item.sample.key)
                 captions.append(item.sample.caption)
                 image_keys.append([src.key for src in sources])
-                pos[c] = [item.epoch, item.offset, delivered[c], item.skipped]
+                pos[c] = [item.epoch, item.offset, delivered[c], item.skipped, item.filtered, item.lost_shards]
             yield {"rows": rows, "video": to_unit_range(np.stack(frames)) if frames else None, "text_emb": embs,
                    "keys": keys, "captions": captions, "image_keys": image_keys, "pos": pos}
             micro += 1
@@ -544,6 +610,16 @@ class VideoTextLoader:
         return sum(p.skipped for p in self.positions.values())
 
     @property
+    def skipped_shards(self) -> int:
+        """Shards this rank's train streams gave up after every download try (for monitoring)."""
+        return sum(p.lost_shards for p in self.positions.values())
+
+    @property
+    def filtered_samples(self) -> int:
+        """Samples this rank's train streams left out for data.min_motion so far (for monitoring)."""
+        return sum(p.filtered for p in self.positions.values())
+
+    @property
     def epoch(self) -> int:
         """The oldest epoch any of this rank's streams is still in."""
         return min(p.epoch for p in self.positions.values())
@@ -605,8 +681,10 @@ class VideoTextLoader:
         if not sp.train:
             return state
         return {**state, "grad_accum": sp.grad_accum, "global_batch": sp.global_batch, "streams": sp.streams,
+                "min_motion": sp.min_motion,
                 "samples": self.samples, "micro": self.micro,
-                "positions": {str(c): [p.epoch, p.offset, p.delivered, p.skipped] for c, p in self.positions.items()}}
+                "positions": {str(c): [p.epoch, p.offset, p.delivered, p.skipped, p.filtered, p.lost_shards]
+                              for c, p in self.positions.items()}}
 
     def load_state_dict(self, state: dict | list[dict], *, strict: bool = True) -> None:
         """Restore a position saved by state_dict(); call before iterating.
@@ -655,6 +733,10 @@ class VideoTextLoader:
                 log.warning("%s; restarting all streams at the start of epoch %d", msg, oldest)
                 self._restart(oldest, 0.0, samples)
                 return
+        if float(first.get("min_motion", 0.0)) != sp.min_motion:
+            log.warning("loader state: data.min_motion was %g when saved, this run has %g; resuming at the saved "
+                        "positions, but from here on other samples are skipped", float(first.get("min_motion", 0.0)),
+                        sp.min_motion)
         if first.get("dataset") != sp.index.fingerprint():
             log.warning("loader state: the shards in %s changed since the state was saved; resuming at the saved "
                         "epochs/offsets, but the sample order differs", sp.index.source)
@@ -701,8 +783,10 @@ class VideoTextLoader:
 
 
 def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards: str | os.PathLike | None = None,
-                 train: bool = True, grad_accum: int = 1) -> VideoTextLoader:
-    """Loader over `shards` (default: cfg.shards for train, cfg.val_shards or cfg.shards otherwise).
+                 train: bool = True, grad_accum: int = 1, index: str | None = None) -> VideoTextLoader:
+    """Loader over `shards` (default: cfg.shards for train, cfg.val_shards or cfg.shards otherwise),
+    a directory or a shard list (brace patterns, URLs, pipe: commands; data_pipeline.index), whose
+    counts come from `index` (default: cfg.index / cfg.val_index; "" = index.json next to the shards).
 
     `grad_accum` (micro-batches per optimizer step) is part of the global batch size, which places the
     samples of the global sequence on ranks and micro-batches (and sets data.streams when that is 0).
@@ -710,24 +794,36 @@ def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards:
     mismatched index.json, or shard files it lists that are missing.
     """
     if shards is None:
-        shards = cfg.shards if train else (cfg.val_shards or cfg.shards)
+        use_val = not train and bool(cfg.val_shards)
+        shards = cfg.val_shards if use_val else cfg.shards
+        index = (cfg.val_index if use_val else cfg.index) if index is None else index
+    d = cfg.download
+    if d.attempts < 1 or d.timeout_s <= 0 or d.total_timeout_s <= 0 or d.backoff_s < 0 or d.spool_mb < 0:
+        raise ValueError(f"data.download: attempts >= 1, timeout_s > 0, total_timeout_s > 0, backoff_s >= 0 and "
+                         f"spool_mb >= 0 required, got {d}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if cfg.batch_size < 1:
         raise ValueError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
-    index = read_index(os.fspath(shards))
-    check_matches(index, encoder=cfg.encoder, frames=cfg.num_frames, height=cfg.image_size, width=cfg.image_size)
+    if not 0.0 <= cfg.min_motion <= 1.0:
+        raise ValueError(f"data.min_motion is a motion score in [0, 1] (0 = off), got {cfg.min_motion}")
+    shard_index = read_index(os.fspath(shards), index=index or "", download=cfg.download)
+    check_matches(shard_index, encoder=cfg.encoder, frames=cfg.num_frames, height=cfg.image_size, width=cfg.image_size)
+    if cfg.min_motion and "motion" not in shard_index.raw:
+        log.warning("%s: shards made before motion scores existed; data.min_motion=%g skips only samples whose "
+                    "{key}.json has a \"motion\" score (re-shard to score them all)", shard_index.source, cfg.min_motion)
     streams = 0
     if train:
         streams = resolve_streams(cfg.streams, cfg.batch_size * world_size * grad_accum)
-        check_enough_samples(index.counts, streams, index.source)
+        check_enough_samples(shard_index.counts, streams, shard_index.source)
     spec = StreamSpec(
-        index=index, train=train, rank=rank, world_size=world_size, workers=max(1, cfg.num_workers),
+        index=shard_index, train=train, rank=rank, world_size=world_size, workers=max(1, cfg.num_workers),
         batch_size=cfg.batch_size, num_frames=cfg.num_frames, image_frames=cfg.num_image_frames,
         height=cfg.image_size, width=cfg.image_size, max_text_len=cfg.max_text_len,
         shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, grad_accum=grad_accum, streams=streams,
+        min_motion=cfg.min_motion, download=cfg.download,
     )
     return VideoTextLoader(spec, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
                            start_method=cfg.worker_start_method)

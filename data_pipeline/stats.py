@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipeline.motion import MOTION_DEFINITION
 from data_pipeline.writer import shard_name, stats_name, write_json_atomic, write_text_atomic
 
 INDEX_VERSION = 1
@@ -38,6 +39,9 @@ class ShardStats:
     started: float = 0.0  # unix times (throughput over a parallel run; not part of sample content)
     finished: float = 0.0
     encoder: dict = field(default_factory=dict)
+    # clips left out by a filter from sources that still gave samples (filter.min_motion with
+    # clip.clips_per_video > 1); a source that gives none is a failure with the reason instead
+    clips_filtered: Counter = field(default_factory=Counter)
 
     def fail(self, row: int, key: str, reason: str, detail: str = "") -> None:
         self.failures.append({"row": row, "key": key, "reason": reason, "detail": detail[:500]})
@@ -49,7 +53,7 @@ class ShardStats:
             "failed": len(self.failures), "items": self.items, "by_reason": dict(sorted(Counter(f["reason"] for f in self.failures).items())),
             "failures": self.failures, "tar_bytes": self.tar_bytes, "seconds": round(self.seconds, 3), "cpu_seconds": round(self.cpu_seconds, 3),
             "started": round(self.started, 3), "finished": round(self.finished, 3),
-            "encoder": self.encoder,
+            "encoder": self.encoder, "clips_filtered": dict(sorted(self.clips_filtered.items())),
         }
 
 
@@ -123,6 +127,7 @@ class Summary:
     shards: int
     missing_shards: list[int]
     items: int = 0  # rows, counting a row with clip spans once per span; 0 = same as rows
+    clips_filtered: dict[str, int] = field(default_factory=dict)  # clips dropped from sources that gave samples
 
     @property
     def failure_ratio(self) -> float:
@@ -135,6 +140,8 @@ class Summary:
                  f"{self.failed} failed ({self.failure_ratio:.1%})"]
         for reason, n in sorted(self.by_reason.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {reason}: {n}")
+        for reason, n in sorted(self.clips_filtered.items()):
+            lines.append(f"  {n} more clips left out ({reason}) from videos that gave other clips")
         if self.missing_shards:
             lines.append(f"UNFINISHED shards: {self.missing_shards[:20]}{' ...' if len(self.missing_shards) > 20 else ''}"
                          " (rerun the same command to finish them)")
@@ -150,7 +157,7 @@ def merge_index(out_dir: str | Path, num_shards: int, config_hash: str, clip: di
     10,000 shards merge in about a second (bench/bench_manifest.py).
     """
     out_dir = Path(out_dir)
-    entries, reasons = [], Counter()
+    entries, reasons, filtered = [], Counter(), Counter()
     ok = samples = failed = rows = items = 0
     missing, encoder = [], {}
     for n in range(num_shards):
@@ -163,13 +170,15 @@ def merge_index(out_dir: str | Path, num_shards: int, config_hash: str, clip: di
         rows += st["rows"][1] - st["rows"][0]
         items += st.get("items") or st["rows"][1] - st["rows"][0]  # shard JSONs from before `items`
         reasons.update(st["by_reason"])
+        filtered.update(st.get("clips_filtered") or {})
         encoder = encoder or st.get("encoder", {})
     index = {
         "version": INDEX_VERSION, "shards": entries, "total": samples,
         "encoder": {"name": encoder.get("name", ""), "dim": encoder.get("dim", 0)},
         "clip": clip, "format": fmt, "config_hash": config_hash,
-        "videos_ok": ok, "failed": failed, "complete": not missing,
+        "videos_ok": ok, "failed": failed, "by_reason": dict(sorted(reasons.items())),
+        "clips_filtered": dict(sorted(filtered.items())), "motion": MOTION_DEFINITION, "complete": not missing,
     }
     write_json_atomic(out_dir / "index.json", index)
     return Summary(rows=rows, ok=ok, samples=samples, failed=failed, by_reason=dict(reasons),
-                   shards=len(entries), missing_shards=missing, items=items)
+                   shards=len(entries), missing_shards=missing, items=items, clips_filtered=dict(filtered))

@@ -11,9 +11,11 @@ sources give evenly timed clips. Every refusal is a DecodeError with a stable re
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import av
@@ -21,6 +23,7 @@ import av.video.reformatter
 import numpy as np
 
 from data_pipeline.config import ClipConfig
+from data_pipeline.motion import motion_score
 
 _MAX_BAD_PACKETS = 50  # consecutive undecodable packets before we call the file corrupt
 # Where skip_frame=NONREF is safe to use: codecs whose decoders honour it per packet, in containers
@@ -47,6 +50,7 @@ class VideoInfo:
     codec: str
     container: str
     rotation: int = 0  # degrees counter-clockwise applied to display the video
+    sar: float = 1.0  # sample (pixel) aspect ratio: display width = width * sar
     frames_decoded: int = 0  # frames the decoder produced (discarded non-reference frames excluded)
 
 
@@ -58,6 +62,11 @@ class Clip:
     fps: float  # frame rate of the clip as stored
     padded: int = 0  # trailing frames repeated to reach T (too_short: pad)
     times: list[float] = field(default_factory=list)  # source timestamps of the kept frames
+
+    @functools.cached_property
+    def motion(self) -> float:
+        """Motion score of the clip as stored (data_pipeline.motion; 0 = static); computed once."""
+        return motion_score(self.frames, self.padded)
 
 
 def _parse_rotation_tag(metadata: dict) -> int | None:
@@ -124,8 +133,8 @@ def _open(src: str | bytes):
 
 
 def decode_clips(src: str | bytes, cfg: ClipConfig, decode_threads: int = 1, *,
-                 discard_unneeded: bool = True, span: tuple[float, float] | None = None
-                 ) -> tuple[VideoInfo, list[Clip]]:
+                 discard_unneeded: bool = True, span: tuple[float, float] | None = None,
+                 accept: Callable[[VideoInfo], None] | None = None) -> tuple[VideoInfo, list[Clip]]:
     """Decode the clips of one video (path or bytes). Raises DecodeError with a reason.
 
     span=(start, end) seconds: the clips come only from [start, end): the decoder seeks to the
@@ -134,10 +143,14 @@ def decode_clips(src: str | bytes, cfg: ClipConfig, decode_threads: int = 1, *,
 
     discard_unneeded=False decodes every frame; the clips are the same either way (tested), only
     slower: it exists to prove that.
+
+    accept(info) is called with the stream's metadata before any frame is decoded and may raise a
+    DecodeError (data_pipeline.filters: too small, odd aspect, too short), so filtered sources cost
+    an open, not a decode.
     """
     container = _open(src)
     try:
-        return _decode(container, cfg, decode_threads, discard_unneeded, span)
+        return _decode(container, cfg, decode_threads, discard_unneeded, span, accept)
     except av.error.FFmpegError as e:
         raise DecodeError("decode_error", f"{type(e).__name__}: {e}") from None
     finally:
@@ -145,7 +158,8 @@ def decode_clips(src: str | bytes, cfg: ClipConfig, decode_threads: int = 1, *,
 
 
 def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: bool = True,
-            clip_range: tuple[float, float] | None = None) -> tuple[VideoInfo, list[Clip]]:
+            clip_range: tuple[float, float] | None = None, accept: Callable[[VideoInfo], None] | None = None
+            ) -> tuple[VideoInfo, list[Clip]]:
     if not container.streams.video:
         raise DecodeError("no_video_stream", f"streams: {[s.type for s in container.streams]}")
     stream = container.streams.video[0]
@@ -168,8 +182,10 @@ def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: b
         duration = None
     if duration is not None and duration > cfg.max_duration_s:
         raise DecodeError("too_long", f"{duration:.0f}s > clip.max_duration_s={cfg.max_duration_s:g}")
+    sar = float(stream.sample_aspect_ratio) if stream.sample_aspect_ratio else 1.0
+    sar = sar if 0.1 < sar < 10 else 1.0
     info = VideoInfo(width=w, height=h, fps=src_fps, duration_s=duration, codec=cc.name,
-                     container=container.format.name, rotation=tag_rotation or 0)
+                     container=container.format.name, rotation=tag_rotation or 0, sar=sar)
     stream.thread_type = "AUTO"
     stream.thread_count = max(0, int(decode_threads))
 
@@ -186,13 +202,13 @@ def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: b
         one_frame = 1.0 / (src_fps or 25.0)
         if duration is not None and (lo >= duration or hi > duration + max(0.05, one_frame)):
             raise DecodeError("span_out_of_range", f"span [{lo:g}, {hi:g}) s outside the video's {duration:.3f} s")
+    if accept is not None:  # after the span check: a span outside the video says so, not "too short"
+        accept(info)
     avail = (hi - lo) if clip_range is not None else duration
     n = 1
     if avail is not None and cfg.clips_per_video > 1:
         n = max(1, min(cfg.clips_per_video, int(avail // clip_len)))
     starts = [lo] if n == 1 else [lo + i * (avail - clip_len) / (n - 1) for i in range(n)]
-    sar = float(stream.sample_aspect_ratio) if stream.sample_aspect_ratio else 1.0
-    sar = sar if 0.1 < sar < 10 else 1.0
 
     # Every target time of every clip (fps mode): frames no target can pick need not be decoded.
     # Stride mode counts decoded frames, so there every frame is decoded.

@@ -22,6 +22,7 @@ import torch
 from common.mp4 import encode_mp4
 from data_pipeline.config import ShardConfig, config_hash, manifest_cache_dir
 from data_pipeline.fetch import FetchError, fetch
+from data_pipeline.filters import drop_static, source_check
 from data_pipeline.manifest import Manifest, Row, Span
 from data_pipeline.stats import ShardStats, write_stats
 from data_pipeline.video import Clip, DecodeError, VideoInfo, decode_clips
@@ -68,10 +69,19 @@ class ShardProcessor:
             return "frames.npy", npy_bytes(clip.frames)
         return "mp4", encode_mp4(clip.frames, clip.fps, crf=s.crf, preset=s.preset)
 
-    def _video(self, row: Row) -> tuple[VideoInfo, list[Clip]]:
+    def _video(self, row: Row, stats: ShardStats) -> tuple[VideoInfo, list[Clip]]:
         fetched = fetch(row.source, self.cfg.fetch)
-        return decode_clips(fetched.path if fetched.path is not None else fetched.data, self.cfg.clip,
-                            self.cfg.decode_threads)
+        info, clips = decode_clips(fetched.path if fetched.path is not None else fetched.data, self.cfg.clip,
+                                   self.cfg.decode_threads, accept=source_check(self.cfg.filter))
+        return info, self._moving(clips, stats)
+
+    def _moving(self, clips: list[Clip], stats: ShardStats) -> list[Clip]:
+        """The clips that pass filter.min_motion; static clips of a source with moving ones are
+        counted in the shard stats (`clips_filtered`); a source with none raises static_clip."""
+        kept, dropped = drop_static(clips, self.cfg.filter)
+        if dropped:
+            stats.clips_filtered["static_clip"] += len(dropped)
+        return kept
 
     def _samples(self, row: Row, key: str, info: VideoInfo, clips: list[Clip], span: Span | None = None
                  ) -> list[tuple[str, dict[str, bytes]]]:
@@ -93,8 +103,10 @@ class ShardProcessor:
             reason, detail = sp.reject, sp.detail
             if reason is None:
                 try:
-                    info, clips = decode_clips(src, self.cfg.clip, self.cfg.decode_threads, span=(sp.start_s, sp.end_s))
-                    units.append((sp.caption, self._samples(row, key, info, clips, sp)))
+                    span = (sp.start_s, sp.end_s)
+                    info, clips = decode_clips(src, self.cfg.clip, self.cfg.decode_threads, span=span,
+                                               accept=source_check(self.cfg.filter, span))
+                    units.append((sp.caption, self._samples(row, key, info, self._moving(clips, stats), sp)))
                     continue
                 except DecodeError as e:
                     reason, detail = e.reason, e.detail
@@ -112,6 +124,7 @@ class ShardProcessor:
             "width": int(clip.frames.shape[2]), "orig_width": info.width, "orig_height": info.height,
             "orig_fps": info.fps, "duration_s": info.duration_s, "codec": info.codec,
             "container": info.container, "rotation": info.rotation, "encoder": self.encoder.name,
+            "motion": round(clip.motion, 6),  # data_pipeline.motion; the loader's data.min_motion reads it
         }
         if span is not None:
             meta.update(span=span.index, span_start_s=span.start_s, span_end_s=span.end_s)
@@ -187,7 +200,7 @@ class ShardProcessor:
             return False
         try:
             if row.spans is None:
-                info, clips = self._video(row)
+                info, clips = self._video(row, stats)
                 units = [(row.caption, self._samples(row, row.key, info, clips))]
             else:
                 units = self._span_units(row, stats)

@@ -113,6 +113,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     hits: dict[str, int] = {}
     answered: dict[str, int] = {}  # requests whose handler returned (a hang counts once released)
     release: threading.Event = threading.Event()  # ends the /hang requests (set on server exit)
+    # path → answers before the file is served: an HTTP status to send, 0 = accept and never answer,
+    # -1 = trickle (headers, then a byte every 0.1 s: every read answers, the download never ends)
+    fail_first: dict[str, list[int]] = {}
 
     def log_message(self, *args):  # keep test output quiet
         pass
@@ -120,7 +123,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         path = self.path.split("?")[0]
         self.hits[path] = self.hits.get(path, 0) + 1
-        if path == "/500":
+        failures = self.fail_first.get(path, [])
+        if self.hits[path] <= len(failures):
+            code = failures[self.hits[path] - 1]
+            if code > 0:
+                self.send_error(code, "planned failure")
+            elif code == 0:
+                self.release.wait(10)  # a server that accepted the request and hangs
+            else:
+                self._trickle(1 << 20)
+        elif path == "/500":
             self.send_error(500, "boom")
         elif path == "/flaky":  # 503 twice, then the file: retries with backoff must get it
             if self.hits[path] <= 2:
@@ -158,6 +170,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404, "nope")
         self.answered[path] = self.answered.get(path, 0) + 1
 
+    def _trickle(self, length: int):
+        self.send_response(200)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        try:
+            for _ in range(100):  # 10 s at most
+                if self.release.wait(0.1):
+                    return
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
     def _send(self, data: bytes):
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
@@ -166,11 +191,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class VideoServer:
-    """http.server on 127.0.0.1 in a thread; `files` maps URL paths to bytes."""
+    """http.server on 127.0.0.1 in a thread; `files` maps URL paths to bytes; `fail_first` maps a
+    path to the answers it gets before its file is served (e.g. [500, 500]; 0 = hang)."""
 
-    def __init__(self, files: dict[str, bytes]):
+    def __init__(self, files: dict[str, bytes], fail_first: dict[str, list[int]] | None = None):
         handler = type("H", (_Handler,), {"files": dict(files), "hits": {}, "answered": {},
-                                          "release": threading.Event()})
+                                          "release": threading.Event(), "fail_first": dict(fail_first or {})})
         self.handler = handler
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True

@@ -659,3 +659,57 @@ def test_changed_global_batch_size_warns_naming_both_and_keeps_the_sample_positi
         smaller, _ = _global_steps(tmp_path / "s", 2, world=1, batch_size=2, states=states, **ELASTIC)
     assert "global batch size 4 → 2 (data.streams 8 → 2)" in caplog.text and "approximate" in caplog.text
     assert all(len(step) == 2 for step in smaller)
+
+
+# ------------------------------------------------------------------------------------ data.min_motion
+
+
+def _motion_shards(path: Path, counts=(7, 5, 9, 3)) -> tuple[set[str], list[str]]:
+    """Shards whose {key}.json carries a motion score: every third clip static (0.0), the rest 0.05.
+    Static s00003 also has an unreadable video: skipping by motion must never decode it."""
+    n = sum(counts)
+    static = {f"s{i:05d}" for i in range(n) if i % 3 == 0}
+    extra = {f"s{i:05d}": {"json": json.dumps({"motion": 0.0 if i % 3 == 0 else 0.05, "encoder": ENCODER})}
+             for i in range(n)}
+    extra["s00003"]["frames.npy"] = b"not a video"
+    keys = write_shards(path, list(counts), extra_samples=extra)
+    return static, keys
+
+
+def test_min_motion_skips_static_clips_by_their_json_and_counts_them(tmp_path, caplog):
+    static, keys = _motion_shards(tmp_path / "s")
+    moving = [k for k in keys if k not in static]
+    # one stream (batch 1, one rank), no shuffle buffer: one epoch of moving clips is 16 batches
+    with caplog.at_level(logging.ERROR):
+        loader = build_loader(cfg(tmp_path / "s", batch_size=1, shuffle_buffer=0, min_motion=0.01))
+        got = [k for b in take(loader, len(moving)) for k in b["keys"]]
+    assert sorted(got) == sorted(moving)  # every moving clip once, no static one
+    assert caplog.text == ""  # the unreadable static clip was never decoded
+    plan = train_plan([7, 5, 9, 3], seed=3, epoch=0, stream=0, n_streams=1, buffer=0)
+    starts = np.cumsum([0, 7, 5, 9])
+    in_order = [keys[starts[s.shard] + j] for s in plan.segments for j in range(s.start, s.stop)]
+    passed = in_order[: in_order.index(got[-1])]  # static clips read past before the epoch's last moving one
+    assert loader.filtered_samples == sum(k in static for k in passed) > 0
+    assert loader.skipped_samples == 0  # filtered clips are not bad samples
+    assert loader.state_dict()["positions"]["0"][4] == loader.filtered_samples
+    # off (the default): the static clips come back, and the unreadable one is a logged bad sample
+    with caplog.at_level(logging.ERROR):
+        off = build_loader(cfg(tmp_path / "s", batch_size=1, shuffle_buffer=0))
+        got_off = [k for b in take(off, len(keys) - 1) for k in b["keys"]]
+    assert set(got_off) == set(keys) - {"s00003"} and off.skipped_samples == 1 and "s00003" in caplog.text
+
+
+def test_min_motion_keeps_elastic_order_and_exact_resume(tmp_path):
+    """The skip depends only on the sample, so every layout skips the same clips: 1 rank x 4, 2 ranks
+    x 2 with 2 workers each, and a resume on 1 rank from 2 ranks' states, give the same global steps."""
+    static, _ = _motion_shards(tmp_path / "s")
+    kw = dict(ELASTIC, min_motion=0.01)
+    ref, _ = _global_steps(tmp_path / "s", 8, world=1, batch_size=4, **kw)
+    assert not {r[0] for step in ref for r in step} & static
+    two, loaders = _global_steps(tmp_path / "s", 3, world=2, batch_size=2, workers=2, **kw)
+    assert two == ref[:3]
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in loaders]
+    assert sum(loader.filtered_samples for loader in loaders) > 0
+    resumed, after = _global_steps(tmp_path / "s", 5, world=1, batch_size=4, states=states, **kw)
+    assert resumed == ref[3:]
+    assert after[0].filtered_samples >= sum(loader.filtered_samples for loader in loaders)

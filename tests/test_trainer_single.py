@@ -51,6 +51,8 @@ def test_single_run_writes_tensorboard_samples_and_checkpoints(tmp_path, trainer
         assert tag in scalars, (tag, sorted(scalars))
         assert all_finite(e.value for e in acc.Scalars(tag)), tag
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    for tag in ("data/skipped_samples", "data/filtered_samples", "data/skipped_shards"):  # clean local shards
+        assert [e.value for e in acc.Scalars(tag)] == [0.0] * 4, tag
     assert any(t.startswith("train/loss_band/lsnr_") for t in scalars)
     val_bands = [t for t in scalars if t.startswith("val/loss_band/")]
     assert len(val_bands) == 8  # fixed bands of width 5 over [-20, 20]

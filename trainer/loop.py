@@ -162,7 +162,10 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.rollbacks = 0
-        self.text_encoder_name = cfg.run.text_encoder or shard_encoder_name(cfg.data.shards) or ""
+        # the loader's index also covers remote shards (URLs, brace patterns) that Path() cannot read
+        loader_index = getattr(self.loader, "index", None)
+        self.text_encoder_name = (cfg.run.text_encoder or getattr(loader_index, "encoder_name", "")
+                                  or shard_encoder_name(cfg.data.shards) or "")
         # per-rank streams for t, noise and caption dropout (differ across ranks, restored on resume)
         seed_everything(cfg.run.seed + RANK_SEED_STRIDE * (self.rank + 1))
 
@@ -543,9 +546,12 @@ class Trainer:
                    # every extra image frame is an independent training sample (joint training)
                    "perf/samples_per_s": videos_per_s * (1 + self.cfg.data.num_image_frames),
                    "perf/frames_per_s": videos_per_s * frames_per_video}
-        skipped_samples = getattr(self.loader, "skipped_samples", None)
-        if skipped_samples is not None:
-            scalars["data/skipped_samples"] = s.all_reduce_mean(float(skipped_samples)) * self.world
+        # loader counters, summed over ranks: bad samples, samples under data.min_motion, shards
+        # that could not be downloaded; every rank's loader has the same attributes (same class)
+        for name in ("skipped_samples", "filtered_samples", "skipped_shards"):
+            count = getattr(self.loader, name, None)
+            if count is not None:
+                scalars[f"data/{name}"] = s.all_reduce_mean(float(count)) * self.world
         scalars.update({f"train/loss_band/{k}": v for k, v in bands.items()})
         tflops = mfu = None
         if self.step_flops is not None and step_time > 0:
