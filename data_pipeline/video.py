@@ -17,6 +17,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import av
 import av.video.reformatter
@@ -157,9 +158,19 @@ def decode_clips(src: str | bytes, cfg: ClipConfig, decode_threads: int = 1, *,
         container.close()
 
 
-def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: bool = True,
-            clip_range: tuple[float, float] | None = None, accept: Callable[[VideoInfo], None] | None = None
-            ) -> tuple[VideoInfo, list[Clip]]:
+@dataclass
+class _Stream:
+    """What `_decode` needs to know about the video stream before decoding a frame."""
+
+    stream: Any
+    info: VideoInfo
+    t0: float  # the stream's start time (s); frame times are measured from it
+    tag_rotation: int | None  # from the container's metadata; None = read it from the first frame
+
+
+def _probe_stream(container, cfg: ClipConfig, decode_threads: int) -> _Stream:
+    """The first video stream's size, rate, duration and orientation; the container-level refusals
+    (no video, no size, too large, too long) happen here, before any decoding."""
     if not container.streams.video:
         raise DecodeError("no_video_stream", f"streams: {[s.type for s in container.streams]}")
     stream = container.streams.video[0]
@@ -188,34 +199,65 @@ def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: b
                      container=container.format.name, rotation=tag_rotation or 0, sar=sar)
     stream.thread_type = "AUTO"
     stream.thread_count = max(0, int(decode_threads))
+    return _Stream(stream, info, t0, tag_rotation)
 
+
+def _clip_timing(cfg: ClipConfig, src_fps: float | None) -> tuple[float, float]:
+    """(frame rate of the stored clip, seconds one clip covers): by stride over the source's frames,
+    or at a fixed output rate."""
     if cfg.stride is not None:
-        out_fps = (src_fps or 25.0) / cfg.stride
-        span = cfg.frames * cfg.stride / (src_fps or 25.0)
-    else:
-        out_fps = float(cfg.fps)
-        span = cfg.frames / out_fps
-    clip_len = span  # seconds one clip covers
-    lo, hi = 0.0, math.inf
-    if clip_range is not None:
-        lo, hi = clip_range
-        one_frame = 1.0 / (src_fps or 25.0)
-        if duration is not None and (lo >= duration or hi > duration + max(0.05, one_frame)):
-            raise DecodeError("span_out_of_range", f"span [{lo:g}, {hi:g}) s outside the video's {duration:.3f} s")
+        return (src_fps or 25.0) / cfg.stride, cfg.frames * cfg.stride / (src_fps or 25.0)
+    return float(cfg.fps), cfg.frames / float(cfg.fps)
+
+
+def _span_bounds(clip_range: tuple[float, float] | None, info: VideoInfo) -> tuple[float, float]:
+    """[lo, hi) seconds the clips may use: the row's span (checked against the video's duration), or
+    the whole video."""
+    if clip_range is None:
+        return 0.0, math.inf
+    lo, hi = clip_range
+    one_frame = 1.0 / (info.fps or 25.0)
+    if info.duration_s is not None and (lo >= info.duration_s or hi > info.duration_s + max(0.05, one_frame)):
+        raise DecodeError("span_out_of_range", f"span [{lo:g}, {hi:g}) s outside the video's {info.duration_s:.3f} s")
+    return lo, hi
+
+
+def _clip_starts(cfg: ClipConfig, lo: float, available_s: float | None, clip_len: float) -> list[float]:
+    """Start times of the clips: one at `lo`, or `clips_per_video` spread evenly over what is available."""
+    n = 1
+    if available_s is not None and cfg.clips_per_video > 1:
+        n = max(1, min(cfg.clips_per_video, int(available_s // clip_len)))
+    return [lo] if n == 1 else [lo + i * (available_s - clip_len) / (n - 1) for i in range(n)]
+
+
+def _converted(picked: list, converter: _FrameConverter) -> list[np.ndarray]:
+    """The picked frames resized; a source frame picked twice (low source fps) is converted once."""
+    cache: dict[int, np.ndarray] = {}
+    frames = []
+    for _t, frame in picked:
+        if id(frame) not in cache:
+            cache[id(frame)] = converter(frame)
+        frames.append(cache[id(frame)])
+    return frames
+
+
+def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: bool = True,
+            clip_range: tuple[float, float] | None = None, accept: Callable[[VideoInfo], None] | None = None
+            ) -> tuple[VideoInfo, list[Clip]]:
+    probed = _probe_stream(container, cfg, decode_threads)
+    info, stream = probed.info, probed.stream
+    out_fps, clip_len = _clip_timing(cfg, info.fps)
+    lo, hi = _span_bounds(clip_range, info)
     if accept is not None:  # after the span check: a span outside the video says so, not "too short"
         accept(info)
-    avail = (hi - lo) if clip_range is not None else duration
-    n = 1
-    if avail is not None and cfg.clips_per_video > 1:
-        n = max(1, min(cfg.clips_per_video, int(avail // clip_len)))
-    starts = [lo] if n == 1 else [lo + i * (avail - clip_len) / (n - 1) for i in range(n)]
+    starts = _clip_starts(cfg, lo, (hi - lo) if clip_range is not None else info.duration_s, clip_len)
 
     # Every target time of every clip (fps mode): frames no target can pick need not be decoded.
     # Stride mode counts decoded frames, so there every frame is decoded.
-    discard = (discard_unneeded and cfg.stride is None and cc.name in _DISCARD_CODECS
-               and container.format.name in _DISCARD_CONTAINERS)
+    discard = (discard_unneeded and cfg.stride is None and info.codec in _DISCARD_CODECS
+               and info.container in _DISCARD_CONTAINERS)
     targets = [t for start in starts for t in _targets(start, cfg, hi)] if discard else None
-    reader = _FrameReader(container, stream, t0, src_fps, targets)
+    reader = _FrameReader(container, stream, probed.t0, info.fps, targets)
     converter: _FrameConverter | None = None
     clips: list[Clip] = []
     for ci, start in enumerate(starts):
@@ -226,27 +268,22 @@ def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: b
                   else _pick_by_time(reader, start, cfg, hi))
         if not picked:
             if ci == 0:
-                if clip_range is not None and duration is None:
+                if clip_range is not None and info.duration_s is None:
                     raise DecodeError("span_out_of_range", f"no frame in span [{lo:g}, {hi:g}) s")
                 raise reader.failure("no_frames", "no decodable frame at the clip start")
             break
         if converter is None:
-            rotation = _frame_rotation(picked[0][1]) if tag_rotation is None else tag_rotation
+            rotation = _frame_rotation(picked[0][1]) if probed.tag_rotation is None else probed.tag_rotation
             info.rotation = rotation
-            converter = _FrameConverter(cfg.height, cfg.width, rotation, sar)
-        cache: dict[int, np.ndarray] = {}
-        frames = []
-        for _t, frame in picked:
-            if id(frame) not in cache:
-                cache[id(frame)] = converter(frame)
-            frames.append(cache[id(frame)])
+            converter = _FrameConverter(cfg.height, cfg.width, rotation, info.sar)
+        frames = _converted(picked, converter)
         padded = cfg.frames - len(frames)
         if padded:
             if ci > 0:
                 break
             if cfg.too_short == "skip" or not frames:
                 where = f"span [{lo:g}, {hi:g}) s" if clip_range is not None else \
-                    f"duration {duration if duration is None else round(duration, 3)}s"
+                    f"duration {info.duration_s if info.duration_s is None else round(info.duration_s, 3)}s"
                 raise reader.failure("too_short", f"{len(frames)} of {cfg.frames} frames ({where})")
             frames += [frames[-1]] * padded
         clips.append(Clip(frames=np.stack(frames), index=ci, start_s=round(start, 6), fps=out_fps,
