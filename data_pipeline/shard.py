@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from common.config import ConfigError, load_config, to_dict
+from common.logs import setup_logging
 from data_pipeline.config import ShardConfig, config_hash, manifest_cache_dir
 from data_pipeline.lifetime import die_with_parent
 from data_pipeline.manifest import Manifest, ManifestError
@@ -44,7 +45,7 @@ def _init_worker(cfg_dict: dict, queue, log_level: int) -> None:
     """Runs once per spawned worker: manifest + text encoder are loaded here, not per shard."""
     global _PROCESSOR, _QUEUE
     die_with_parent()
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(log_level)
     from common.config import from_dict
     from data_pipeline.worker import ShardProcessor
 
@@ -65,7 +66,7 @@ def _run_in_worker(shard: int) -> dict:
 def run_shard_group(cfg_dict: dict, shards: list[int], submitted_at: float = 0.0) -> list[int]:
     """One SLURM array task: its shards, skipping those a requeued earlier attempt already finished
     (finished after `submitted_at`; older finished shards were handed to us to be redone)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)
     from common.config import from_dict
     from data_pipeline.worker import ShardProcessor
 
@@ -262,8 +263,7 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO if args.verbose else logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         cfg = config_from_args(args).validate()

@@ -18,6 +18,7 @@ stays a cancel.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import signal
@@ -31,14 +32,14 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from common.exit_codes import EXIT_REQUEUE  # the trainer's "saved, requeue me" (dependency-free)
+from common.logs import setup_logging
 from slurm import env as slurm_env
 from slurm.executor import SIGNAL_DELAY_S, SRUN_ARGS, make_executor, slurm_available
 
 TRAIN_MODULE_ENV = "VDM_TRAIN_MODULE"  # tests and debugging swap the trainer for a probe
 
 
-def _log(msg: str) -> None:
-    print(f"[slurm.launch {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logging.getLogger("slurm.launch")
 
 
 def _ignore_usr2() -> None:  # runs in the child between fork and exec
@@ -81,14 +82,14 @@ class TrainTask(Checkpointable):
 
         def on_usr(signum: int, frame: Any) -> None:
             self._stop = signal.Signals(signum).name  # a requeue request wins over an earlier TERM
-            _log(f"received {signal.Signals(signum).name}: asking the trainer to save (SIGUSR1)")
+            log.info(f"received {signal.Signals(signum).name}: asking the trainer to save (SIGUSR1)")
             self._forward(signal.SIGUSR1)
             if signum == signal.SIGUSR2 and callable(submitit_usr2):
                 submitit_usr2(signum, frame)  # rank 0: checkpoint() + requeue + exit; others: returns
 
         def on_term(signum: int, frame: Any) -> None:
             self._stop = self._stop or "SIGTERM"
-            _log("received SIGTERM: the trainer saves; the job is not requeued (cancel or preemption)")
+            log.info("received SIGTERM: the trainer saves; the job is not requeued (cancel or preemption)")
             self._forward(signal.SIGTERM)
 
         signal.signal(signal.SIGUSR1, on_usr)
@@ -108,16 +109,17 @@ class TrainTask(Checkpointable):
         env = dict(os.environ)
         dist = slurm_env.dist_env(env)
         env.update(dist)
+        setup_logging(rank=int(dist["RANK"]), stream=sys.stdout)  # submitit keeps each task's stdout
         env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         env["PYTHONUNBUFFERED"] = "1"
-        _log(f"{slurm_env.describe(dist)} restart {env.get('SLURM_RESTART_COUNT', '0')}: "
-             + shlex.join(self.command()))
+        log.info(f"{slurm_env.describe(dist)} restart {env.get('SLURM_RESTART_COUNT', '0')}: "
+                 + shlex.join(self.command()))
         self._install_handlers()
         t0 = time.time()
         self._child = subprocess.Popen(self.command(), cwd=self.root, env=env, preexec_fn=_ignore_usr2)
         rc = self._wait_child()
         rank = int(dist["RANK"])
-        _log(f"rank {rank}: trainer exited with code {rc} after {time.time() - t0:.1f} s")
+        log.info(f"rank {rank}: trainer exited with code {rc} after {time.time() - t0:.1f} s")
         if rc == -signal.SIGUSR1:
             # USR1 arrived while the trainer was starting, before its handler existed: nothing new
             # was saved, but the last checkpoint is intact, so requeue and resume from it.
@@ -138,7 +140,7 @@ class TrainTask(Checkpointable):
         """The trainer saved on a signal: rank 0 requeues the job; every task then waits to be stopped."""
         job_id = os.environ.get("SLURM_JOB_ID")
         if rank == 0 and job_id:
-            _log(f"checkpoint saved ({self._stop or 'trainer request'}); requeueing job {job_id}")
+            log.info(f"checkpoint saved ({self._stop or 'trainer request'}); requeueing job {job_id}")
             subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
         time.sleep(120)  # SLURM stops this task as part of the requeue
         raise RuntimeError(f"rank {rank}: the trainer saved and asked for a requeue, but job {job_id} "
@@ -151,7 +153,7 @@ class TrainTask(Checkpointable):
         resubmitted callable is a fresh copy of this one with the same arguments.
         """
         rc = self._wait_child(timeout_s=max(SIGNAL_DELAY_S - 15, 10))
-        _log(f"checkpoint(): trainer exited with code {rc} "
+        log.info(f"checkpoint(): trainer exited with code {rc} "
              f"({'saved' if rc == EXIT_REQUEUE else 'still running' if rc is None else 'not a save'})")
         if rc is None:
             self._forward(signal.SIGTERM)

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import signal
 import time
@@ -58,6 +59,7 @@ from trainer.perf import BatchGeometry, StepFlops, peak_tflops
 from trainer.step_control import Interval, NonFiniteGuard, SaveSchedule, StepResult
 from trainer.strategies.base import build_strategy
 
+log = logging.getLogger(__name__)
 EXIT_OK = 0
 # seed salts: offsets of run.seed for streams that must not coincide with the data order's or each other's
 RANK_SEED_STRIDE = 1_000_003  # each rank's torch/numpy/random seed: run.seed + stride * (rank + 1)
@@ -66,8 +68,8 @@ MAX_ROLLBACKS_PER_CHECKPOINT = 3
 
 
 def _usr1_after_finish(signum, frame) -> None:
-    print(f"[signal] received {signal.Signals(signum).name} after training finished; the final checkpoint is "
-          "written, nothing to save or requeue", flush=True)
+    log.warning("received %s after training finished; the final checkpoint is written, nothing to save "
+                "or requeue", signal.Signals(signum).name)
 
 
 def seed_everything(seed: int) -> None:
@@ -317,8 +319,7 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_requested = True
         self._stop_signal = signal.Signals(signum).name
-        print(f"[rank {self.rank}] received {signal.Signals(signum).name}: will checkpoint after this step "
-              f"and exit {EXIT_REQUEUE}", flush=True)
+        log.warning("received %s: will checkpoint after this step and exit %d", self._stop_signal, EXIT_REQUEUE)
 
     @contextlib.contextmanager
     def _signal_handlers(self):

@@ -16,6 +16,7 @@ import signal
 import sys
 
 from common.config import ConfigError, load_config
+from common.logs import rank_from_env, setup_logging
 from trainer.config import TrainConfig
 from trainer.loop import run_training
 
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging(rank=rank_from_env() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
