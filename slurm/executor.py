@@ -23,6 +23,31 @@ MAX_NUM_TIMEOUT = 20
 SRUN_ARGS = ["--wait=120"]
 
 
+def parse_nodes(nodes: int | str) -> tuple[int, int]:
+    """"4" -> (4, 4); "1-2" -> (1, 2): sbatch's --nodes=MIN-MAX, an allocation of any size in the range.
+
+    Why ranges: on a busy or failing cluster a job that can start on fewer nodes starts sooner, and a
+    requeued job is not stuck waiting for the size it had; the trainer resumes on any world size
+    (docs/trainer.md, elastic resume)."""
+    text = str(nodes).strip()
+    low, sep, high = text.partition("-")
+    try:
+        lo, hi = int(low), int(high) if sep else int(low)
+    except ValueError:
+        raise ValueError(f"nodes={nodes!r}: expected N or MIN-MAX (e.g. 4 or 1-2)") from None
+    if lo < 1 or hi < lo:
+        raise ValueError(f"nodes={nodes!r}: need 1 <= MIN <= MAX")
+    return lo, hi
+
+
+def node_params(nodes: int | str) -> tuple[int, dict[str, str]]:
+    """(the node count submitit counts tasks with, extra sbatch options). submitit multiplies its
+    `nodes` parameter by the tasks per node to know which task results to collect, so it gets MIN
+    (the tasks every allocation has; rank 0 among them) while sbatch gets the range itself."""
+    lo, hi = parse_nodes(nodes)
+    return lo, ({} if lo == hi else {"nodes": f"{lo}-{hi}"})
+
+
 def slurm_available() -> bool:
     """True when SLURM's client tools are on PATH (submitit's own test for choosing its SLURM executor)."""
     return shutil.which("sbatch") is not None and shutil.which("srun") is not None
@@ -50,7 +75,7 @@ def _extra_params(extra_sbatch: dict[str, Any] | list[str] | None) -> dict[str, 
 def make_executor(
     folder: str | Path,
     *,
-    nodes: int = 1,
+    nodes: int | str = 1,
     tasks_per_node: int = 1,
     gpus_per_node: int = 0,
     cpus_per_task: int | None = None,
@@ -73,7 +98,8 @@ def make_executor(
             "SLURM is not available on this machine (no sbatch/srun on PATH); "
             "start the local test cluster with `slurm/local_cluster.sh up` or run without --slurm"
         )
-    for name, value, low in (("nodes", nodes, 1), ("tasks_per_node", tasks_per_node, 1),
+    min_nodes, node_range = node_params(nodes)
+    for name, value, low in (("tasks_per_node", tasks_per_node, 1),
                              ("gpus_per_node", gpus_per_node, 0), ("time_min", time_min, 1)):
         if int(value) < low:
             raise ValueError(f"make_executor: {name}={value} must be >= {low}")
@@ -81,7 +107,7 @@ def make_executor(
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=MAX_NUM_TIMEOUT)
     params: dict[str, Any] = dict(
         name=job_name,
-        nodes=int(nodes),
+        nodes=min_nodes,
         tasks_per_node=int(tasks_per_node),
         timeout_min=int(time_min),
     )
@@ -95,7 +121,7 @@ def make_executor(
             params["slurm_partition"] = partition
         if array_parallelism:
             params["slurm_array_parallelism"] = int(array_parallelism)
-        params["slurm_additional_parameters"] = _extra_params(extra_sbatch)
+        params["slurm_additional_parameters"] = {**_extra_params(extra_sbatch), **node_range}
         params["slurm_srun_args"] = list(SRUN_ARGS)
         if setup:
             params["slurm_setup"] = list(setup)

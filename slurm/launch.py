@@ -34,7 +34,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 from common.exit_codes import EXIT_REQUEUE  # the trainer's "saved, requeue me" (dependency-free)
 from common.logs import setup_logging
 from slurm import env as slurm_env
-from slurm.executor import SIGNAL_DELAY_S, SRUN_ARGS, make_executor, slurm_available
+from slurm.executor import SIGNAL_DELAY_S, SRUN_ARGS, make_executor, node_params, slurm_available
 
 TRAIN_MODULE_ENV = "VDM_TRAIN_MODULE"  # tests and debugging swap the trainer for a probe
 
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="training config (configs/<name>.yaml)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable (as for trainer.train)")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", default="1", help="N, or MIN-MAX to start on any allocation in the range "
+                   "(a requeued job then resumes on whatever it gets)")
     p.add_argument("--gpus-per-node", type=int, default=0)
     p.add_argument("--tasks-per-node", type=int, default=None,
                    help="processes per node (default: one per GPU, or 1 without GPUs)")
@@ -205,7 +206,8 @@ def render_sbatch(folder: str, **kw: Any) -> str:
 
     from slurm.executor import _extra_params
 
-    params: dict[str, Any] = dict(job_name=kw["job_name"], nodes=kw["nodes"], ntasks_per_node=kw["tasks_per_node"],
+    min_nodes, node_range = node_params(kw["nodes"])
+    params: dict[str, Any] = dict(job_name=kw["job_name"], nodes=min_nodes, ntasks_per_node=kw["tasks_per_node"],
                                   time=kw["time_min"], signal_delay_s=SIGNAL_DELAY_S)
     if kw.get("gpus_per_node"):
         params["gpus_per_node"] = kw["gpus_per_node"]
@@ -213,7 +215,7 @@ def render_sbatch(folder: str, **kw: Any) -> str:
         params["cpus_per_task"] = kw["cpus_per_task"]
     if kw.get("partition"):
         params["partition"] = kw["partition"]
-    params["additional_parameters"] = _extra_params(kw.get("extra_sbatch"))
+    params["additional_parameters"] = {**_extra_params(kw.get("extra_sbatch")), **node_range}
     params["srun_args"] = list(SRUN_ARGS)
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
     return _make_sbatch_string(command=command, folder=folder, **params)
@@ -234,6 +236,11 @@ def wait_for(job: submitit.Job, timeout_s: float | None) -> tuple[bool, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        node_params(args.nodes)
+    except ValueError as e:
+        print(f"slurm.launch: --nodes: {e}", file=sys.stderr)
+        return 2
     root = Path.cwd()
     try:
         run_dir = resolve_run_dir(args.config, args.sets, root)

@@ -99,7 +99,15 @@ echo "[train.sh] rank $RANK/$WORLD_SIZE local_rank $LOCAL_RANK node ${SLURMD_NOD
 exec "$@"'
 
 if [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
-  LAUNCH=(srun --kill-on-bad-exit=0 --wait="${VDM_SRUN_WAIT:-120}" bash -c "$TASK_CMD" task)
+  # Tasks from the allocation this attempt got (nodes x tasks per node), not SLURM_NTASKS: that keeps
+  # its submission-time value, so a job requeued on fewer nodes (--nodes=MIN-MAX, or a node lost)
+  # would otherwise start the old number of tasks on the nodes it has. The trainer resumes on any count.
+  PER_NODE=${SLURM_NTASKS_PER_NODE:-}; PER_NODE=${PER_NODE%%(*}; PER_NODE=${PER_NODE%%,*}
+  SIZE=()
+  if [ -n "${SLURM_JOB_NUM_NODES:-}" ] && [ -n "$PER_NODE" ]; then
+    SIZE=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks=$(( SLURM_JOB_NUM_NODES * PER_NODE )))
+  fi
+  LAUNCH=(srun "${SIZE[@]}" --kill-on-bad-exit=0 --wait="${VDM_SRUN_WAIT:-120}" bash -c "$TASK_CMD" task)
 else   # outside SLURM (debugging the script itself): one local task
   LAUNCH=(bash -c "$TASK_CMD" task)
 fi

@@ -42,6 +42,19 @@ def require_cluster(min_nodes: int = 1) -> None:
         pytest.skip(f"the SLURM cluster is not usable: {reason}")
 
 
+def wait_nodes_idle(names: list[str], timeout_s: float) -> None:
+    """Poll sinfo until every named node is idle (not completing a job, not allocated)."""
+    deadline = time.monotonic() + timeout_s
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=30).stdout
+        states = dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
+        if all(states.get(n) == "idle" for n in names):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"nodes {names} not idle after {timeout_s:.0f} s: {states}")
+
+
 def job_state(job_id: str) -> str:
     """State of the job's allocation from sacct (accounting), else squeue, else ''."""
     out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from shard_helpers import decode_mp4_bytes, tar_members
-from slurm_helpers import REPO, require_cluster, sbatch, wait_state
+from slurm_helpers import REPO, require_cluster, sbatch, wait_nodes_idle, wait_state
 
 from slurm import env as slurm_env
 
@@ -193,3 +193,63 @@ def test_submitit_timeout_signal_checkpoints_through_the_trainer_and_resumes(tmp
     assert saved == HOLD + 1 and f"at step {saved}" in log.split("[resume]", 1)[1].splitlines()[0]
     assert logged_steps(run) == list(range(steps))
     assert [s for s, _ in tb_scalars(run, "train/loss")] == list(range(1, steps + 1))
+
+
+def _reference_digests(tmp_path: Path, shards: Path, steps: int) -> list[str]:
+    """batch_digest per step of an uninterrupted 1-process run of the same config (no SLURM)."""
+    ref = tmp_path / "reference"
+    sets = tiny_sets(shards, ref, steps=steps, ckpt_every=100) + ["--set", "parallel.strategy=single",
+                                                                   "--set", "data.streams=2"]
+    r = subprocess.run([sys.executable, "-m", "trainer.train", "--config", "configs/demo.yaml", *sets], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return [json.loads(line)["batch_digest"] for line in (ref / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_job_preempted_on_two_nodes_is_requeued_on_one_and_continues_the_sample_sequence(tmp_path, tiny_shards):
+    """A 2-node job loses a node (n2 drained), is preempted (USR1 saves at HOLD + 1) and requeued;
+    its size is widened to the range 1-2 nodes (1 task) while it waits, so it restarts on n1 alone,
+    where train.sh starts as many tasks as the allocation has (SLURM_NTASKS keeps the old 2). The
+    trainer resumes on 1 rank with no flag, and (data.streams=2, a multiple of both global batch
+    sizes) each step after the resume trains on the very samples an uninterrupted 1-rank run trains on
+    after the same number of samples. (This SLURM packs a range onto the fewest free nodes, so the
+    test sets the first allocation's size explicitly instead of submitting the range.)"""
+    run, steps = tmp_path / "run", HOLD + 4
+    wait_nodes_idle(["n1", "n2"], 120)
+    job = sbatch([*TWO_NODES, f"--output={tmp_path}/%x-%j.out", "slurm/train.sh", "configs/demo.yaml",
+                  *tiny_sets(tiny_shards, run, steps=steps, ckpt_every=100), "--set", "data.streams=2"],
+                 env={**os.environ, "VDM_TEST_HOLD_AT_STEP": str(HOLD)})
+    out = tmp_path / f"vdm-train-{job}.out"
+    try:
+        deadline = time.monotonic() + 240
+        while HOLD_LINE not in _text(out):
+            assert time.monotonic() < deadline, "training did not reach the held step in time"
+            assert wait_state(job, {"RUNNING", "PENDING", "COMPLETED", "FAILED"}, 30) in ("RUNNING", "PENDING")
+            time.sleep(0.5)
+        assert "rank 1/2" in _text(out)
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=elastic-test"], check=True,
+                       timeout=30)
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+        deadline = time.monotonic() + 240
+        while "requeueing job" not in _text(out):  # saved and requeued: now pending, n2 is drained
+            assert time.monotonic() < deadline, _text(out)[-3000:]
+            time.sleep(0.5)
+        wait_state(job, {"PENDING"}, 60)
+        subprocess.run(["scontrol", "update", f"jobid={job}", "NumNodes=1-2", "NumTasks=1"], check=True, timeout=30)
+        state = wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 400)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], capture_output=True, timeout=30)
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    log = _text(out)
+    assert state == "COMPLETED", log[-4000:]
+    saved = int(log.split("[signal] checkpoint at step ", 1)[1].split()[0])
+    assert saved == HOLD + 1, log[-3000:]
+    second = log.split("restart 1:", 1)[1]
+    assert "rank 0/1" in second and "rank 1/" not in second, second[-3000:]
+    assert "global batch" in second  # the changed global batch size (2 -> 1) is named in a warning
+    assert logged_steps(run) == list(range(steps))
+    digests = {json.loads(line)["step"]: json.loads(line)["batch_digest"]
+               for line in (run / "train_log.jsonl").read_text().splitlines()}
+    # steps 0..saved-1 took 2 samples each; a 1-rank run reaches the same sample at step 2 * saved
+    reference = _reference_digests(tmp_path, tiny_shards, 2 * saved + steps - saved)
+    assert [digests[s] for s in range(saved, steps)] == reference[2 * saved:]

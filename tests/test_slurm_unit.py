@@ -74,6 +74,24 @@ def test_dry_run_prints_the_sbatch_script_without_submitting(tmp_path):
     assert not (out_dir / "slurm").exists()  # nothing submitted, nothing written
 
 
+def test_a_node_range_reaches_sbatch_while_submitit_counts_the_minimum(tmp_path):
+    from slurm.executor import node_params, parse_nodes
+
+    assert parse_nodes(4) == parse_nodes("4") == (4, 4) and parse_nodes("1-2") == (1, 2)
+    assert node_params("2") == (2, {}) and node_params("1-3") == (1, {"nodes": "1-3"})
+    for bad in ("0", "2-1", "x", "1-"):
+        with pytest.raises(ValueError, match="nodes="):
+            parse_nodes(bad)
+    r = subprocess.run([sys.executable, "-m", "slurm.launch", "--config", "configs/demo.yaml",
+                        "--set", f"run.out_dir={tmp_path / 'run'}", "--nodes", "1-2", "--dry-run"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("#SBATCH --nodes=") == 1 and "#SBATCH --nodes=1-2\n" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "slurm.launch", "--config", "configs/demo.yaml", "--nodes", "2-1",
+                          "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--nodes" in bad.stderr and "MIN <= MAX" in bad.stderr
+
+
 def test_launch_rejects_a_bad_config_before_submitting(tmp_path):
     r = subprocess.run([sys.executable, "-m", "slurm.launch", "--config", "configs/demo.yaml",
                         "--set", "run.stepz=3", "--dry-run"], cwd=REPO, capture_output=True, text=True,
