@@ -178,6 +178,19 @@ def test_clip_records_with_a_caption_column_and_odd_elements(tmp_path):
     assert "no-span" in spans[2].detail and "'junk'" in spans[3].detail
 
 
+def test_clip_records_in_a_csv_cell_as_a_python_literal(tmp_path):
+    """Derived sets written with pandas' to_csv put clip records in a cell as a Python literal."""
+    p = tmp_path / "derived.csv"
+    with open(p, "w", newline="") as f:
+        csv.writer(f).writerows([["video_id", "path", "clip"],
+                                 ["v1", "v1.mp4", str([{"clip_id": "v1.1.mp4", "span": ["0:00:01.5", "0:00:03"],
+                                                        "caption": "a cat"}])]])
+    (row,) = Manifest(str(p)).shard_rows(0, 1)
+    assert row.source == str(tmp_path / "v1.mp4")
+    assert [(s.start_s, s.end_s, s.caption, s.clip_id, s.reject) for s in row.spans] == [
+        (1.5, 3.0, "a cat", "v1.1.mp4", None)]
+
+
 @pytest.mark.slow
 def test_hdvila_jsonl_shards_one_sample_per_clip(tmp_path, tiny_bert_dir):
     level_video(tmp_path / "a.mp4")
