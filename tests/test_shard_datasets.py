@@ -21,7 +21,7 @@ import webdataset as wds
 import yaml
 from shard_helpers import level_video, source_frames
 
-from data_pipeline.manifest import Manifest, ManifestError, resolve_source, sanitise_key
+from data_pipeline.manifest import Manifest, ManifestError, default_source_root, resolve_source, sanitise_key
 from data_pipeline.shard import main
 from data_pipeline.stats import read_stats
 from data_pipeline.synthetic import COLOURS, make_synthetic_videos
@@ -85,6 +85,11 @@ def test_start_end_manifest_still_needs_a_caption_column(tmp_path):
 ])
 def test_resolve_source(source, root, expected):
     assert resolve_source(source, root) == expected
+
+
+def test_default_source_root_is_the_manifests_directory_or_parent_url(tmp_path):
+    assert default_source_root("https://host/openvid/OpenVid-1M.csv") == "https://host/openvid"
+    assert default_source_root(str(tmp_path / "m.csv")) == str(tmp_path)
 
 
 def test_relative_sources_default_to_the_manifests_directory(tmp_path):
