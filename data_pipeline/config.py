@@ -18,12 +18,13 @@ from common.config import ConfigError, to_dict
 
 @dataclass
 class ColumnsConfig:
-    """Manifest column names; "" = auto-detect (ours: key,path,caption; WebVid: videoid,contentUrl,name)."""
+    """Manifest column names; "" = auto-detect (ours: key,path,caption; WebVid: videoid,contentUrl,name;
+    the others in docs/data_pipeline.md, "Manifests and columns")."""
 
     key: str = ""
     source: str = ""
     caption: str = ""  # one caption, or (with spans) a list of captions parallel to the spans
-    spans: str = ""  # a list of [start, end] pairs per row (Panda-70M `timestamp`); auto-detected
+    spans: str = ""  # a list of [start, end] pairs (Panda-70M `timestamp`) or of clip records (HD-VILA `clip`)
     start: str = ""  # or one clip per row: its start and end columns (InternVid); auto-detected
     end: str = ""
 
@@ -107,6 +108,11 @@ class ShardConfig:
     manifest: str = ""
     manifest_format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"  # auto = from the suffix
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # what relative sources (OpenVid-1M's `abc_0.mp4`) are joined to: a directory (relative to the
+    # working directory) or a URL / fsspec prefix (s3://bucket/openvid); "" = the manifest's own
+    # directory. Absolute paths and URLs in the manifest are used as they are. Not in the config
+    # hash (like the manifest's path): moving the clips does not change the shards.
+    source_root: str = ""
     out_dir: str = "shards"
     # where the memory-mapped columnar copy of the manifest lives ("" = out_dir/.manifest); a
     # node-local directory (e.g. /tmp/manifest) gives one copy per node, made by its first task
@@ -126,6 +132,9 @@ class ShardConfig:
         c = self.clip
         if not self.manifest:
             raise ConfigError("manifest: a manifest path is required (--manifest or manifest: in the YAML)")
+        if self.source_root and "://" not in self.source_root and not Path(self.source_root).is_dir():
+            raise ConfigError(f"source_root {self.source_root!r}: no such directory (relative sources in the "
+                              f"manifest are joined to it; leave it empty for the manifest's directory)")
         if self.samples_per_shard < 1:
             raise ConfigError("samples_per_shard must be >= 1")
         if c.frames < 1 or c.height < 2 or c.width < 2:

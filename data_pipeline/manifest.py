@@ -13,6 +13,7 @@ Row order is the file order; shard N is rows N*S .. (N+1)*S-1, so ids are stable
 from __future__ import annotations
 
 import ast
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -36,19 +37,23 @@ from data_pipeline.config import ColumnsConfig
 log = logging.getLogger(__name__)
 
 # Candidates, in order, when a column is not named in the config (ours first, then WebVid-10M's).
-KEY_COLUMNS = ("key", "videoid", "video_id", "id", "videoID", "YoutubeID")
-SOURCE_COLUMNS = ("path", "url", "contentUrl", "video_path", "video_url", "source")
+# OpenVid-1M's `video` (a clip file name) is last in both key and source: it is the only candidate
+# in its CSV, and a manifest with a `video` column next to a real key or path column keeps those.
+KEY_COLUMNS = ("key", "videoid", "video_id", "id", "videoID", "YoutubeID", "video")
+SOURCE_COLUMNS = ("path", "url", "contentUrl", "video_path", "video_url", "source", "video")
 CAPTION_COLUMNS = ("caption", "name", "text", "title", "Caption")
-# Clip spans (docs/data_pipeline.md): a list column of [start, end] pairs (Panda-70M `timestamp`),
-# or a start and an end column per row (InternVid `Start_timestamp`/`End_timestamp`).
-SPAN_COLUMNS = ("timestamp", "timestamps", "spans")
+# Clip spans (docs/data_pipeline.md): a list column of [start, end] pairs (Panda-70M `timestamp`)
+# or of clip records holding one (HD-VILA-100M `clip`: {"clip_id", "span": [start, end]}), or a
+# start and an end column per row (InternVid `Start_timestamp`/`End_timestamp`).
+SPAN_COLUMNS = ("timestamp", "timestamps", "spans", "clip", "clips")
+CLIP_SPAN_FIELDS = ("span", "timestamp")  # where a clip record keeps its [start, end]
 START_COLUMNS = ("start", "start_time", "Start_timestamp", "clip_start")
 END_COLUMNS = ("end", "end_time", "End_timestamp", "clip_end")
 
 BATCH_ROWS = 65536  # rows per record batch (parquet / jsonl); CSV batches are CSV_BLOCK_BYTES of text
 CSV_BLOCK_BYTES = 16 << 20
 IDENTITY_SPAN = 1 << 20  # bytes hashed at each end of the manifest for its identity
-CACHE_VERSION = 2  # bump when the mapped layout or the parsing changes: old copies are then rebuilt
+CACHE_VERSION = 3  # bump when the mapped layout or the parsing changes: old copies are then rebuilt
 ROWS_FILE, DUP_FILE, META_FILE = "rows.arrow", "occurrence.npy", "meta.json"
 TMP_MARK = ".tmp-"
 
@@ -70,6 +75,7 @@ class Span:
     caption: str
     reject: str | None = None  # bad_span / empty_caption / caption_not_utf8, known before any download
     detail: str = ""
+    clip_id: str = ""  # the clip record's own id (HD-VILA `clip_id`), kept in the sample's JSON for joins
 
 
 @dataclass(frozen=True)
@@ -122,14 +128,24 @@ def _pick_optional(names: list[str], wanted: str, candidates: tuple[str, ...], w
 
 
 def _pick3(names: list[str], cols: ColumnsConfig, path: str) -> dict[str, str]:
-    """Role → column name: key, source, caption, then either spans or start + end when present."""
+    """Role → column name: key, source, caption, then either spans or start + end when present.
+
+    The caption column may be missing only beside a spans list: HD-VILA-100M's clip records carry
+    no caption (its captions are a separate file) and derived sets put one inside each clip record,
+    so captions are looked up per clip and a clip with none fails alone (`empty_caption`)."""
     picked = {"key": _pick(names, cols.key, KEY_COLUMNS, "key", path),
-              "source": _pick(names, cols.source, SOURCE_COLUMNS, "source", path),
-              "caption": _pick(names, cols.caption, CAPTION_COLUMNS, "caption", path)}
+              "source": _pick(names, cols.source, SOURCE_COLUMNS, "source", path)}
     spans = _pick_optional(names, cols.spans, SPAN_COLUMNS, "spans", path)
     start = _pick_optional(names, cols.start, START_COLUMNS, "start", path)
     end = _pick_optional(names, cols.end, END_COLUMNS, "end", path)
-    if spans and not (cols.start or cols.end):
+    span_list = bool(spans and not (cols.start or cols.end))
+    caption = (_pick_optional if span_list else _pick)(names, cols.caption, CAPTION_COLUMNS, "caption", path)
+    if caption:
+        picked["caption"] = caption
+    else:
+        log.warning("manifest %s: no caption column (tried %s); each clip record of %r must carry its own "
+                    "caption, clips without one fail as empty_caption", path, list(CAPTION_COLUMNS), spans)
+    if span_list:
         picked["spans"] = spans
     elif start or end:
         if not (start and end):
@@ -146,8 +162,9 @@ def _as_binary(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     if pa.types.is_binary(arr.type):
         return arr
     if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_struct(arr.type):
-        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False).encode("utf-8")
-                         for v in arr.to_pylist()], type=pa.binary())  # spans / captions lists as JSON text
+        # spans / captions lists and clip records as JSON text (default=str: dates, decimals, ...)
+        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str).encode("utf-8")
+                         for v in arr.to_pylist()], type=pa.binary())
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = pc.cast(arr, pa.string())
     return pc.cast(arr, pa.binary())
@@ -292,7 +309,7 @@ def manifest_identity(path: str, kind: str, columns: ColumnsConfig) -> dict:
             h.update(f.read(IDENTITY_SPAN))
     return {"version": CACHE_VERSION, "path": os.path.realpath(path), "size": st.st_size,
             "mtime_ns": st.st_mtime_ns, "head_tail_sha256": h.hexdigest(), "format": kind,
-            "columns": {"key": columns.key, "source": columns.source, "caption": columns.caption}}
+            "columns": dataclasses.asdict(columns)}  # every role: a copy is only valid for its own mapping
 
 
 def _identity_key(identity: dict) -> str:
@@ -423,14 +440,19 @@ class Manifest:
     With `cache_dir`, the columns live in a memory-mapped Arrow IPC file there (built once, see
     open_manifest_cache), so every process on a node shares the same physical pages and a process
     only pages in the rows it reads. Without it (or for a URL manifest) they are parsed into memory.
+
+    Relative sources (OpenVid-1M's `abc_0.mp4`) are joined to `source_root`, by default the
+    manifest's own directory (see resolve_source); the copy keeps them as written, so moving the
+    videos needs a new root, not a new copy.
     """
 
     def __init__(self, path: str, fmt: str = "auto", columns: ColumnsConfig | None = None,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, source_root: str = ""):
         self.path = str(path)
         is_url = "://" in self.path
         if not Path(self.path).exists() and not is_url:
             raise ManifestError(f"manifest {self.path} does not exist")
+        self.source_root = source_root or default_source_root(self.path)
         kind = detect_format(self.path, fmt)
         columns = columns or ColumnsConfig()
         self.format = kind
@@ -443,7 +465,7 @@ class Manifest:
             schema = pa.schema([(role, pa.binary()) for role in picked])
             table = pa.Table.from_batches([pa.record_batch(list(b), schema=schema) for b in batches], schema=schema)
             self._occurrence = key_occurrence(table.column("key"), exact="start" in picked)
-        self.columns = (picked["key"], picked["source"], picked["caption"])
+        self.columns = (picked["key"], picked["source"], picked.get("caption"))  # caption None: per clip record
         # clip spans: {"spans": name} (a list per row) or {"start": name, "end": name}, or {}
         self.span_columns = {r: picked[r] for r in ("spans", "start", "end") if r in picked}
         self._set_table(table)
@@ -451,7 +473,7 @@ class Manifest:
     def _set_table(self, table: pa.Table) -> None:
         self.keys = table.column("key")
         self.sources = table.column("source")
-        self.captions = table.column("caption")
+        self.captions = table.column("caption") if "caption" in table.column_names else None
         self._span_cols = {r: table.column(r) for r in self.span_columns}
 
     def remap(self) -> None:
@@ -481,20 +503,44 @@ class Manifest:
             return []
         keys = self.keys.slice(start, end - start).to_pylist()
         sources = self.sources.slice(start, end - start).to_pylist()
-        captions = self.captions.slice(start, end - start).to_pylist()
+        captions = ([None] * (end - start) if self.captions is None
+                    else self.captions.slice(start, end - start).to_pylist())
         occ = self._occurrence[start:end].tolist()
+        root = self.source_root
         if not self._span_cols:
-            return [make_row(start + i, keys[i], sources[i], captions[i], occ[i] > 0) for i in range(end - start)]
+            return [make_row(start + i, keys[i], sources[i], captions[i], occ[i] > 0, root=root)
+                    for i in range(end - start)]
         extra = {r: c.slice(start, end - start).to_pylist() for r, c in self._span_cols.items()}
         rows = []
         for i in range(end - start):
             if "spans" in extra:
-                row = make_row(start + i, keys[i], sources[i], captions[i], occ[i] > 0, spans_b=extra["spans"][i])
+                row = make_row(start + i, keys[i], sources[i], captions[i], occ[i] > 0, spans_b=extra["spans"][i],
+                               root=root)
             else:  # one span per row; rows of the same video are its spans 0, 1, ... in file order
                 row = make_row(start + i, keys[i], sources[i], captions[i], False,
-                               span=(occ[i], extra["start"][i], extra["end"][i]))
+                               span=(occ[i], extra["start"][i], extra["end"][i]), root=root)
             rows.append(row)
         return rows
+
+
+def default_source_root(manifest: str) -> str:
+    """Where relative sources live when no source_root is set: the manifest's own directory (a URL
+    manifest's parent URL). Not the process's working directory, which differs between the shell, a
+    spawned worker and a SLURM array task, while a published manifest sits next to its clips."""
+    if "://" in manifest:
+        return manifest.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(manifest))
+
+
+def resolve_source(source: str, root: str) -> str:
+    """`source` joined to `root` when it is a relative path; absolute paths and URLs (file://,
+    http(s)://, s3://, ...) name their file already and are never joined. A URL root (an fsspec
+    prefix such as s3://bucket/openvid) is joined with `/`, a local one as a path."""
+    if not root or not source.strip() or "://" in source or os.path.isabs(source):
+        return source
+    if "://" in root:
+        return f"{root.rstrip('/')}/{source}"
+    return os.path.join(root, source)
 
 
 def sanitise_key(raw: str) -> tuple[str, str | None]:
@@ -572,42 +618,83 @@ def _literal_list(text: str):
         return None
 
 
-def _span(index: int, start, end, caption: str, caption_ok: bool) -> Span:
+def _span(index: int, start, end, caption: str, caption_ok: bool, clip_id: str = "") -> Span:
     s, e = parse_time(start), parse_time(end)
     if s is None or e is None:
-        return Span(index, 0.0, 0.0, "", "bad_span", f"unreadable time in [{start!r}, {end!r}]")
+        return Span(index, 0.0, 0.0, "", "bad_span", f"span {index}: unreadable time in [{start!r}, {end!r}]", clip_id)
     if s < 0 or e <= s:
-        return Span(index, s, e, "", "bad_span", f"[{s:g}, {e:g}] is empty, inverted or negative")
+        return Span(index, s, e, "", "bad_span", f"span {index}: [{s:g}, {e:g}] is empty, inverted or negative",
+                    clip_id)
     if not caption_ok:
-        return Span(index, s, e, "", "caption_not_utf8")
+        return Span(index, s, e, "", "caption_not_utf8", "", clip_id)
     if not caption.strip():
-        return Span(index, s, e, "", "empty_caption")
-    return Span(index, s, e, caption.strip())
+        return Span(index, s, e, "", "empty_caption",
+                    f"span {index}: no caption in its clip record or in the row's caption column", clip_id)
+    return Span(index, s, e, caption.strip(), clip_id=clip_id)
 
 
-def _spans_from_list(spans_b: bytes | None, caption: str, caption_ok: bool) -> tuple[tuple[Span, ...], str | None]:
-    """(spans, row reject). The caption is one text for every span or a list parallel to the spans."""
-    text, ok = _text(spans_b)
-    pairs = _literal_list(text) if ok and text.strip() else None
-    if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
-        return (), "bad_span"
-    captions = [caption] * len(pairs)
+def _span_item(item) -> tuple[object, object, str | None, str] | None:
+    """One element of a spans list → (start, end, its own caption or None, clip id), or None when it
+    is neither a [start, end] pair (Panda-70M) nor a clip record holding one (HD-VILA-100M:
+    {"clip_id": "x.1.mp4", "span": [start, end]}, derived sets add a "caption")."""
+    if isinstance(item, (list, tuple)):
+        return (item[0], item[1], None, "") if len(item) == 2 else None
+    if not isinstance(item, dict):
+        return None
+    pair = next((item[f] for f in CLIP_SPAN_FIELDS if f in item), None)
+    if pair is None and "start" in item and "end" in item:
+        pair = (item["start"], item["end"])
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        return None
+    caption = next((item[f] for f in CAPTION_COLUMNS if isinstance(item.get(f), str)), None)
+    clip_id = item.get("clip_id")
+    return pair[0], pair[1], caption, "" if clip_id is None else str(clip_id)
+
+
+def _row_captions(caption: str, caption_ok: bool, n: int) -> list[str] | None:
+    """The row's caption for each of its n spans: one text for all, or a list parallel to the spans
+    (Panda-70M); None when that list cannot be matched to the spans."""
     if caption_ok and caption.lstrip().startswith("["):
         parsed = _literal_list(caption)
         if isinstance(parsed, (list, tuple)):
-            if len(parsed) != len(pairs) or not all(isinstance(c, str) for c in parsed):
-                return (), "bad_span"  # captions that cannot be matched to spans
-            captions = list(parsed)
-    return tuple(_span(i, a, b, c, _utf8_ok(c, caption_ok)) for i, ((a, b), c) in enumerate(zip(pairs, captions))), None
+            if len(parsed) != n or not all(isinstance(c, str) for c in parsed):
+                return None
+            return list(parsed)
+    return [caption] * n
+
+
+def _spans_from_list(spans_b: bytes | None, caption: str, caption_ok: bool) -> tuple[tuple[Span, ...], str | None]:
+    """(spans, row reject). A clip record's own caption wins; otherwise the row's caption (one text,
+    or a list parallel to the spans). An element that is no span fails alone (`bad_span`)."""
+    text, ok = _text(spans_b)
+    items = _literal_list(text) if ok and text.strip() else None
+    if not isinstance(items, (list, tuple)):
+        return (), "bad_span"
+    captions = _row_captions(caption, caption_ok, len(items))
+    if captions is None:
+        return (), "bad_span"  # captions that cannot be matched to spans
+    spans = []
+    for i, (item, row_caption) in enumerate(zip(items, captions)):
+        parsed = _span_item(item)
+        if parsed is None:
+            spans.append(Span(i, 0.0, 0.0, "", "bad_span", f"span {i}: not a [start, end] pair or a clip record "
+                                                             f"with a {'/'.join(CLIP_SPAN_FIELDS)}: {item!r:.80}"))
+            continue
+        start, end, own, clip_id = parsed
+        text_i, ok_i = (own, True) if own is not None else (row_caption, caption_ok)
+        spans.append(_span(i, start, end, text_i, _utf8_ok(text_i, ok_i), clip_id))
+    return tuple(spans), None
 
 
 def make_row(index: int, key_b: bytes | None, source_b: bytes | None, caption_b: bytes | None,
              duplicate: bool = False, *, spans_b: bytes | None = None,
-             span: tuple[int, bytes | None, bytes | None] | None = None) -> Row:
-    """One manifest row → Row. spans_b: the row's list of [start, end] pairs (list column);
-    span: (span number, start, end) of a row that is one clip (start/end columns)."""
+             span: tuple[int, bytes | None, bytes | None] | None = None, root: str = "") -> Row:
+    """One manifest row → Row. spans_b: the row's list of [start, end] pairs or clip records (list
+    column); span: (span number, start, end) of a row that is one clip (start/end columns);
+    root: what a relative source is joined to (resolve_source)."""
     raw_key, key_ok = _text(key_b)
     source, source_ok = _text(source_b)
+    source = resolve_source(source, root)
     caption, caption_ok = _text(caption_b)
     caption_ok = _utf8_ok(caption, caption_ok)
     key, reject = sanitise_key(raw_key) if key_ok else ("", "bad_key")

@@ -209,7 +209,10 @@ def run(cfg: ShardConfig, *, slurm: bool = False, progress: bool = True, retry_t
     if cfg.manifest_cache_dir and "://" not in cfg.manifest_cache_dir:
         cfg.manifest_cache_dir = str(Path(cfg.manifest_cache_dir).resolve())
     # parsed once into a mapped columnar file; workers and array tasks map the same file
-    manifest = Manifest(cfg.manifest, cfg.manifest_format, cfg.columns, cache_dir=manifest_cache_dir(cfg))
+    if cfg.source_root and "://" not in cfg.source_root:
+        cfg.source_root = str(Path(cfg.source_root).resolve())
+    manifest = Manifest(cfg.manifest, cfg.manifest_format, cfg.columns, cache_dir=manifest_cache_dir(cfg),
+                        source_root=cfg.source_root)
     num_shards = manifest.num_shards(cfg.samples_per_shard)
     todo = _pending_shards(cfg, num_shards, retry_transient)
     removed = remove_temp_files(out)
@@ -231,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set clip.frames=16 (repeatable)")
     p.add_argument("--manifest", help="manifest path (csv/parquet/jsonl)")
+    p.add_argument("--source-root", help="directory or URL prefix that relative sources in the manifest are "
+                                          "joined to (= source_root; default: the manifest's directory)")
     p.add_argument("--out", help="output directory (= out_dir)")
     p.add_argument("--workers", type=int, help="local worker processes")
     p.add_argument("--encoder", help="text encoder name or path (= encoder.name_or_path)")
@@ -252,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ShardConfig:
-    flags = {"manifest": args.manifest, "out_dir": args.out, "workers": args.workers,
+    flags = {"manifest": args.manifest, "source_root": args.source_root, "out_dir": args.out, "workers": args.workers,
              "encoder.name_or_path": args.encoder, "samples_per_shard": args.samples_per_shard,
              "max_failure_ratio": args.max_failure_ratio, "slurm.partition": args.partition,
              "slurm.nodes": args.nodes, "slurm.time_min": args.time, "slurm.cpus_per_task": args.cpus_per_task,

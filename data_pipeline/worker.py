@@ -52,7 +52,7 @@ class ShardProcessor:
         self.cfg = cfg
         self.hash = config_hash(cfg)
         self.manifest = manifest or Manifest(cfg.manifest, cfg.manifest_format, cfg.columns,
-                                             cache_dir=manifest_cache_dir(cfg))
+                                             cache_dir=manifest_cache_dir(cfg), source_root=cfg.source_root)
         e = cfg.encoder
         if e.threads > 0 and torch.get_num_threads() != e.threads:
             torch.set_num_threads(e.threads)  # oversubscribed OpenMP threads stall a busy machine
@@ -94,9 +94,11 @@ class ShardProcessor:
 
     def _span_units(self, row: Row, stats: ShardStats) -> list[tuple[str, list]]:
         """A row with clip spans: fetched once, each span decoded on its own (seeking to it) as
-        sample `{key}_{span:03d}` with its caption; a bad span fails alone, with its reason."""
-        fetched = fetch(row.source, self.cfg.fetch)
-        src = fetched.path if fetched.path is not None else fetched.data
+        sample `{key}_{span:03d}` with its caption; a bad span fails alone, with its reason. A row
+        whose spans all failed before any download (no captions, unreadable times) is not fetched."""
+        wanted = any(sp.reject is None for sp in row.spans or ())
+        fetched = fetch(row.source, self.cfg.fetch) if wanted else None
+        src = None if fetched is None else fetched.path if fetched.path is not None else fetched.data
         units = []
         for sp in row.spans or ():
             key, raw = f"{row.key}_{sp.index:03d}", f"{row.raw_key}_{sp.index:03d}"
@@ -128,6 +130,8 @@ class ShardProcessor:
         }
         if span is not None:
             meta.update(span=span.index, span_start_s=span.start_s, span_end_s=span.end_s)
+            if span.clip_id:
+                meta["clip_id"] = span.clip_id  # HD-VILA's captions and derived sets are keyed by it
         return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
     # ------------------------------------------------------------------ per shard

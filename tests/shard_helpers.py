@@ -24,6 +24,25 @@ def make_h264(path: Path, t: int = 12, h: int = 32, w: int = 32, fps: float = 8,
     return path
 
 
+LEVEL_FPS, LEVEL_FRAMES = 8, 96  # 12 s; frame k is a flat colour that names it: red codes k % 8, green k // 8
+
+
+def level_video(path: Path) -> Path:
+    """12 s of h264 at 8 fps whose every frame says which frame it is (source_frames reads it back),
+    with a keyframe every 2 s: span tests see exactly which frames a clip came from."""
+    k = np.arange(LEVEL_FRAMES)
+    colours = np.stack([40 + (k % 8) * 25, 40 + (k // 8) * 15, np.full(LEVEL_FRAMES, 128)], axis=1).astype(np.uint8)
+    frames = np.broadcast_to(colours[:, None, None, :], (LEVEL_FRAMES, 32, 32, 3)).copy()
+    write_video(path, frames, LEVEL_FPS, codec="libx264", g="16", crf="4", bf="0")
+    return path
+
+
+def source_frames(clip: np.ndarray) -> list[int]:
+    """Which level_video frame each clip frame is (colour steps of 25 and 15 outlast the codec's error)."""
+    r, g = clip[..., 0].mean(axis=(1, 2)), clip[..., 1].mean(axis=(1, 2))
+    return [int(round((ri - 40) / 25)) + 8 * int(round((gi - 40) / 15)) for ri, gi in zip(r, g)]
+
+
 def make_rotated_mp4(path: Path, rotation: float) -> Path:
     """48x32 h264 with a display matrix (counter-clockwise degrees) and a white top-left marker."""
     data = np.zeros((8, 32, 48, 3), np.uint8)

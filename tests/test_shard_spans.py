@@ -12,35 +12,19 @@ import numpy as np
 import pytest
 import webdataset as wds
 import yaml
+from shard_helpers import level_video, source_frames
 
-from common.mp4 import write_video
 from data_pipeline.config import ClipConfig, ColumnsConfig
 from data_pipeline.manifest import Manifest, parse_time
 from data_pipeline.shard import main
 from data_pipeline.stats import read_stats
 from data_pipeline.video import DecodeError, decode_clips
 
-FPS, FRAMES = 8, 96  # 12 s; frame k is a flat colour that names it: red codes k % 8, green k // 8
-
-
-def _level_video(path: Path) -> Path:
-    k = np.arange(FRAMES)
-    colours = np.stack([40 + (k % 8) * 25, 40 + (k // 8) * 15, np.full(FRAMES, 128)], axis=1).astype(np.uint8)
-    frames = np.broadcast_to(colours[:, None, None, :], (FRAMES, 32, 32, 3)).copy()
-    write_video(path, frames, FPS, codec="libx264", g="16", crf="4", bf="0")  # a keyframe every 2 s
-    return path
-
-
-def _source_frames(clip: np.ndarray) -> list[int]:
-    """Which source frame each clip frame is (colour steps of 25 and 15 outlast the codec's error)."""
-    r, g = clip[..., 0].mean(axis=(1, 2)), clip[..., 1].mean(axis=(1, 2))
-    return [int(round((ri - 40) / 25)) + 8 * int(round((gi - 40) / 15)) for ri, gi in zip(r, g)]
-
 
 @pytest.fixture(scope="module")
 def level_videos(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("spans")
-    return _level_video(d / "a.mp4"), _level_video(d / "b.mp4")
+    return level_video(d / "a.mp4"), level_video(d / "b.mp4")
 
 
 def test_parse_time_forms():
@@ -55,16 +39,16 @@ def test_decode_inside_a_span_by_seeking(level_videos):
     cfg = ClipConfig(frames=8, fps=8, height=16, width=16)
     info, clips = decode_clips(str(level_videos[0]), cfg, span=(6.0, 8.0))
     assert len(clips) == 1 and clips[0].start_s == 6.0
-    assert _source_frames(clips[0].frames) == list(range(48, 56))
+    assert source_frames(clips[0].frames) == list(range(48, 56))
     assert info.frames_decoded < 48, "reached 6 s by seeking, not by decoding from the start"
     # stride mode: only frames inside [start, end)
     info, clips = decode_clips(str(level_videos[0]), ClipConfig(frames=4, stride=2, height=16, width=16),
                                span=(4.0, 5.0))
-    assert _source_frames(clips[0].frames) == [32, 34, 36, 38]
+    assert source_frames(clips[0].frames) == [32, 34, 36, 38]
     # two clips spread over one span, never past its end
     _, clips = decode_clips(str(level_videos[0]), ClipConfig(frames=8, fps=8, height=16, width=16,
                                                               clips_per_video=2), span=(2.0, 5.0))
-    got = [_source_frames(c.frames) for c in clips]
+    got = [source_frames(c.frames) for c in clips]
     assert got == [list(range(16, 24)), list(range(32, 40))]
     for span, reason in (((12.5, 13.0), "span_out_of_range"), ((10.0, 14.0), "span_out_of_range"),
                          ((6.0, 6.5), "too_short")):
@@ -140,7 +124,7 @@ def test_spans_become_samples_in_real_shards(tmp_path, level_videos, tiny_bert_d
     meta = json.loads(samples["vidA_001"]["json"])
     assert (meta["span"], meta["span_start_s"], meta["span_end_s"], meta["row"]) == (1, 6.0, 8.5, 0)
     frames = np.load(__import__("io").BytesIO(samples["vidA_001"]["frames.npy"]), allow_pickle=False)
-    assert _source_frames(frames) == list(range(48, 56))  # the span's frames, nothing else
+    assert source_frames(frames) == list(range(48, 56))  # the span's frames, nothing else
     emb = {k: np.load(__import__("io").BytesIO(s["emb.npy"]), allow_pickle=False) for k, s in samples.items()}
     assert not np.array_equal(emb["vidA_000"], emb["vidA_001"])  # each span embeds its own caption
     st = read_stats(out, 0)
