@@ -115,6 +115,16 @@ def shard_encoder_name(shards_dir: str) -> str | None:
     return (json.loads(index.read_text()).get("encoder") or {}).get("name")
 
 
+def _check_settings(cfg: TrainConfig) -> None:
+    """Combinations of settings the loop cannot honour, refused before anything is built."""
+    if cfg.optim.grad_accum < 1:
+        raise ValueError(f"optim.grad_accum must be >= 1, got {cfg.optim.grad_accum}")
+    if cfg.model.motion_conditioning and cfg.run.precision == "fp16":
+        raise ValueError("model.motion_conditioning trains its caption->motion head by a gradient injected "
+                         "in the backward pass, which fp16 loss scaling would shrink: use run.precision=bf16 "
+                         "or fp32")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist_env: DistEnv | None = None, loader_factory=None):
         """loader_factory(cfg.data, rank=, world_size=, train=[, grad_accum=]) defaults to
@@ -125,29 +135,13 @@ class Trainer:
         self.rank, self.world = self.dist.rank, self.dist.world_size
         self.out_dir = Path(cfg.run.out_dir)
         self.metrics = Metrics(self.out_dir, enabled=self.rank == 0)
-        if cfg.optim.grad_accum < 1:
-            raise ValueError(f"optim.grad_accum must be >= 1, got {cfg.optim.grad_accum}")
-        if cfg.model.motion_conditioning and cfg.run.precision == "fp16":
-            raise ValueError("model.motion_conditioning trains its caption->motion head by a gradient injected "
-                             "in the backward pass, which fp16 loss scaling would shrink: use run.precision=bf16 "
-                             "or fp32")
+        _check_settings(cfg)
 
         from model.diffusion import GaussianDiffusion
-        from model.unet import SpaceTimeUNet
 
         self._gpu_settings()
-        seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        model = SpaceTimeUNet(cfg.model)
         latest = ckpt.find_latest(self.out_dir)  # a rerun resumes from it (after the strategy is set up)
-        if latest is None:
-            self._warm_start(model)
-        self.compiled = None
-        if cfg.run.compile:  # before the strategy wraps the blocks (trainer/compile.py)
-            from trainer.compile import compile_blocks
-
-            self.compiled = compile_blocks(model, cfg.run.compile_backend, cfg.run.compile_mode or None)
-        self.strategy = build_strategy(cfg, self.dist)
-        self.strategy.setup(model)
+        self.strategy = self._wrapped_model(warm_start=latest is None)
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         self.ema = EMA(self.strategy.local_params(), cfg.run.ema_decay)
         self.edges = band_edges(cfg.diffusion.logsnr_min, cfg.diffusion.logsnr_max)
@@ -155,10 +149,7 @@ class Trainer:
         self.val_weights = band_training_weights(self.edges, self.diffusion.t_of_logsnr)
         self.loader = self._build_loader(train=True)
         self._iter = None
-        text_dim = getattr(self.loader, "text_dim", None)
-        if text_dim is not None and int(text_dim) != cfg.model.text_dim:
-            raise ValueError(f"the shards in {cfg.data.shards} hold {text_dim}-d text embeddings but "
-                             f"model.text_dim is {cfg.model.text_dim}; set model.text_dim={text_dim}")
+        self._check_text_dim()
 
         # counters saved in checkpoints
         self.step = 0
@@ -189,6 +180,32 @@ class Trainer:
         self.metrics.print(f"[perf] peak {self.peak_tflops:g} TFLOP/s per device from {peak_source}"
                            if self.peak_tflops else f"[perf] perf/mfu not logged: {peak_source}")
         self._loader_rate: float | None = None  # clips/s of the start-up loader probe (nan: probe failed)
+
+    def _wrapped_model(self, warm_start: bool):
+        """The model, built with the same seed on every rank (identical initial weights), warm-started
+        unless a checkpoint will be resumed, compiled per block when asked (before the strategy wraps
+        the blocks: trainer/compile.py), then handed to the strategy. Returns the strategy."""
+        from model.unet import SpaceTimeUNet
+
+        cfg = self.cfg
+        seed_everything(cfg.run.seed)
+        model = SpaceTimeUNet(cfg.model)
+        if warm_start:
+            self._warm_start(model)
+        self.compiled = None
+        if cfg.run.compile:
+            from trainer.compile import compile_blocks
+
+            self.compiled = compile_blocks(model, cfg.run.compile_backend, cfg.run.compile_mode or None)
+        strategy = build_strategy(cfg, self.dist)
+        strategy.setup(model)
+        return strategy
+
+    def _check_text_dim(self) -> None:
+        text_dim = getattr(self.loader, "text_dim", None)
+        if text_dim is not None and int(text_dim) != self.cfg.model.text_dim:
+            raise ValueError(f"the shards in {self.cfg.data.shards} hold {text_dim}-d text embeddings but "
+                             f"model.text_dim is {self.cfg.model.text_dim}; set model.text_dim={text_dim}")
 
     def _gpu_settings(self) -> None:
         """Free speed on CUDA, nothing changed on CPU: fp32 runs may use TF32 tensor cores for matmuls
