@@ -30,6 +30,7 @@ from data_pipeline.stats import Summary, done_summary, merge_index
 from data_pipeline.writer import remove_temp_files, write_json_atomic
 
 log = logging.getLogger("data_pipeline.shard")
+WORKER_PRELOAD = ["data_pipeline.worker", "transformers.models.bert.modeling_bert"]
 
 
 class SlurmUnavailable(RuntimeError):
@@ -141,7 +142,12 @@ def run_local(cfg: ShardConfig, todo: list[int], manifest: Manifest, progress: b
                 except Exception as e:  # e.g. disk full: this shard stays unfinished, the others go on
                     log.error("shard %d failed: %s: %s (rerun to retry it)", s, type(e).__name__, e)
             return
-        ctx = mp.get_context("spawn")  # PyAV + fork can hang (DESIGN.md); spawn starts clean
+        # Not fork: PyAV + fork can hang (DESIGN.md). A forkserver that has imported the worker's modules
+        # (torch, PyAV, transformers' BERT; no container or decoder is opened there) forks each worker,
+        # so their ~290 MB of imported code and data is shared copy-on-write: +~200 MB PSS per extra
+        # worker instead of +~340 MB with spawn (BENCHMARKS.md, "The manifest at 10M rows").
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(WORKER_PRELOAD)
         queue = ctx.Queue()
         stop = threading.Event()
 
