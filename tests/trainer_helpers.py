@@ -125,3 +125,27 @@ def wait_for_line(proc: subprocess.Popen, text: str, lines: list[str], timeout: 
             return
     proc.kill()
     raise AssertionError(f"never saw {text!r}; output:\n{''.join(lines)}")
+
+
+def run_in_group(cmd: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """subprocess.run in its own process group, killed as a whole on timeout: a hung torchrun must not
+    leave its workers (and their loader workers) running after the test has failed."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out}\n{err}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun_cmd(script: str, nproc: int, *args: str) -> list[str]:
+    """`script` (a path, or `-m module`) under torchrun with nproc processes, or plainly for one."""
+    target = script.split() if script.startswith("-m ") else [script]
+    if nproc == 1:
+        return [PY, *target, *args]
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target, *args]
