@@ -135,3 +135,55 @@ def test_fsdp_checkpoint_resumes_under_ddp(tmp_path, trainer_shards, fsdp2_kille
 
 def test_ddp_checkpoint_resumes_under_fsdp_on_one_rank(tmp_path, trainer_shards, ddp2_killed, reference_digests):
     _resume_elsewhere(tmp_path, ddp2_killed, trainer_shards[0], "fsdp", 1, reference_digests)
+
+
+def test_global_batch_change_resumes_with_a_warning_naming_both_sizes(tmp_path, trainer_shards, fsdp2_killed):
+    """2 fsdp ranks x batch 1 (global 2) resumed by 1 rank x batch 1 (global 1): allowed, with a warning
+    that names the old and new sizes; the data position is kept in samples (the loader's own warning
+    says whether that is exact or approximate)."""
+    out = tmp_path / "resumed"
+    shutil.copytree(fsdp2_killed, out)
+    config = tiny_config(tmp_path / "c.yaml", trainer_shards[0], out, parallel={"strategy": "fsdp"},
+                         data={"batch_size": 1}, run={"steps": 4, "ckpt_every": 2})
+    r = _train(config, 1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "global batch size changed from 2 to 1" in r.stdout
+    assert "global batch size 2 → 1" in r.stderr
+    assert sorted(step_log(out)) == [0, 1, 2, 3]
+
+
+def _state(strategy: str, world: int, zero_stage: int = 2) -> dict:
+    return {"strategy": strategy, "world_size": world, "config": {"parallel": {"zero_stage": zero_stage}}}
+
+
+def test_deepspeed_on_another_world_size_or_stage_is_refused_naming_the_conversion_and_the_way_on(tmp_path):
+    from trainer.checkpoint import check_resumable
+
+    check_resumable(tmp_path, _state("deepspeed", 2, 2), "deepspeed", 2, 2)  # same topology: fine
+    for world, stage in ((1, 2), (2, 3)):
+        with pytest.raises(RuntimeError) as e:
+            check_resumable(tmp_path, _state("deepspeed", 2, 2), "deepspeed", world, stage)
+        msg = str(e.value)
+        assert "ZeRO-2 checkpoint of 2 ranks" in msg and f"ZeRO-{stage} on {world}" in msg
+        assert "ds_to_universal" in msg and "--nproc_per_node 2 -m trainer.export" in msg
+        assert "run.init_from" in msg
+
+
+def test_deepspeed_and_torch_checkpoints_refuse_each_other_by_name(tmp_path):
+    from trainer.checkpoint import check_resumable
+
+    for saved, now in (("deepspeed", "fsdp"), ("ddp", "deepspeed")):
+        with pytest.raises(RuntimeError, match=f"written by strategy '{saved}', this run uses '{now}'"):
+            check_resumable(tmp_path, _state(saved, 2), now, 2, 2)
+
+
+def test_fsdp_checkpoint_with_per_rank_ema_files_needs_its_own_world_size(tmp_path):
+    """Checkpoints written before the EMA moved into DCP: model and optimizer would reshard, the EMA
+    shards in ema-rank{r}.pt would not, so another world size or strategy is refused."""
+    from trainer.checkpoint import check_resumable
+
+    check_resumable(tmp_path, _state("fsdp", 2), "fsdp", 2)
+    for now, world in (("fsdp", 1), ("ddp", 2)):
+        with pytest.raises(RuntimeError, match="ema-rank"):
+            check_resumable(tmp_path, _state("fsdp", 2), now, world)
+    check_resumable(tmp_path, _state("ddp", 2), "fsdp", 1)  # replicas: anything goes

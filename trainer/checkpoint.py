@@ -175,7 +175,7 @@ def load_checkpoint(strategy, ckpt_dir: str | Path, *, ema, restore_rng: bool = 
     state = read_state(ckpt_dir)
     rank, world = strategy.dist.rank, strategy.dist.world_size
     saved_world = state.get("world_size", world)
-    check_resumable(ckpt_dir, state, strategy.name, world)
+    check_resumable(ckpt_dir, state, strategy.name, world, strategy.cfg.parallel.zero_stage)
     _warn_if_global_batch_changed(state, strategy)
     if strategy.saves_ema and ema is not None:
         ema_loaded = strategy.load(ckpt_dir, ema=ema.shadow)
@@ -194,11 +194,11 @@ def load_checkpoint(strategy, ckpt_dir: str | Path, *, ema, restore_rng: bool = 
     return state
 
 
-def check_resumable(ckpt_dir: Path, state: dict[str, Any], strategy: str, world: int) -> None:
+def check_resumable(ckpt_dir: Path, state: dict[str, Any], strategy: str, world: int, zero_stage: int = 0) -> None:
     """Raise, before any collective load, when this run cannot read the checkpoint; the message says
     what to run instead. single/ddp/fsdp DCP checkpoints (with the EMA inside) resume each other on any
     number of ranks; per-rank state (deepspeed, fsdp EMA files from before DCP EMA) needs the same
-    world size and strategy."""
+    world size and strategy (and, for deepspeed, ZeRO stage)."""
     saved_world, saved = state.get("world_size", world), state.get("strategy", strategy)
     way_on = ("export it (python -m trainer.export) and start a new run with run.init_from=<the .safetensors>: "
               "the weights carry over, the optimizer state and data position do not")
@@ -206,13 +206,34 @@ def check_resumable(ckpt_dir: Path, state: dict[str, Any], strategy: str, world:
         raise RuntimeError(f"{ckpt_dir} was written by strategy {saved!r}, this run uses {strategy!r}: DeepSpeed "
                            f"and torch checkpoints do not convert into each other; resume with {saved!r}, or "
                            f"{way_on}")
+    if saved == "deepspeed":
+        _check_deepspeed_resumable(ckpt_dir, state, world, zero_stage)
+        return
     if saved in REPLICATED or (saved == "fsdp" and has_dcp_ema(ckpt_dir)):
         return  # any number of ranks, any of single/ddp/fsdp (fsdp refuses model.pt-era files itself)
     if saved_world != world or saved != strategy:
         raise RuntimeError(
-            f"{ckpt_dir} was written by {saved_world} {saved} processes, this run has {world} {strategy}: its "
-            f"EMA is sharded per rank (ema-rank{{r}}.pt), so resume with {saved_world} {saved} processes (its "
-            f"next checkpoint reshards), or {way_on}")
+            f"{ckpt_dir} was written by {saved_world} {saved} processes, this run has {world} {strategy}: it "
+            f"predates the EMA in DCP and keeps it sharded per rank (ema-rank{{r}}.pt), so resume with "
+            f"{saved_world} {saved} processes once (its next checkpoint reshards), or {way_on}")
+
+
+def _check_deepspeed_resumable(ckpt_dir: Path, state: dict[str, Any], world: int, zero_stage: int) -> None:
+    """ZeRO partitions (optimizer, gradients, ZeRO-3 parameters, our EMA fragments) depend on the world
+    size and stage. DeepSpeed's universal checkpoint (deepspeed.checkpoint.ds_to_universal) could
+    re-partition model and optimizer, but it is not wired in here (nor a reshard of the EMA fragments)."""
+    saved_world = state.get("world_size", world)
+    saved_stage = ((state.get("config") or {}).get("parallel") or {}).get("zero_stage", zero_stage)
+    if saved_world == world and saved_stage == zero_stage:
+        return
+    raise RuntimeError(
+        f"{ckpt_dir} is a DeepSpeed ZeRO-{saved_stage} checkpoint of {saved_world} ranks, this run is ZeRO-"
+        f"{zero_stage} on {world}: the conversion to DeepSpeed's universal checkpoint (ds_to_universal, then "
+        f"checkpoint.load_universal) is not supported by this trainer yet. Resume with {saved_world} processes "
+        f"and parallel.zero_stage={saved_stage}, or export it with those (torchrun --standalone --nproc_per_node "
+        f"{saved_world} -m trainer.export --checkpoint {ckpt_dir} --out model.safetensors) and start a new run "
+        f"with run.init_from=model.safetensors (the weights carry over, the optimizer state and data position "
+        f"do not)")
 
 
 def has_dcp_ema(ckpt_dir: Path) -> bool:

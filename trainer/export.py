@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -86,7 +87,9 @@ def export(checkpoint: str | Path, out: str | Path) -> Path | None:
     state = read_state(ckpt_dir)
     cfg = from_dict(TrainConfig, state["config"])
     if _one_process(ckpt_dir, state, cfg):
-        tensors, is_main = ema_state_replicated(ckpt_dir, cfg), True
+        # launched under torchrun anyway (the command for sharded checkpoints): rank 0 writes
+        is_main = int(os.environ.get("RANK", "0")) == 0
+        tensors = ema_state_replicated(ckpt_dir, cfg) if is_main else None
     else:
         tensors = ema_state_sharded(ckpt_dir, cfg, state)
         is_main = tensors is not None

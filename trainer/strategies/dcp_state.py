@@ -13,6 +13,8 @@ written once). The loss scalers stay beside it in each strategy's own small file
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +41,15 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every save/load without a process group that it assumes one process: that is
+    exactly what we mean (single, or a read for export/tests), so the warning is noise in run logs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def saved_keys(ckpt_dir: Path) -> set[str]:
     """Flattened keys in the checkpoint (`model.<fqn>`, `optim.state.<fqn>.exp_avg`, `ema.<fqn>`, ...)."""
     reader = dcp.FileSystemReader(str(Path(ckpt_dir) / DCP_DIR))
@@ -56,7 +67,8 @@ def save(ckpt_dir: Path, module: nn.Module, optimizer, ema: dict[str, Tensor] | 
     state = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         state[EMA_KEY] = ema
-    dcp.save(state, checkpoint_id=str(Path(ckpt_dir) / DCP_DIR), no_dist=_no_dist())
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(Path(ckpt_dir) / DCP_DIR), no_dist=_no_dist())
 
 
 def load(ckpt_dir: Path, module: nn.Module, optimizer, ema: dict[str, Tensor] | None) -> bool:
@@ -70,7 +82,8 @@ def load(ckpt_dir: Path, module: nn.Module, optimizer, ema: dict[str, Tensor] | 
     found_ema = ema is not None and any(k.startswith(EMA_KEY + ".") for k in keys)
     if found_ema:
         state[EMA_KEY] = ema
-    dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / DCP_DIR), no_dist=_no_dist())
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / DCP_DIR), no_dist=_no_dist())
     set_model_state_dict(module, state["model"])  # strict: every key of the model must be there
     # not strict for the optimizer only when some parameter had no state yet when it was saved
     partial = len(saved_optim["state"]) < len(optim_sd["state"])
@@ -108,5 +121,6 @@ def read_full(ckpt_dir: Path, prefix: str) -> dict[str, Tensor]:
     if not flat:
         raise KeyError(f"{ckpt_dir}: no '{prefix}' tensors in {DCP_DIR}/")
     # DCP flattens nested dicts with '.', so {prefix: {rest: t}} reads the keys `prefix.rest` back
-    dcp.load({prefix: flat}, storage_reader=reader, no_dist=True)
+    with _quiet_single_process():
+        dcp.load({prefix: flat}, storage_reader=reader, no_dist=True)
     return flat

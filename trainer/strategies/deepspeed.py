@@ -300,11 +300,12 @@ class DeepSpeedStrategy(Strategy):
     def unwrapped_model(self) -> nn.Module:
         return self.module  # ZeRO-3 parameters are partitioned: use gather_full_state()
 
-    def save(self, ckpt_dir: Path) -> None:
+    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> None:
+        """Engine files only; the EMA fragments go to ema-rank{r}.pt (saves_ema is False)."""
         self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, client_state={}, save_latest=False)
         self.barrier()
 
-    def load(self, ckpt_dir: Path) -> None:
+    def load(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> bool:
         if not (Path(ckpt_dir) / TAG).is_dir():
             raise FileNotFoundError(f"{ckpt_dir}: no {TAG}/ directory; not a deepspeed checkpoint "
                                     f"(strategies cannot read each other's checkpoints; use trainer.export)")
@@ -313,6 +314,7 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise RuntimeError(f"deepspeed could not load the checkpoint in {ckpt_dir}/{TAG}")
         self.barrier()
+        return False  # the EMA is in ema-rank{r}.pt, read by trainer.checkpoint
 
     def gather_full_state(self, tensors: list[Tensor] | None = None) -> dict[str, Tensor] | None:
         """Collective: full fp32 tensors on rank 0 from per-rank pieces (the live fp32 master, or the
