@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import TrainConfig, load_config  # noqa: E402
+from common.config import load_config  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
 from trainer.distributed import leave_process_group_on_exit  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 
