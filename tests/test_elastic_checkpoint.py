@@ -187,3 +187,44 @@ def test_fsdp_checkpoint_with_per_rank_ema_files_needs_its_own_world_size(tmp_pa
         with pytest.raises(RuntimeError, match="ema-rank"):
             check_resumable(tmp_path, _state("fsdp", 2), now, world)
     check_resumable(tmp_path, _state("ddp", 2), "fsdp", 1)  # replicas: anything goes
+
+
+def test_checkpoint_from_before_dcp_still_loads_in_single(tmp_path):
+    """single/ddp checkpoints written before DCP (model.pt, optimizer.pt, ema-rank{r}.pt, as the old
+    SingleStrategy.save and save_checkpoint wrote them) load bitwise; the next save is DCP."""
+    from torch import nn
+
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.config import TrainConfig
+    from trainer.distributed import init_distributed
+    from trainer.ema import EMA
+    from trainer.strategies.base import build_strategy
+
+    cfg = TrainConfig()
+    cfg.run.precision = "fp32"
+    torch.manual_seed(0)
+    old = build_strategy(cfg, init_distributed())
+    old.setup(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+    ema = EMA(old.local_params(), 0.5)
+    old.model(torch.randn(5, 3)).square().sum().backward()
+    old.optimizer_step()
+    ema.update(old.local_params())
+    ckpt = save_checkpoint(old, tmp_path, 1, ema=ema, loader_state=None, state={}, keep_last=2)
+    shutil.rmtree(ckpt / "dcp")  # now rewrite it the way the code before DCP did
+    torch.save(old.module.state_dict(), ckpt / "model.pt")
+    torch.save(old.optimizer.state_dict(), ckpt / "optimizer.pt")
+    torch.save(ema.state_dict(), ckpt / "ema-rank0.pt")
+
+    torch.manual_seed(1)
+    new = build_strategy(cfg, init_distributed())
+    new.setup(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+    ema2 = EMA(new.local_params(), 0.5)
+    load_checkpoint(new, ckpt, ema=ema2)
+    assert all(torch.equal(a, b) for a, b in zip(new.local_params(), old.local_params()))
+    assert all(torch.equal(a, b) for a, b in zip(ema2.shadow, ema.shadow))
+    assert not torch.equal(ema.shadow[0], old.local_params()[0])
+    a, b = old.optimizer.state_dict()["state"], new.optimizer.state_dict()["state"]
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in ("exp_avg", "exp_avg_sq", "step"))
+    again = save_checkpoint(new, tmp_path / "again", 1, ema=ema2, loader_state=None, state={}, keep_last=2)
+    assert (again / "dcp").is_dir() and not (again / "model.pt").exists()
