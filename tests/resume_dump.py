@@ -32,6 +32,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     """`<param name>.<exp_avg|exp_avg_sq|step>` for every parameter that has AdamW state (collective)."""
+    if trainer.strategy.name == "deepspeed":
+        return deepspeed_optimizer_state(trainer)
     module = trainer.strategy.unwrapped_model()
     state = trainer.strategy.optimizer.state
     out = {}
@@ -39,6 +41,35 @@ def optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
         for key, value in sorted(state.get(p, {}).items()):
             out[f"{name}.{key}"] = full(value)
     return out
+
+
+def deepspeed_optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The AdamW moments of every parameter, cut from the ZeRO optimizer's flat fp32 state the way
+    local_params() cuts the master weights, then gathered by the strategy (collective); plus the
+    distinct step counts of the flat groups under `steps`."""
+    s = trainer.strategy
+    out = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        pieces = [_zero_state_piece(s, p, key) for p in s._params]
+        full = s.gather_full_state(pieces)
+        if trainer.rank == 0:
+            out.update({f"{name}.{key}": full[name] for name in s._names})
+    steps = {float(st["step"]) for st in s.optimizer.optimizer.state.values() if "step" in st}
+    out["steps"] = torch.tensor(sorted(steps))
+    return out
+
+
+def _zero_state_piece(s, p: torch.nn.Parameter, key: str) -> torch.Tensor:
+    opt = s.optimizer
+    if s.stage == 3:
+        piece, _ = opt._get_fp32_opt_state_partition(p, True, optim_state_key=key)
+        return piece
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return torch.empty(0)
+    flat = opt.single_partition_of_fp32_groups[mapping.param_group_index]
+    addr = mapping.hp_fragment_address
+    return opt.optimizer.state[flat][key].narrow(0, addr.start, addr.numel)
 
 
 def main() -> int:

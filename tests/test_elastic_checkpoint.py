@@ -28,9 +28,9 @@ TIMEOUT = 600
 LAYOUT = {1: {"batch_size": 2}, 2: {"batch_size": 1}}
 
 
-def _config(path: Path, shards: str, out: Path, strategy: str, nproc: int) -> Path:
-    return tiny_config(path, shards, out, parallel={"strategy": strategy}, data=LAYOUT[nproc],
-                       run={"steps": 4, "ckpt_every": 2})
+def _config(path: Path, shards: str, out: Path, strategy: str, nproc: int, zero_stage: int = 2) -> Path:
+    return tiny_config(path, shards, out, parallel={"strategy": strategy, "zero_stage": zero_stage},
+                       data=LAYOUT[nproc], run={"steps": 4, "ckpt_every": 2})
 
 
 def _train(config: Path, nproc: int, **env: str):
@@ -43,10 +43,10 @@ def _digests(out_dir: Path) -> list[str]:
     return [log[s]["batch_digest"] for s in sorted(log)]
 
 
-def _killed_run(tmp: Path, shards: str, strategy: str, nproc: int) -> Path:
+def _killed_run(tmp: Path, shards: str, strategy: str, nproc: int, zero_stage: int = 2) -> Path:
     """out_dir of a run SIGKILLed before step 3, i.e. after its step-2 checkpoint."""
     out = tmp / "run"
-    r = _train(_config(tmp / "run.yaml", shards, out, strategy, nproc), nproc, VDM_TEST_KILL_AT_STEP="3")
+    r = _train(_config(tmp / "run.yaml", shards, out, strategy, nproc, zero_stage), nproc, VDM_TEST_KILL_AT_STEP="3")
     assert r.returncode != 0, r.stdout + r.stderr
     ckpt = find_latest(out)
     assert ckpt.name == "step-000002", r.stdout + r.stderr
@@ -156,19 +156,6 @@ def _state(strategy: str, world: int, zero_stage: int = 2) -> dict:
     return {"strategy": strategy, "world_size": world, "config": {"parallel": {"zero_stage": zero_stage}}}
 
 
-def test_deepspeed_on_another_world_size_or_stage_is_refused_naming_the_conversion_and_the_way_on(tmp_path):
-    from trainer.checkpoint import check_resumable
-
-    check_resumable(tmp_path, _state("deepspeed", 2, 2), "deepspeed", 2, 2)  # same topology: fine
-    for world, stage in ((1, 2), (2, 3)):
-        with pytest.raises(RuntimeError) as e:
-            check_resumable(tmp_path, _state("deepspeed", 2, 2), "deepspeed", world, stage)
-        msg = str(e.value)
-        assert "ZeRO-2 checkpoint of 2 ranks" in msg and f"ZeRO-{stage} on {world}" in msg
-        assert "ds_to_universal" in msg and "--nproc_per_node 2 -m trainer.export" in msg
-        assert "run.init_from" in msg
-
-
 def test_deepspeed_and_torch_checkpoints_refuse_each_other_by_name(tmp_path):
     from trainer.checkpoint import check_resumable
 
@@ -228,3 +215,74 @@ def test_checkpoint_from_before_dcp_still_loads_in_single(tmp_path):
     assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in ("exp_avg", "exp_avg_sq", "step"))
     again = save_checkpoint(new, tmp_path / "again", 1, ema=ema2, loader_state=None, state={}, keep_last=2)
     assert (again / "dcp").is_dir() and not (again / "model.pt").exists()
+
+
+# ------------------------------------------------------------------ DeepSpeed: universal checkpoint
+@pytest.fixture(scope="module")
+def deepspeed_killed(tmp_path_factory, trainer_shards):
+    """stage -> out_dir of a 2-rank ZeRO-<stage> run killed after its step-2 checkpoint (made on demand)."""
+    made: dict[int, Path] = {}
+
+    def get(stage: int) -> Path:
+        if stage not in made:
+            made[stage] = _killed_run(tmp_path_factory.mktemp(f"zero{stage}"), trainer_shards[0], "deepspeed", 2, stage)
+        return made[stage]
+
+    return get
+
+
+def _dump(tmp: Path, killed: Path, shards: str, nproc: int, stage: int, name: str) -> tuple[dict, Path, Path]:
+    """(state gathered by tests/resume_dump.py after resuming a copy of `killed` on nproc ranks of
+    ZeRO-<stage>, the copy's out_dir, its config)."""
+    out = tmp / name
+    shutil.copytree(killed, out)
+    config = _config(tmp / f"{name}.yaml", shards, out, "deepspeed", nproc, stage)
+    dump = tmp / f"{name}.pt"
+    r = run_in_group(torchrun_cmd("tests/resume_dump.py", nproc, "--config", str(config), "--out", str(dump)),
+                     TIMEOUT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return torch.load(dump, weights_only=True), out, config
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["optim"]["steps"].tolist() == b["optim"]["steps"].tolist() == [2.0]  # AdamW step count
+    for part in ("model", "ema", "optim"):
+        assert sorted(a[part]) == sorted(b[part]) and len(a[part]) > 10, part
+        bad = [k for k in a[part] if not torch.equal(a[part][k], b[part][k])]
+        assert not bad, f"{part} differs after the reshard: {bad[:5]}"
+    assert int(a["step"]) == int(b["step"]) == 2
+    assert any(not torch.equal(v, a["model"][k]) for k, v in a["ema"].items())  # EMA is not the weights
+
+
+@pytest.mark.parametrize("saved_stage,new_stage", [(2, 2), (3, 3), (2, 1)], ids=["zero2", "zero3", "zero2-to-zero1"])
+def test_deepspeed_two_ranks_resume_on_one_rank_through_the_universal_checkpoint(
+        tmp_path, trainer_shards, deepspeed_killed, reference_digests, saved_stage, new_stage):
+    """A 2-rank ZeRO checkpoint resumed by 1 rank (and another stage): converted automatically to
+    DeepSpeed's universal checkpoint; the fp32 master weights, AdamW moments and EMA the 1-rank run
+    holds equal, bitwise, what the original 2 ranks load from the same checkpoint (gathered in full);
+    the run finishes with the uninterrupted run's batch_digest at every step."""
+    shards = trainer_shards[0]
+    killed = deepspeed_killed(saved_stage)
+    same, _, _ = _dump(tmp_path, killed, shards, 2, saved_stage, "same")
+    moved, out, config = _dump(tmp_path, killed, shards, 1, new_stage, "moved")
+    assert (find_latest(out) / "deepspeed_universal" / "zero").is_dir()
+    _assert_same_state(same, moved)
+    r = _train(config, 1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[resume]" in r.stdout and "step-000002" in r.stdout
+    assert _digests(out) == reference_digests
+    assert read_state(find_latest(out))["step"] == 4
+
+
+def test_deepspeed_across_the_zero3_boundary_is_refused_naming_the_way_on(tmp_path):
+    """World size and ZeRO-1 <-> ZeRO-2 changes convert; ZeRO-1/2 <-> ZeRO-3 is refused before loading."""
+    from trainer.checkpoint import check_resumable
+
+    check_resumable(tmp_path, _state("deepspeed", 2, 2), "deepspeed", 1, 1)
+    check_resumable(tmp_path, _state("deepspeed", 2, 3), "deepspeed", 1, 3)
+    for saved, now in ((2, 3), (3, 1)):
+        with pytest.raises(RuntimeError) as e:
+            check_resumable(tmp_path, _state("deepspeed", 2, saved), "deepspeed", 1, now)
+        msg = str(e.value)
+        assert f"ZeRO-{saved} checkpoint, this run is ZeRO-{now}" in msg
+        assert f"parallel.zero_stage={saved}" in msg and "run.init_from" in msg and "trainer.export" in msg

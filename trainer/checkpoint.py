@@ -1,13 +1,18 @@
 """Checkpoints that survive preemption: atomic, self-describing, and enough for bitwise-exact resume.
 
 Layout (out_dir/checkpoints/):
-    step-000100/            whatever strategy.save writes (model, optimizer, scaler, engine state)
+    step-000100/            whatever strategy.save writes: single/ddp/fsdp `dcp/` (model, optimizer and
+                            EMA by parameter name, any world size reads it) + scaler; deepspeed its
+                            engine files + ema-rank{r}.pt (EMA of rank r's ZeRO fragments)
         trainer_state.json  step, counters, loader state of every rank, resolved config; written
                             LAST, so its presence marks a complete checkpoint
         rng-rank{r}.pt      torch CPU/CUDA, numpy and python RNG states of rank r
-        ema-rank{r}.pt      EMA of rank r's local parameters (shards under FSDP2/ZeRO-3)
         loader-rank{r}.json the data loader position of rank r
     latest                  text file naming the last complete checkpoint directory
+
+Resume works on another world size and across single/ddp/fsdp (DCP reshards), and for deepspeed on
+another world size or ZeRO stage (universal checkpoint); ranks the saved run did not have keep their
+fresh RNG seeds and take rank 0's loader entry (the loader itself reads every rank's state).
 
 A checkpoint is written into `step-000100.tmp-<pid>` and renamed only when every rank has finished,
 so a kill at any moment leaves the previous checkpoint and `latest` intact; stale temp directories
@@ -177,10 +182,7 @@ def load_checkpoint(strategy, ckpt_dir: str | Path, *, ema, restore_rng: bool = 
     saved_world = state.get("world_size", world)
     check_resumable(ckpt_dir, state, strategy.name, world, strategy.cfg.parallel.zero_stage)
     _warn_if_global_batch_changed(state, strategy)
-    if strategy.saves_ema and ema is not None:
-        ema_loaded = strategy.load(ckpt_dir, ema=ema.shadow)
-    else:
-        ema_loaded = bool(strategy.load(ckpt_dir))
+    ema_loaded = bool(strategy.load(ckpt_dir, ema=ema.shadow if ema is not None else None))
     # older checkpoints (and deepspeed) keep the EMA per rank; a rank the saved run did not have takes
     # rank 0's (replicas: identical on every rank) and keeps its freshly seeded RNG (its t/noise draws
     # cannot match a run that had no such rank)
@@ -197,8 +199,9 @@ def load_checkpoint(strategy, ckpt_dir: str | Path, *, ema, restore_rng: bool = 
 def check_resumable(ckpt_dir: Path, state: dict[str, Any], strategy: str, world: int, zero_stage: int = 0) -> None:
     """Raise, before any collective load, when this run cannot read the checkpoint; the message says
     what to run instead. single/ddp/fsdp DCP checkpoints (with the EMA inside) resume each other on any
-    number of ranks; per-rank state (deepspeed, fsdp EMA files from before DCP EMA) needs the same
-    world size and strategy (and, for deepspeed, ZeRO stage)."""
+    number of ranks; deepspeed resumes deepspeed on any number of ranks and ZeRO stage (through the
+    universal checkpoint, in DeepSpeedStrategy.load); deepspeed <-> the others, and fsdp checkpoints
+    whose EMA is still per rank (written before the EMA moved into DCP) on another topology, do not."""
     saved_world, saved = state.get("world_size", world), state.get("strategy", strategy)
     way_on = ("export it (python -m trainer.export) and start a new run with run.init_from=<the .safetensors>: "
               "the weights carry over, the optimizer state and data position do not")
@@ -207,8 +210,8 @@ def check_resumable(ckpt_dir: Path, state: dict[str, Any], strategy: str, world:
                            f"and torch checkpoints do not convert into each other; resume with {saved!r}, or "
                            f"{way_on}")
     if saved == "deepspeed":
-        _check_deepspeed_resumable(ckpt_dir, state, world, zero_stage)
-        return
+        _check_zero_stage(ckpt_dir, state, zero_stage, way_on)
+        return  # another world size or ZeRO stage: DeepSpeedStrategy.load converts to a universal checkpoint
     if saved in REPLICATED or (saved == "fsdp" and has_dcp_ema(ckpt_dir)):
         return  # any number of ranks, any of single/ddp/fsdp (fsdp refuses model.pt-era files itself)
     if saved_world != world or saved != strategy:
@@ -218,22 +221,17 @@ def check_resumable(ckpt_dir: Path, state: dict[str, Any], strategy: str, world:
             f"{saved_world} {saved} processes once (its next checkpoint reshards), or {way_on}")
 
 
-def _check_deepspeed_resumable(ckpt_dir: Path, state: dict[str, Any], world: int, zero_stage: int) -> None:
-    """ZeRO partitions (optimizer, gradients, ZeRO-3 parameters, our EMA fragments) depend on the world
-    size and stage. DeepSpeed's universal checkpoint (deepspeed.checkpoint.ds_to_universal) could
-    re-partition model and optimizer, but it is not wired in here (nor a reshard of the EMA fragments)."""
-    saved_world = state.get("world_size", world)
-    saved_stage = ((state.get("config") or {}).get("parallel") or {}).get("zero_stage", zero_stage)
-    if saved_world == world and saved_stage == zero_stage:
-        return
-    raise RuntimeError(
-        f"{ckpt_dir} is a DeepSpeed ZeRO-{saved_stage} checkpoint of {saved_world} ranks, this run is ZeRO-"
-        f"{zero_stage} on {world}: the conversion to DeepSpeed's universal checkpoint (ds_to_universal, then "
-        f"checkpoint.load_universal) is not supported by this trainer yet. Resume with {saved_world} processes "
-        f"and parallel.zero_stage={saved_stage}, or export it with those (torchrun --standalone --nproc_per_node "
-        f"{saved_world} -m trainer.export --checkpoint {ckpt_dir} --out model.safetensors) and start a new run "
-        f"with run.init_from=model.safetensors (the weights carry over, the optimizer state and data position "
-        f"do not)")
+def _check_zero_stage(ckpt_dir: Path, state: dict[str, Any], zero_stage: int, way_on: str) -> None:
+    """The universal checkpoint moves between world sizes and between ZeRO-1 and ZeRO-2, not across the
+    ZeRO-3 boundary: ZeRO-3 engines read per-rank model-state files that a ZeRO-1/2 conversion does not
+    have (and the other way round)."""
+    saved = int(((state.get("config") or {}).get("parallel") or {}).get("zero_stage", zero_stage))
+    if (saved == 3) != (zero_stage == 3):
+        raise RuntimeError(
+            f"{ckpt_dir} is a DeepSpeed ZeRO-{saved} checkpoint, this run is ZeRO-{zero_stage}: DeepSpeed's "
+            f"universal checkpoint converts between world sizes and between ZeRO-1 and ZeRO-2, but not across "
+            f"ZeRO-3 (its model-state files differ). Resume with parallel.zero_stage={saved} (any number of "
+            f"processes), or {way_on}")
 
 
 def has_dcp_ema(ckpt_dir: Path) -> bool:
