@@ -57,9 +57,13 @@ TAG = "deepspeed"  # engine.save_checkpoint(<ckpt_dir>, tag=TAG) -> <ckpt_dir>/d
 UNIVERSAL_TAG = "deepspeed_universal"  # its universal-checkpoint conversion, made on a topology change
 
 
-def saved_topology(ckpt_dir: Path) -> tuple[int, int]:
-    """(world size, ZeRO stage) of the run that wrote the checkpoint (its trainer_state.json)."""
-    state = json.loads((Path(ckpt_dir) / "trainer_state.json").read_text())
+def saved_topology(ckpt_dir: Path) -> tuple[int, int] | None:
+    """(world size, ZeRO stage) of the run that wrote the checkpoint (its trainer_state.json); None for
+    an engine checkpoint without one (a strategy saved on its own, e.g. tests/strategy_driver.py)."""
+    path = Path(ckpt_dir) / "trainer_state.json"
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
     stage = ((state.get("config") or {}).get("parallel") or {}).get("zero_stage", 0)
     return int(state.get("world_size", 1)), int(stage)
 
@@ -378,8 +382,8 @@ class DeepSpeedStrategy(Strategy):
         if not (ckpt_dir / TAG).is_dir():
             raise FileNotFoundError(f"{ckpt_dir}: no {TAG}/ directory; not a deepspeed checkpoint "
                                     f"(strategies cannot read each other's checkpoints; use trainer.export)")
-        saved_world, saved_stage = saved_topology(ckpt_dir)
-        universal = (saved_world, saved_stage) != (self.dist.world_size, self.stage)
+        saved = saved_topology(ckpt_dir)
+        universal = saved is not None and saved != (self.dist.world_size, self.stage)
         tag = self._universal_tag(ckpt_dir) if universal else TAG
         self.engine._config.load_universal_checkpoint = universal  # read by load_checkpoint and ZeRO
         try:
@@ -391,7 +395,7 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise RuntimeError(f"deepspeed could not load the checkpoint in {ckpt_dir}/{tag}")
         if universal and ema is not None:
-            self._load_resharded_ema(ckpt_dir, saved_world, saved_stage, ema)
+            self._load_resharded_ema(ckpt_dir, *saved, ema)
         self.barrier()
         return universal and ema is not None
 

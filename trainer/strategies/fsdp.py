@@ -92,6 +92,7 @@ class _LossScaler:
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
+    saves_ema = True  # in the DCP state, as DTensors: reshards with the model
 
     def setup(self, model: nn.Module) -> None:
         ensure_process_group(self.dist, "fsdp")
@@ -171,8 +172,6 @@ class FSDPStrategy(Strategy):
 
     def unwrapped_model(self) -> nn.Module:
         return self.module  # still sharded: use gather_full_state() for an unsharded copy
-
-    saves_ema = True
 
     def named_ema(self, ema: list[Tensor]) -> dict[str, Tensor]:
         """Each EMA shard as a DTensor with its parameter's sharding (views of the shadow), so DCP stores

@@ -27,6 +27,7 @@ SCALER_FILE = "scaler.pt"
 
 class SingleStrategy(Strategy):
     name = "single"
+    saves_ema = True  # in the DCP state, by parameter name: fsdp on any number of ranks reads it
 
     def setup(self, model: nn.Module) -> None:
         self.module = model.to(self.device)
@@ -75,8 +76,6 @@ class SingleStrategy(Strategy):
 
     def unwrapped_model(self) -> nn.Module:
         return self.module
-
-    saves_ema = True
 
     def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> None:
         """Model, AdamW state and EMA by parameter name in DCP (trainer.strategies.dcp_state), so fsdp on
