@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
-from trainer_helpers import run_train, step_log, tiny_config
+from trainer_helpers import run_train, saved_tensors, step_log, tiny_config
 
 from trainer.loop import batch_digest, batch_keys
 
@@ -83,15 +83,19 @@ def test_ddp_two_ranks_killed_resume_on_one_rank_with_the_same_samples_and_state
     cfg1 = tiny_config(tmp_path / "c.yaml", shards, elastic, **one)
     trainer = Trainer(load_config(TrainConfig, cfg1), DistEnv(0, 1, 0, torch.device("cpu"), None))
     assert trainer.step == 2
-    model = torch.load(ckpt / "model.pt", weights_only=True)
-    assert all(torch.equal(v, model[k]) for k, v in trainer.strategy.module.state_dict().items())
-    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
-    live = trainer.strategy.optimizer.state_dict()["state"]
+    module = trainer.strategy.module
+    model = saved_tensors(ckpt, "model")
+    assert sorted(model) == sorted(module.state_dict())
+    assert all(torch.equal(v, model[k]) for k, v in module.state_dict().items())
+    optim = saved_tensors(ckpt, "optim.state")  # "<param name>.exp_avg", ...
+    live = {f"{n}.{k}": v for n, p in module.named_parameters()
+            for k, v in trainer.strategy.optimizer.state.get(p, {}).items()}
     assert sorted(live) == sorted(optim) and len(optim) > 0
-    assert all(torch.equal(live[i][n], optim[i][n]) for i in optim for n in ("exp_avg", "exp_avg_sq", "step"))
-    for r_ in (0, 1):  # both ranks' EMA replicas are the same; the resumed one is that
-        saved = torch.load(ckpt / f"ema-rank{r_}.pt", weights_only=True)
-        assert all(torch.equal(a, b) for a, b in zip(trainer.ema.shadow, saved)) and len(saved) > 0
+    assert all(torch.equal(live[k], optim[k]) for k in optim)
+    saved = saved_tensors(ckpt, "ema")  # the replicas' EMA, written once
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert sorted(saved) == sorted(names)
+    assert all(torch.equal(a, saved[n]) for a, n in zip(trainer.ema.shadow, names))
     trainer.close()
     del trainer
 

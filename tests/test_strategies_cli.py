@@ -50,7 +50,7 @@ def test_trainer_cli_resumes_exactly_and_exports(tmp_path, extra):
     """trainer.train under torchrun: 4 steps straight (checkpoints at 2 and 4) vs a fresh run directory
     holding only the step-2 checkpoint, which resumes by itself; then trainer.export of the shards."""
     from test_loader import write_shards
-    from trainer_helpers import assert_same_ema
+    from trainer_helpers import assert_same_ema, saved_tensors
 
     shards = tmp_path / "shards"
     write_shards(shards, [6, 6], fmt="npy", frames=4, size=16)
@@ -91,5 +91,5 @@ def test_trainer_cli_resumes_exactly_and_exports(tmp_path, extra):
     stdout = _train(warm, shards, {"parallel.strategy": "ddp", "run.init_from": out, "optim.lr": 0.0,
                                    "run.steps": 1, "run.ckpt_every": 1})
     assert f"[init] model and EMA weights from {out} (step 4 of its run)" in stdout
-    live = torch.load(warm / "checkpoints" / "step-000001" / "model.pt", weights_only=True)
+    live = saved_tensors(warm / "checkpoints" / "step-000001", "model")
     assert set(live) == set(exported) and all(torch.equal(live[k], exported[k]) for k in exported)

@@ -17,8 +17,7 @@ def test_ddp_two_processes_exact_resume_after_kill9(tmp_path, trainer_shards):
     assert r.returncode == 0, r.stdout + r.stderr
     ckpt = find_latest(straight)
     names = {p.name for p in ckpt.iterdir()}
-    assert {"rng-rank0.pt", "rng-rank1.pt", "ema-rank0.pt", "ema-rank1.pt", "loader-rank0.json",
-            "loader-rank1.json"} <= names
+    assert {"rng-rank0.pt", "rng-rank1.pt", "dcp", "loader-rank0.json", "loader-rank1.json"} <= names
     state = read_state(ckpt)
     assert state["world_size"] == 2 and state["strategy"] == "ddp"
     assert state["loader"][0]["rank"] == 0 and state["loader"][1]["rank"] == 1

@@ -69,8 +69,9 @@ def test_single_run_writes_tensorboard_samples_and_checkpoints(tmp_path, trainer
     latest = find_latest(out)
     assert latest.name == "step-000004"
     names = {p.name for p in latest.iterdir()}
-    assert {"trainer_state.json", "rng-rank0.pt", "ema-rank0.pt", "loader-rank0.json", "model.pt",
-            "optimizer.pt", "config.yaml"} <= names
+    # model, AdamW state and EMA by parameter name in dcp/ (topology-independent, docs/trainer.md)
+    assert {"trainer_state.json", "rng-rank0.pt", "loader-rank0.json", "dcp", "scaler.pt", "config.yaml"} <= names
+    assert not names & {"model.pt", "optimizer.pt", "ema-rank0.pt"}
     state = read_state(latest)
     assert state["step"] == 4 and state["config"]["run"]["out_dir"] == str(out)
     assert state["text_encoder"] == bert  # from the shards' index.json

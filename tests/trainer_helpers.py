@@ -93,15 +93,33 @@ def step_log(out_dir: Path) -> dict[int, dict]:
     return records
 
 
+def saved_tensors(ckpt_dir: Path, part: str) -> dict:
+    """Full tensors of a checkpoint's `model`, `ema` or `optim.state` (DCP, keyed by parameter name;
+    `optim.state` as `<name>.exp_avg` ...), read in this process whatever world size wrote them."""
+    from trainer.strategies.dcp_state import read_full
+
+    return read_full(Path(ckpt_dir), part)
+
+
 def assert_same_ema(a_run: Path, b_run: Path, step: int, world_size: int = 1) -> None:
-    """The EMA files of checkpoint `step` in two runs hold bitwise-equal tensors (the loss and grad norm
-    of a resumed run do not depend on the EMA, so only this catches a resume that drops it)."""
+    """The EMA of checkpoint `step` in two runs holds bitwise-equal tensors (the loss and grad norm
+    of a resumed run do not depend on the EMA, so only this catches a resume that drops it). In the
+    DCP state (single/ddp/fsdp) or, for deepspeed, in the per-rank ema-rank{r}.pt files."""
     import torch
 
+    from trainer.checkpoint import has_dcp_ema
+
     name = f"step-{step:06d}"
+    a_dir, b_dir = Path(a_run) / "checkpoints" / name, Path(b_run) / "checkpoints" / name
+    if has_dcp_ema(a_dir):
+        a, b = saved_tensors(a_dir, "ema"), saved_tensors(b_dir, "ema")
+        assert sorted(a) == sorted(b) and len(a) > 0
+        bad = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not bad, f"{name}: EMA differs after resume in {bad[:5]}"
+        return
     for r in range(world_size):
-        a = torch.load(Path(a_run) / "checkpoints" / name / f"ema-rank{r}.pt", weights_only=True)
-        b = torch.load(Path(b_run) / "checkpoints" / name / f"ema-rank{r}.pt", weights_only=True)
+        a = torch.load(a_dir / f"ema-rank{r}.pt", weights_only=True)
+        b = torch.load(b_dir / f"ema-rank{r}.pt", weights_only=True)
         assert len(a) == len(b) > 0, (r, len(a), len(b))
         bad = [i for i, (x, y) in enumerate(zip(a, b)) if not torch.equal(x, y)]
         assert not bad, f"{name}: EMA of rank {r} differs after resume in tensors {bad[:5]}"
@@ -125,3 +143,27 @@ def wait_for_line(proc: subprocess.Popen, text: str, lines: list[str], timeout: 
             return
     proc.kill()
     raise AssertionError(f"never saw {text!r}; output:\n{''.join(lines)}")
+
+
+def run_in_group(cmd: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """subprocess.run in its own process group, killed as a whole on timeout: a hung torchrun must not
+    leave its workers (and their loader workers) running after the test has failed."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out}\n{err}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun_cmd(script: str, nproc: int, *args: str) -> list[str]:
+    """`script` (a path, or `-m module`) under torchrun with nproc processes, or plainly for one."""
+    target = script.split() if script.startswith("-m ") else [script]
+    if nproc == 1:
+        return [PY, *target, *args]
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target, *args]

@@ -1,13 +1,18 @@
 """Checkpoints that survive preemption: atomic, self-describing, and enough for bitwise-exact resume.
 
 Layout (out_dir/checkpoints/):
-    step-000100/            whatever strategy.save writes (model, optimizer, scaler, engine state)
+    step-000100/            whatever strategy.save writes: single/ddp/fsdp `dcp/` (model, optimizer and
+                            EMA by parameter name, any world size reads it) + scaler; deepspeed its
+                            engine files + ema-rank{r}.pt (EMA of rank r's ZeRO fragments)
         trainer_state.json  step, counters, loader state of every rank, resolved config; written
                             LAST, so its presence marks a complete checkpoint
         rng-rank{r}.pt      torch CPU/CUDA, numpy and python RNG states of rank r
-        ema-rank{r}.pt      EMA of rank r's local parameters (shards under FSDP2/ZeRO-3)
         loader-rank{r}.json the data loader position of rank r
     latest                  text file naming the last complete checkpoint directory
+
+Resume works on another world size and across single/ddp/fsdp (DCP reshards), and for deepspeed on
+another world size or ZeRO stage (universal checkpoint); ranks the saved run did not have keep their
+fresh RNG seeds and take rank 0's loader entry (the loader itself reads every rank's state).
 
 A checkpoint is written into `step-000100.tmp-<pid>` and renamed only when every rank has finished,
 so a kill at any moment leaves the previous checkpoint and `latest` intact; stale temp directories
@@ -134,9 +139,12 @@ def save_checkpoint(strategy, out_dir: str | Path, step: int, *, ema, loader_sta
         tmp.mkdir(parents=True)
     strategy.barrier()
 
-    strategy.save(tmp)
+    if strategy.saves_ema:  # by parameter name in the strategy's DCP state: reshardable
+        strategy.save(tmp, ema=ema.shadow if ema is not None else None)
+    else:
+        strategy.save(tmp)
+        torch.save(ema.state_dict() if ema is not None else [], tmp / f"ema-rank{rank}.pt")
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    torch.save(ema.state_dict() if ema is not None else [], tmp / f"ema-rank{rank}.pt")
     (tmp / f"loader-rank{rank}.json").write_text(json.dumps(loader_state))
     if during_write is not None:
         during_write()
@@ -166,33 +174,79 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def load_checkpoint(strategy, ckpt_dir: str | Path, *, ema, restore_rng: bool = True) -> dict[str, Any]:
-    """Collective inverse of save_checkpoint. Returns trainer_state with `loader` = this rank's loader
-    state and `loaders` = the list of every rank's."""
+    """Collective inverse of save_checkpoint, on any number of ranks and across single/ddp/fsdp.
+    Returns trainer_state with `loader` = this rank's loader state and `loaders` = every rank's."""
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
     rank, world = strategy.dist.rank, strategy.dist.world_size
-    saved_world, saved_strategy = state.get("world_size", world), state.get("strategy", strategy.name)
-    # single and ddp keep full replicas (model.pt, optimizer.pt by rank 0, the same EMA on every rank):
-    # nothing in them depends on the process count, so either resumes the other on any number of ranks
-    replicated = {saved_strategy, strategy.name} <= REPLICATED
-    if saved_world != world and not replicated:
-        raise RuntimeError(
-            f"{ckpt_dir} was written by {saved_world} processes, this run has {world}: resume with "
-            f"the same number of processes (the {saved_strategy} state is sharded per rank), or export it "
-            f"(python -m trainer.export) and start a new run with run.init_from=<the .safetensors>: the "
-            f"weights carry over, the optimizer state and data position do not")
-    if saved_strategy != strategy.name and not replicated:
-        raise RuntimeError(f"{ckpt_dir} was written by strategy {saved_strategy!r}, this run uses "
-                           f"{strategy.name!r}: resume with that strategy, or export it (python -m "
-                           f"trainer.export) and start a new run with run.init_from=<the .safetensors>")
-    strategy.load(ckpt_dir)
-    # a rank the saved run did not have takes rank 0's replica of the EMA (identical on every rank)
-    # and keeps its freshly seeded RNG (its t/noise draws cannot match a run that had no such rank)
+    saved_world = state.get("world_size", world)
+    check_resumable(ckpt_dir, state, strategy.name, world, strategy.cfg.parallel.zero_stage)
+    _warn_if_global_batch_changed(state, strategy)
+    ema_loaded = bool(strategy.load(ckpt_dir, ema=ema.shadow if ema is not None else None))
+    # older checkpoints (and deepspeed) keep the EMA per rank; a rank the saved run did not have takes
+    # rank 0's (replicas: identical on every rank) and keeps its freshly seeded RNG (its t/noise draws
+    # cannot match a run that had no such rank)
     source = rank if rank < saved_world else 0
-    if ema is not None:
+    if ema is not None and not ema_loaded:
         ema.load_state_dict(torch.load(ckpt_dir / f"ema-rank{source}.pt", weights_only=True))
     if restore_rng and rank < saved_world:
         set_rng_state(torch.load(ckpt_dir / f"rng-rank{rank}.pt", weights_only=True))
     state["loaders"] = state["loader"]  # every rank's: a loader may need streams another rank read
     state["loader"] = state["loader"][source]
     return state
+
+
+def check_resumable(ckpt_dir: Path, state: dict[str, Any], strategy: str, world: int, zero_stage: int = 0) -> None:
+    """Raise, before any collective load, when this run cannot read the checkpoint; the message says
+    what to run instead. single/ddp/fsdp DCP checkpoints (with the EMA inside) resume each other on any
+    number of ranks; deepspeed resumes deepspeed on any number of ranks and ZeRO stage (through the
+    universal checkpoint, in DeepSpeedStrategy.load); deepspeed <-> the others, and fsdp checkpoints
+    whose EMA is still per rank (written before the EMA moved into DCP) on another topology, do not."""
+    saved_world, saved = state.get("world_size", world), state.get("strategy", strategy)
+    way_on = ("export it (python -m trainer.export) and start a new run with run.init_from=<the .safetensors>: "
+              "the weights carry over, the optimizer state and data position do not")
+    if "deepspeed" in {saved, strategy} and saved != strategy:
+        raise RuntimeError(f"{ckpt_dir} was written by strategy {saved!r}, this run uses {strategy!r}: DeepSpeed "
+                           f"and torch checkpoints do not convert into each other; resume with {saved!r}, or "
+                           f"{way_on}")
+    if saved == "deepspeed":
+        _check_zero_stage(ckpt_dir, state, zero_stage, way_on)
+        return  # another world size or ZeRO stage: DeepSpeedStrategy.load converts to a universal checkpoint
+    if saved in REPLICATED or (saved == "fsdp" and has_dcp_ema(ckpt_dir)):
+        return  # any number of ranks, any of single/ddp/fsdp (fsdp refuses model.pt-era files itself)
+    if saved_world != world or saved != strategy:
+        raise RuntimeError(
+            f"{ckpt_dir} was written by {saved_world} {saved} processes, this run has {world} {strategy}: it "
+            f"predates the EMA in DCP and keeps it sharded per rank (ema-rank{{r}}.pt), so resume with "
+            f"{saved_world} {saved} processes once (its next checkpoint reshards), or {way_on}")
+
+
+def _check_zero_stage(ckpt_dir: Path, state: dict[str, Any], zero_stage: int, way_on: str) -> None:
+    """The universal checkpoint moves between world sizes and between ZeRO-1 and ZeRO-2, not across the
+    ZeRO-3 boundary: ZeRO-3 engines read per-rank model-state files that a ZeRO-1/2 conversion does not
+    have (and the other way round)."""
+    saved = int(((state.get("config") or {}).get("parallel") or {}).get("zero_stage", zero_stage))
+    if (saved == 3) != (zero_stage == 3):
+        raise RuntimeError(
+            f"{ckpt_dir} is a DeepSpeed ZeRO-{saved} checkpoint, this run is ZeRO-{zero_stage}: DeepSpeed's "
+            f"universal checkpoint converts between world sizes and between ZeRO-1 and ZeRO-2, but not across "
+            f"ZeRO-3 (its model-state files differ). Resume with parallel.zero_stage={saved} (any number of "
+            f"processes), or {way_on}")
+
+
+def has_dcp_ema(ckpt_dir: Path) -> bool:
+    from trainer.strategies import dcp_state
+
+    return dcp_state.has_dcp(ckpt_dir) and dcp_state.has_ema(ckpt_dir)
+
+
+def _warn_if_global_batch_changed(state: dict[str, Any], strategy) -> None:
+    """A changed global batch is allowed (the loader keeps the data position in samples); say so."""
+    loaders = state.get("loader") or []
+    old = (loaders[0] or {}).get("global_batch") if loaders else None
+    data, optim = strategy.cfg.data, strategy.cfg.optim
+    new = data.batch_size * strategy.dist.world_size * optim.grad_accum
+    if old is not None and int(old) != new and strategy.dist.rank == 0:
+        print(f"[resume] WARNING: global batch size changed from {old} to {new} "
+              f"(data.batch_size x world size x optim.grad_accum); the data position is kept in samples",
+              flush=True)

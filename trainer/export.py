@@ -2,10 +2,11 @@
 
     python -m trainer.export --checkpoint runs/x[/checkpoints/step-001000] --out model.safetensors
 
-single/ddp checkpoints hold the full EMA in ema-rank0.pt and export in one process. Sharded
-checkpoints (fsdp, deepspeed) hold one EMA shard per rank; export them with the strategy that wrote
-them and the same number of processes, which reassembles the shards through
-`strategy.gather_full_state` (the command is printed if you get it wrong):
+single/ddp/fsdp checkpoints hold the EMA by parameter name in their DCP state (`dcp/`) and export in
+one process, whatever the number of ranks that wrote them (older single/ddp ones: ema-rank0.pt).
+DeepSpeed checkpoints (and fsdp ones from before the EMA moved into DCP) hold one EMA shard per rank;
+export them with the strategy that wrote them and the same number of processes, which reassembles
+the shards through `strategy.gather_full_state` (the command is printed if you get it wrong):
 
     torchrun --standalone --nproc_per_node 2 -m trainer.export --checkpoint ... --out model.safetensors
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,13 +35,27 @@ def _metadata(cfg: TrainConfig, state: dict, ckpt_dir: Path) -> dict[str, str]:
 
 
 def ema_state_replicated(ckpt_dir: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Full EMA state of a single/ddp checkpoint, without any process group."""
+    """Full EMA state of a single/ddp checkpoint, or of any checkpoint with the EMA in its DCP state
+    (fsdp included, whatever its world size: DCP assembles the shards), without any process group."""
     from model.unet import SpaceTimeUNet
+    from trainer.checkpoint import has_dcp_ema
+    from trainer.strategies import dcp_state
     from trainer.strategies.single import full_state
 
     model = SpaceTimeUNet(cfg.model)
-    ema = torch.load(ckpt_dir / "ema-rank0.pt", weights_only=True, map_location="cpu")
+    if has_dcp_ema(ckpt_dir):
+        named = dcp_state.read_full(ckpt_dir, dcp_state.EMA_KEY)
+        ema = [named[n] for n, p in model.named_parameters() if p.requires_grad]
+    else:  # written before the EMA moved into DCP
+        ema = torch.load(ckpt_dir / "ema-rank0.pt", weights_only=True, map_location="cpu")
     return full_state(model, ema)
+
+
+def _one_process(ckpt_dir: Path, state: dict, cfg: TrainConfig) -> bool:
+    """single/ddp replicas and DCP checkpoints with the EMA inside export without a process group."""
+    from trainer.checkpoint import has_dcp_ema
+
+    return state.get("strategy", cfg.parallel.strategy) in REPLICATED or has_dcp_ema(ckpt_dir)
 
 
 def ema_state_sharded(ckpt_dir: Path, cfg: TrainConfig, state: dict) -> dict[str, torch.Tensor] | None:
@@ -70,8 +86,10 @@ def export(checkpoint: str | Path, out: str | Path) -> Path | None:
     ckpt_dir = resolve_checkpoint(checkpoint)
     state = read_state(ckpt_dir)
     cfg = from_dict(TrainConfig, state["config"])
-    if state.get("strategy", cfg.parallel.strategy) in REPLICATED:
-        tensors, is_main = ema_state_replicated(ckpt_dir, cfg), True
+    if _one_process(ckpt_dir, state, cfg):
+        # launched under torchrun anyway (the command for sharded checkpoints): rank 0 writes
+        is_main = int(os.environ.get("RANK", "0")) == 0
+        tensors = ema_state_replicated(ckpt_dir, cfg) if is_main else None
     else:
         tensors = ema_state_sharded(ckpt_dir, cfg, state)
         is_main = tensors is not None
@@ -104,7 +122,7 @@ def load_ema_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainCo
     ckpt_dir = resolve_checkpoint(path)
     state = read_state(ckpt_dir)
     cfg = from_dict(TrainConfig, state["config"])
-    if state.get("strategy", cfg.parallel.strategy) not in REPLICATED:
+    if not _one_process(ckpt_dir, state, cfg):
         raise ValueError(f"{ckpt_dir} is a sharded {state.get('strategy')} checkpoint: export it first "
                          f"(python -m trainer.export --checkpoint {ckpt_dir} --out model.safetensors, with "
                          f"{state.get('world_size')} processes) and use the .safetensors file")

@@ -101,11 +101,26 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def local_params(self) -> list[Tensor]: ...
 
-    @abc.abstractmethod
-    def save(self, ckpt_dir: Path) -> None: ...
+    # True: save()/load() carry the EMA inside the strategy's own (topology-independent) state, keyed by
+    # parameter name; False: trainer.checkpoint keeps it per rank in ema-rank{r}.pt (DeepSpeed)
+    saves_ema: bool = False
 
     @abc.abstractmethod
-    def load(self, ckpt_dir: Path) -> None: ...
+    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> None:
+        """Collective. `ema`: the EMA shadow (parallel to local_params()), stored when `saves_ema`."""
+
+    @abc.abstractmethod
+    def load(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> bool:
+        """Collective. Loads model + optimizer state, and the EMA into `ema` in place when the checkpoint
+        holds one; returns whether it did (False: an older checkpoint, EMA in ema-rank{r}.pt)."""
+
+    def named_ema(self, ema: list[Tensor]) -> dict[str, Tensor]:
+        """The EMA shadow keyed by parameter name, as tensors sharing storage with `ema` (so a DCP load
+        fills the shadow in place); under sharding, each with its parameter's sharding."""
+        names = [n for n, p in self.unwrapped_model().named_parameters() if p.requires_grad]
+        if len(names) != len(ema):
+            raise ValueError(f"EMA has {len(ema)} tensors for {len(names)} trainable parameters")
+        return dict(zip(names, ema))
 
     @abc.abstractmethod
     def gather_full_state(self, tensors: list[Tensor] | None = None) -> dict[str, Tensor] | None: ...

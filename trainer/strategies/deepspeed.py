@@ -25,6 +25,11 @@ EMA shards: under ZeRO-3 each rank's trainable tensors are its fp32 master parti
 (`safe_get_local_fp32_param`); under ZeRO-1/2 they are the fragments of the fp32 master that this
 rank's optimizer owns (`param._hp_mapping`). Either way EMA memory divides by the world size, and
 `gather_full_state` reassembles full fp32 tensors from any such list (live weights or EMA).
+
+Another world size or ZeRO stage: `load` converts the checkpoint once to DeepSpeed's universal
+checkpoint (`ds_to_universal` into `<ckpt>/deepspeed_universal/`), loads it with
+`load_universal_checkpoint` switched on for that one call, and re-cuts the EMA from every saved
+rank's fragments (`join_pieces`, then this rank's fragment/partition).
 """
 
 from __future__ import annotations
@@ -49,6 +54,74 @@ from trainer.strategies.process_group import ensure_process_group
 log = logging.getLogger(__name__)
 
 TAG = "deepspeed"  # engine.save_checkpoint(<ckpt_dir>, tag=TAG) -> <ckpt_dir>/deepspeed/
+UNIVERSAL_TAG = "deepspeed_universal"  # its universal-checkpoint conversion, made on a topology change
+
+
+def saved_topology(ckpt_dir: Path) -> tuple[int, int] | None:
+    """(world size, ZeRO stage) of the run that wrote the checkpoint (its trainer_state.json); None for
+    an engine checkpoint without one (a strategy saved on its own, e.g. tests/strategy_driver.py)."""
+    path = Path(ckpt_dir) / "trainer_state.json"
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    stage = ((state.get("config") or {}).get("parallel") or {}).get("zero_stage", 0)
+    return int(state.get("world_size", 1)), int(stage)
+
+
+def join_pieces(pieces: list[Tensor], numel: int, stage: int) -> Tensor:
+    """The flat fp32 tensor from the per-rank pieces of one parameter, in rank order: ZeRO-3 padded
+    partitions (cut to `numel`), or ZeRO-1/2 fragments (contiguous in rank order, empty where a rank
+    owned none of it)."""
+    flat = torch.cat([p.reshape(-1).float() for p in pieces])
+    if stage == 3:
+        return flat[:numel]
+    if flat.numel() != numel:
+        raise ValueError(f"ZeRO-{stage} EMA fragments hold {flat.numel()} values for a parameter of {numel}")
+    return flat
+
+
+def _allowed_classes() -> list:
+    """Plain DeepSpeed records its checkpoint files pickle (stage enum, loss scalers, fragment addresses)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load():
+    """DeepSpeed's universal-checkpoint code calls torch.load(weights_only=False) itself; inside this
+    context every torch.load is weights_only=True with only the allow-listed DeepSpeed records."""
+    original = torch.load
+    allowed = _allowed_classes()
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def convert_to_universal(src: Path, target: Path) -> None:
+    """deepspeed.checkpoint.ds_to_universal in this process (no worker pool), into target atomically."""
+    import argparse
+    import shutil
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with _weights_only_torch_load():
+        ds_to_universal(args)
+    os.replace(tmp, target)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -144,11 +217,7 @@ def _load_checkpoints_weights_only(engine) -> None:
     and a few plain DeepSpeed records (the ZeRO stage enum, the loss scaler, ZeRO-1/2 fragment
     addresses); only those classes are allow-listed, so a tampered checkpoint cannot run code.
     """
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    allowed = _allowed_classes()
     ckpt_engine = getattr(engine, "checkpoint_engine", None)
     if ckpt_engine is None or not hasattr(ckpt_engine, "load"):
         raise RuntimeError("this DeepSpeed version has no engine.checkpoint_engine.load to make safe")
@@ -300,19 +369,68 @@ class DeepSpeedStrategy(Strategy):
     def unwrapped_model(self) -> nn.Module:
         return self.module  # ZeRO-3 parameters are partitioned: use gather_full_state()
 
-    def save(self, ckpt_dir: Path) -> None:
+    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> None:
+        """Engine files only; the EMA fragments go to ema-rank{r}.pt (saves_ema is False)."""
         self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, client_state={}, save_latest=False)
         self.barrier()
 
-    def load(self, ckpt_dir: Path) -> None:
-        if not (Path(ckpt_dir) / TAG).is_dir():
+    def load(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> bool:
+        """The engine state; on another world size or ZeRO stage through DeepSpeed's universal checkpoint
+        (converted once, kept beside the original), and then the EMA too (re-sliced from every saved
+        rank's fragments; same topology: False, trainer.checkpoint reads this rank's ema-rank{r}.pt)."""
+        ckpt_dir = Path(ckpt_dir)
+        if not (ckpt_dir / TAG).is_dir():
             raise FileNotFoundError(f"{ckpt_dir}: no {TAG}/ directory; not a deepspeed checkpoint "
                                     f"(strategies cannot read each other's checkpoints; use trainer.export)")
-        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        saved = saved_topology(ckpt_dir)
+        universal = saved is not None and saved != (self.dist.world_size, self.stage)
+        tag = self._universal_tag(ckpt_dir) if universal else TAG
+        self.engine._config.load_universal_checkpoint = universal  # read by load_checkpoint and ZeRO
+        try:
+            with _weights_only_torch_load():
+                path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         if path is None:
-            raise RuntimeError(f"deepspeed could not load the checkpoint in {ckpt_dir}/{TAG}")
+            raise RuntimeError(f"deepspeed could not load the checkpoint in {ckpt_dir}/{tag}")
+        if universal and ema is not None:
+            self._load_resharded_ema(ckpt_dir, *saved, ema)
         self.barrier()
+        return universal and ema is not None
+
+    def _universal_tag(self, ckpt_dir: Path) -> str:
+        """Rank 0 converts <ckpt>/deepspeed into <ckpt>/deepspeed_universal once (into a temporary
+        directory, renamed when complete, so a kill leaves no half conversion); all ranks wait."""
+        target = ckpt_dir / UNIVERSAL_TAG
+        if self.dist.rank == 0 and not target.is_dir():
+            convert_to_universal(ckpt_dir / TAG, target)
+        self.barrier()
+        return UNIVERSAL_TAG
+
+    @torch.no_grad()
+    def _load_resharded_ema(self, ckpt_dir: Path, saved_world: int, saved_stage: int, ema: list[Tensor]) -> None:
+        """Every saved rank's EMA pieces, joined into full tensors, then cut to this rank's pieces."""
+        saved = [torch.load(ckpt_dir / f"ema-rank{r}.pt", weights_only=True, map_location="cpu")
+                 for r in range(saved_world)]
+        for i, (p, local) in enumerate(zip(self._params, ema)):
+            numel = int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 parameters are empty placeholders
+            full = join_pieces([pieces[i] for pieces in saved], numel, saved_stage)
+            self._cut_piece(p, full, local)
+
+    def _cut_piece(self, p: nn.Parameter, full: Tensor, local: Tensor) -> None:
+        """local <- this rank's piece of the flat fp32 tensor `full` (the layout of local_params())."""
+        if self.stage == 3:
+            part = local.numel()
+            start = self.dist.rank * part
+            n = max(0, min(part, full.numel() - start))
+            local.zero_()
+            local.view(-1).narrow(0, 0, n).copy_(full.narrow(0, start, n).to(local.device))
+            return
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is not None:
+            addr = mapping.lp_fragment_address
+            local.view(-1).copy_(full.narrow(0, addr.start, addr.numel).to(local.device))
 
     def gather_full_state(self, tensors: list[Tensor] | None = None) -> dict[str, Tensor] | None:
         """Collective: full fp32 tensors on rank 0 from per-rank pieces (the live fp32 master, or the

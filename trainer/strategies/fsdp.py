@@ -11,8 +11,10 @@ with fp16 compute plus dynamic loss scaling. FSDP casts the inputs itself, so `a
 Gradients are DTensors sharded on dim 0. The global norm is sqrt(all_reduce(Σ local ‖g‖²)), which
 needs the local shards only; the per-rank shards are disjoint, so nothing is counted twice.
 
-Checkpoints are DCP (torch.distributed.checkpoint): every rank writes its own shards of model and
-optimizer in parallel into `<ckpt>/dcp/`, and they load back into the same or a different sharding.
+Checkpoints are DCP (torch.distributed.checkpoint, trainer.strategies.dcp_state): every rank writes
+its own shards of model, optimizer and EMA (the EMA as DTensors with the parameters' sharding) in
+parallel into `<ckpt>/dcp/`, keyed by parameter name; they load back into the same or a different
+number of ranks, and single/ddp read them (and write the same format) too.
 """
 
 from __future__ import annotations
@@ -24,17 +26,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from model.precision import autocast_dtype
+from trainer.strategies import dcp_state
 from trainer.strategies.base import Strategy, make_optimizer
+from trainer.strategies.dcp_state import DCP_DIR
 from trainer.strategies.process_group import ensure_process_group
 
-DCP_DIR = "dcp"
 SCALER_FILE = "fsdp_scaler.json"
 
 
@@ -91,6 +92,7 @@ class _LossScaler:
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
+    saves_ema = True  # in the DCP state, as DTensors: reshards with the model
 
     def setup(self, model: nn.Module) -> None:
         ensure_process_group(self.dist, "fsdp")
@@ -171,28 +173,37 @@ class FSDPStrategy(Strategy):
     def unwrapped_model(self) -> nn.Module:
         return self.module  # still sharded: use gather_full_state() for an unsharded copy
 
-    def save(self, ckpt_dir: Path) -> None:
+    def named_ema(self, ema: list[Tensor]) -> dict[str, Tensor]:
+        """Each EMA shard as a DTensor with its parameter's sharding (views of the shadow), so DCP stores
+        global offsets and another number of ranks, ddp or one process reads the slices it owns."""
+        named = super().named_ema(ema)
+        params = dict(self.module.named_parameters())
+        return {n: _from_local_like(t, params[n]) for n, t in named.items()}
+
+    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> None:
         ckpt_dir = Path(ckpt_dir)
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir / DCP_DIR))
+        dcp_state.save(ckpt_dir, self.module, self.optimizer, self.named_ema(ema) if ema is not None else None)
         if self.dist.rank == 0:
             (ckpt_dir / SCALER_FILE).write_text(json.dumps(self.scaler.state_dict()))
         self.barrier()
 
-    def load(self, ckpt_dir: Path) -> None:
+    def load(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> bool:
+        """Any single/ddp/fsdp DCP checkpoint, on any number of ranks (DCP reshards on read)."""
         ckpt_dir = Path(ckpt_dir)
-        if not (ckpt_dir / DCP_DIR).is_dir():
-            raise FileNotFoundError(f"{ckpt_dir}: no {DCP_DIR}/ directory; not an fsdp checkpoint "
-                                    f"(strategies cannot read each other's checkpoints; use trainer.export)")
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_DIR))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        if not dcp_state.has_dcp(ckpt_dir):
+            raise FileNotFoundError(
+                f"{ckpt_dir}: no {DCP_DIR}/ directory. A single/ddp checkpoint from before DCP (model.pt) cannot "
+                f"be sharded: resume it once with single/ddp (its next checkpoint is DCP), or export it "
+                f"(python -m trainer.export) and start a new run with run.init_from=<the .safetensors>")
+        named = self.named_ema(ema) if ema is not None else None
+        found = dcp_state.load(ckpt_dir, self.module, self.optimizer, named)
+        if found:
+            dcp_state.copy_into(ema, list(named.values()))
         scaler_path = ckpt_dir / SCALER_FILE
-        if scaler_path.is_file():
+        if scaler_path.is_file():  # fsdp's own; a single/ddp GradScaler state does not carry over
             self.scaler.load_state_dict(json.loads(scaler_path.read_text()))
         self.barrier()
+        return found
 
     def gather_full_state(self, tensors: list[Tensor] | None = None) -> dict[str, Tensor] | None:
         """Collective. Unshards each parameter (or the given per-rank shards, e.g. EMA) on every rank

@@ -1,8 +1,9 @@
 """One process holds the whole model: plain AdamW, autocast, and a GradScaler for fp16.
 
 Also the base of DDP (trainer.strategies.ddp), which differs only in wrapping the module and in
-skipping the gradient all-reduce on accumulation micro-steps; both keep full replicas, so the
-checkpoint is one model/optimizer file written by rank 0.
+skipping the gradient all-reduce on accumulation micro-steps; both keep full replicas. Checkpoints
+are DCP keyed by parameter name (trainer.strategies.dcp_state), written once for all replicas, and
+readable by fsdp on any number of ranks; the older model.pt/optimizer.pt files are still read.
 
 Precision: parameters and optimizer state stay fp32; `run.precision` bf16/fp16 only sets the
 autocast dtype of forward+loss. fp16 adds dynamic loss scaling (torch.amp.GradScaler), on CUDA and on
@@ -16,15 +17,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from trainer.strategies import dcp_state
 from trainer.strategies.base import Strategy, make_optimizer
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.pt"  # checkpoints written before DCP (still read)
 OPTIM_FILE = "optimizer.pt"
 SCALER_FILE = "scaler.pt"
 
 
 class SingleStrategy(Strategy):
     name = "single"
+    saves_ema = True  # in the DCP state, by parameter name: fsdp on any number of ranks reads it
 
     def setup(self, model: nn.Module) -> None:
         self.module = model.to(self.device)
@@ -74,25 +77,41 @@ class SingleStrategy(Strategy):
     def unwrapped_model(self) -> nn.Module:
         return self.module
 
-    def save(self, ckpt_dir: Path) -> None:
+    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> None:
+        """Model, AdamW state and EMA by parameter name in DCP (trainer.strategies.dcp_state), so fsdp on
+        any number of ranks can resume it too; ddp replicas are written once. Scaler: rank 0."""
         ckpt_dir = Path(ckpt_dir)
+        dcp_state.save(ckpt_dir, self.module, self.optimizer, self.named_ema(ema) if ema is not None else None)
         if self.dist.rank == 0:
-            torch.save(self.module.state_dict(), ckpt_dir / MODEL_FILE)
-            torch.save(self.optimizer.state_dict(), ckpt_dir / OPTIM_FILE)
             torch.save(self.scaler.state_dict(), ckpt_dir / SCALER_FILE)
         self.barrier()
 
-    def load(self, ckpt_dir: Path) -> None:
+    def load(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> bool:
         ckpt_dir = Path(ckpt_dir)
+        if dcp_state.has_dcp(ckpt_dir):
+            named = self.named_ema(ema) if ema is not None else None
+            found = dcp_state.load(ckpt_dir, self.module, self.optimizer, named)
+            if found:
+                dcp_state.copy_into(ema, list(named.values()))
+        else:  # written before DCP: model.pt / optimizer.pt (+ ema-rank{r}.pt, read by the caller)
+            self._load_torch_files(ckpt_dir)
+            found = False
+        self._load_scaler(ckpt_dir)
+        self.barrier()
+        return found
+
+    def _load_torch_files(self, ckpt_dir: Path) -> None:
         self.module.load_state_dict(torch.load(ckpt_dir / MODEL_FILE, map_location=self.device, weights_only=True))
         self.optimizer.load_state_dict(torch.load(ckpt_dir / OPTIM_FILE, map_location=self.device,
                                                   weights_only=True))
+
+    def _load_scaler(self, ckpt_dir: Path) -> None:
+        """Only a single/ddp scaler file: another strategy's loss scale (fsdp's own) restarts here."""
         scaler_path = ckpt_dir / SCALER_FILE
         if scaler_path.exists():
             state = torch.load(scaler_path, weights_only=True)
-            if state:  # a disabled scaler saves {}
+            if state and self.scaler.is_enabled():  # a disabled scaler saves {}
                 self.scaler.load_state_dict(state)
-        self.barrier()
 
     def gather_full_state(self, tensors: list[Tensor] | None = None) -> dict[str, Tensor] | None:
         if self.dist.rank != 0:
@@ -112,3 +131,4 @@ def full_state(module: nn.Module, tensors: list[Tensor] | None = None) -> dict[s
         for name, t in zip(names, tensors):
             state[name] = t.detach().float().cpu().clone()
     return state
+

@@ -1,0 +1,95 @@
+"""Resume a run the way `trainer.train` does and write the state it resumed into, gathered in full.
+
+    torchrun --standalone --nproc_per_node M tests/resume_dump.py --config run.yaml --out dump.pt
+
+Builds the real Trainer (which loads the latest checkpoint of run.out_dir on M ranks, whatever wrote
+it) and, without training, gathers on rank 0: the full parameters and buffers, the full EMA and the
+AdamW moments and step of every parameter, keyed by parameter name. tests/test_elastic_checkpoint.py
+compares them with the checkpoint read directly (trainer.strategies.dcp_state.read_full), so a
+reshard that loses, moves or reorders any piece fails there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.config import load_config  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.distributed import leave_process_group_on_exit  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (fsdp shard) gathered, or a plain tensor as is; on CPU."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+
+
+def optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """`<param name>.<exp_avg|exp_avg_sq|step>` for every parameter that has AdamW state (collective)."""
+    if trainer.strategy.name == "deepspeed":
+        return deepspeed_optimizer_state(trainer)
+    module = trainer.strategy.unwrapped_model()
+    state = trainer.strategy.optimizer.state
+    out = {}
+    for name, p in module.named_parameters():
+        for key, value in sorted(state.get(p, {}).items()):
+            out[f"{name}.{key}"] = full(value)
+    return out
+
+
+def deepspeed_optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The AdamW moments of every parameter, cut from the ZeRO optimizer's flat fp32 state the way
+    local_params() cuts the master weights, then gathered by the strategy (collective); plus the
+    distinct step counts of the flat groups under `steps`."""
+    s = trainer.strategy
+    out = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        pieces = [_zero_state_piece(s, p, key) for p in s._params]
+        full = s.gather_full_state(pieces)
+        if trainer.rank == 0:
+            out.update({f"{name}.{key}": full[name] for name in s._names})
+    steps = {float(st["step"]) for st in s.optimizer.optimizer.state.values() if "step" in st}
+    out["steps"] = torch.tensor(sorted(steps))
+    return out
+
+
+def _zero_state_piece(s, p: torch.nn.Parameter, key: str) -> torch.Tensor:
+    opt = s.optimizer
+    if s.stage == 3:
+        piece, _ = opt._get_fp32_opt_state_partition(p, True, optim_state_key=key)
+        return piece
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return torch.empty(0)
+    flat = opt.single_partition_of_fp32_groups[mapping.param_group_index]
+    addr = mapping.hp_fragment_address
+    return opt.optimizer.state[flat][key].narrow(0, addr.start, addr.numel)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    with leave_process_group_on_exit():
+        trainer = Trainer(load_config(TrainConfig, args.config))
+        try:
+            dump = {"step": torch.tensor(trainer.step), "model": trainer.strategy.gather_full_state(),
+                    "ema": trainer.strategy.gather_full_state(trainer.ema.shadow),
+                    "optim": optimizer_state(trainer),
+                    "lr": torch.tensor([g["lr"] for g in trainer.strategy.optimizer.param_groups])}
+            if trainer.rank == 0:
+                torch.save(dump, args.out)
+        finally:
+            trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
