@@ -264,3 +264,20 @@ def assert_identical_shards(a: Path, b: Path) -> None:
     assert list(ma) == list(mb), "member lists differ"
     differing = [k for k in ma if ma[k] != mb[k]]
     assert not differing, f"{len(differing)} members differ: {differing[:10]}"
+
+
+def shard_small_npy(manifest: Path, out: Path, encoder: str, max_failure_ratio: float) -> dict[str, dict]:
+    """Run the shard CLI in-process on `manifest` (8 frames at 8 fps, 16x16, npy storage, one shard)
+    and return the samples of shard-000000.tar by key, read with webdataset."""
+    import webdataset as wds
+    import yaml
+
+    from data_pipeline.shard import main
+
+    cfg = out.parent / f"{out.name}.yaml"
+    cfg.write_text(yaml.safe_dump({"manifest": str(manifest), "out_dir": str(out), "samples_per_shard": 10,
+                                   "clip": {"frames": 8, "fps": 8, "height": 16, "width": 16},
+                                   "storage": {"format": "npy"}, "encoder": {"name_or_path": encoder},
+                                   "max_failure_ratio": max_failure_ratio}))
+    assert main(["--config", str(cfg), "--no-progress"]) == 0
+    return {s["__key__"]: s for s in wds.WebDataset([str(out / "shard-000000.tar")], shardshuffle=False)}

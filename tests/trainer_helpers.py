@@ -146,19 +146,13 @@ def wait_for_line(proc: subprocess.Popen, text: str, lines: list[str], timeout: 
 
 
 def run_in_group(cmd: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
-    """subprocess.run in its own process group, killed as a whole on timeout: a hung torchrun must not
-    leave its workers (and their loader workers) running after the test has failed."""
-    import signal
-
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    """A command of ours from the repository root with the tests' environment; on timeout its whole
+    process group is killed (tests/process_group.py) and the test fails with the output so far."""
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out}\n{err}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        return process_group.run(cmd, cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True,
+                                 timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{e.output}\n{e.stderr}") from None
 
 
 def torchrun_cmd(script: str, nproc: int, *args: str) -> list[str]:
