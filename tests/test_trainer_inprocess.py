@@ -1,7 +1,7 @@
 """The real `Trainer` driven in this process on an in-memory loader (no shards, no subprocess), for
 documented paths that are awkward to reach from the CLI: the NaN guard giving up after 3 rollbacks,
-the refusal to resume a sharded checkpoint with another process count or strategy, and gradient accumulation skipping
-DDP's all-reduce on non-final micro-steps."""
+resuming a checkpoint written by another strategy or process count (and the refusal across
+deepspeed), and gradient accumulation skipping DDP's all-reduce on non-final micro-steps."""
 
 from __future__ import annotations
 
@@ -105,15 +105,14 @@ def _pretend_written_by(tmp_path, **fields) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
-def test_resume_of_a_sharded_checkpoint_with_another_process_count_is_refused_naming_both(tmp_path):
+def test_a_checkpoint_labelled_as_two_fsdp_ranks_resumes_under_ddp_on_one_process(tmp_path):
+    """Checkpoints are topology-independent (trainer/strategies/dcp_state.py): what the saving run's
+    strategy and process count were no longer decides whether a run can resume it (the real 2-rank
+    fsdp reshards are tests/test_elastic_checkpoint.py)."""
     cfg = _checkpointed_run(tmp_path)
     _pretend_written_by(tmp_path, strategy="fsdp", world_size=2)
     cfg.parallel.strategy = "ddp"  # one process: DDP runs unwrapped, so this needs no process group
-    with pytest.raises(RuntimeError) as e:
-        _trainer(cfg)
-    msg = str(e.value)
-    assert "step-000002 was written by 2 processes, this run has 1" in msg and "fsdp" in msg
-    assert "run.init_from" in msg and "trainer.export" in msg
+    assert _trainer(cfg).step == 2
 
 
 def test_resume_with_another_strategy_is_refused_naming_both_unless_both_replicate(tmp_path):
