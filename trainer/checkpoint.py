@@ -23,22 +23,30 @@ are stored as tensors and plain lists, never pickled objects.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from trainer import async_write
+
+log = logging.getLogger(__name__)
+
 # strategies whose checkpoint holds full replicas: resumable on another process count or by each other
 REPLICATED = {"single", "ddp"}
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
+WRITTEN, FAILED = ".written-rank", ".failed-rank"  # a rank's background writes finished / failed
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -120,9 +128,22 @@ def read_state(ckpt_dir: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ save / load
 def save_checkpoint(strategy, out_dir: str | Path, step: int, *, ema, loader_state: dict | None,
-                    state: dict[str, Any], keep_last: int, during_write: Callable[[], None] | None = None) -> Path:
+                    state: dict[str, Any], keep_last: int, during_write: Callable[[], None] | None = None,
+                    files: dict[str, str] | None = None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory. `during_write` runs on
-    every rank once its files are in the temporary directory, before the rename (a callback's hook)."""
+    every rank once its files are in the temporary directory, before the rename (a callback's hook);
+    `files` (name -> text) are written into the checkpoint by rank 0."""
+    pending = start_checkpoint(strategy, out_dir, step, ema=ema, loader_state=loader_state, state=state,
+                               keep_last=keep_last, during_write=during_write, files=files, background=False)
+    return pending.wait(strategy)
+
+
+def start_checkpoint(strategy, out_dir: str | Path, step: int, *, ema, loader_state: dict | None,
+                     state: dict[str, Any], keep_last: int, during_write: Callable[[], None] | None = None,
+                     files: dict[str, str] | None = None, background: bool = True) -> PendingCheckpoint:
+    """Collective. Stages the state and returns once the large files are being written (by background
+    threads when `background`); the checkpoint becomes the latest only when `PendingCheckpoint.poll`
+    (rank 0, between steps) or `.wait` (collective) finds every rank's files written."""
     rank, world = strategy.dist.rank, strategy.dist.world_size
     root = checkpoint_root(out_dir)
     final = root / step_dir_name(step)
@@ -140,28 +161,98 @@ def save_checkpoint(strategy, out_dir: str | Path, step: int, *, ema, loader_sta
     strategy.barrier()
 
     if strategy.saves_ema:  # by parameter name in the strategy's DCP state: reshardable
-        strategy.save(tmp, ema=ema.shadow if ema is not None else None)
+        writes = [strategy.save(tmp, ema=ema.shadow if ema is not None else None, background=background)]
     else:
-        strategy.save(tmp)
-        torch.save(ema.state_dict() if ema is not None else [], tmp / f"ema-rank{rank}.pt")
+        writes = [strategy.save(tmp, background=background),
+                  async_write.save(ema.state_dict() if ema is not None else [], tmp / f"ema-rank{rank}.pt",
+                                   background=background)]
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     (tmp / f"loader-rank{rank}.json").write_text(json.dumps(loader_state))
+    if rank == 0:
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+    pending = PendingCheckpoint(Path(out_dir), tmp, final, rank, world, keep_last, async_write.all_of(writes))
     if during_write is not None:
         during_write()
     strategy.barrier()
-
     if rank == 0:
         loaders = [json.loads((tmp / f"loader-rank{r}.json").read_text()) for r in range(world)]
-        full_state = dict(state, step=step, world_size=world, strategy=strategy.name, loader=loaders)
-        _write_atomic(tmp / STATE_FILE, json.dumps(full_state, indent=1))
-        if final.exists():  # same step saved again (signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST, final.name + "\n")
-        for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+        pending.trainer_state = dict(state, step=step, world_size=world, strategy=strategy.name, loader=loaders)
+    return pending
+
+
+class PendingCheckpoint:
+    """A checkpoint whose files may still be in flight. Each rank's writes mark themselves done in the
+    temporary directory (`.written-rank{r}`, or `.failed-rank{r}` with the error); rank 0 commits
+    (trainer_state.json last, rename, `latest`, pruning) once every rank's mark is there, so a kill
+    before that leaves the previous checkpoint the latest, and committing needs no collective."""
+
+    def __init__(self, out_dir: Path, tmp: Path, final: Path, rank: int, world: int, keep_last: int,
+                 writes: Future):
+        self.out_dir, self.tmp, self.final = out_dir, tmp, final
+        self.rank, self.world, self.keep_last = rank, world, keep_last
+        self.writes = writes
+        self.trainer_state: dict[str, Any] | None = None  # rank 0
+        self.committed = False
+        self._reported_failure = False
+        self._marked = threading.Event()  # set after this rank's mark is on disk, not just the writes
+        writes.add_done_callback(self._mark)
+
+    def _mark(self, writes: Future) -> None:
+        try:
+            error = writes.exception()
+            if error is None:
+                (self.tmp / f"{WRITTEN}{self.rank}").touch()
+            else:
+                (self.tmp / f"{FAILED}{self.rank}").write_text(f"{type(error).__name__}: {error}")
+        finally:
+            self._marked.set()
+
+    def _failures(self) -> list[str]:
+        return [f"rank {p.name[len(FAILED):]}: {p.read_text()}" for p in sorted(self.tmp.glob(FAILED + "*"))]
+
+    def poll(self) -> bool:
+        """Rank 0, between steps: commit if every rank's files are written. True once committed."""
+        if self.rank != 0 or self.committed:
+            return self.committed
+        failures = self._failures()
+        if failures and not self._reported_failure:
+            self._reported_failure = True
+            log.error("checkpoint %s could not be written (%s); the previous checkpoint stays the latest",
+                      self.final.name, "; ".join(failures))
+        if not failures and all((self.tmp / f"{WRITTEN}{r}").exists() for r in range(self.world)):
+            self._commit()
+        return self.committed
+
+    def wait(self, strategy) -> Path:
+        """Collective: wait for this rank's writes, commit, and return the final directory; raises on
+        every rank when any rank's writes failed (the temporary directory is removed)."""
+        self._marked.wait()  # this rank's writes are done and marked
+        error = self.writes.exception()
+        if strategy.all_reduce_max(1.0 if error is not None else 0.0) > 0:
+            failures = self._failures() if self.rank == 0 else []
+            strategy.barrier()
+            if self.rank == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise RuntimeError(f"checkpoint {self.final.name} could not be written"
+                               + (f": {'; '.join(failures)}" if failures else f" (this rank: {error})"))
+        if self.rank == 0 and not self.committed:
+            self._commit()
+        strategy.barrier()
+        return self.final
+
+    def _commit(self) -> None:
+        for marker in self.tmp.glob(WRITTEN + "*"):
+            marker.unlink()
+        _write_atomic(self.tmp / STATE_FILE, json.dumps(self.trainer_state, indent=1))
+        if self.final.exists():  # same step saved again (signal right after a periodic save)
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        root = self.final.parent
+        _write_atomic(root / LATEST, self.final.name + "\n")
+        for old in list_checkpoints(self.out_dir)[:-self.keep_last] if self.keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    strategy.barrier()
-    return final
+        self.committed = True
 
 
 def _write_atomic(path: Path, text: str) -> None:

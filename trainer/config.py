@@ -47,6 +47,10 @@ class RunConfig:
     log_every: int = 10
     ckpt_every: int = 500
     keep_last: int = 3
+    # write checkpoints in background threads: the step waits only for a CPU copy of the state, the
+    # checkpoint becomes the latest once every rank's files are written (a kill before that leaves
+    # the previous one); costs one extra copy of this rank's model/optimizer/EMA state in host memory
+    async_save: bool = False
     val_every: int = 0  # 0 = never
     val_batches: int = 4
     sample_every: int = 0  # 0 = never

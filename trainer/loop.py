@@ -169,6 +169,8 @@ class Trainer:
         self._encoder = None
         self._val_batches = None
         self._rollbacks_from: dict[str, int] = {}
+        self._pending_save: ckpt.PendingCheckpoint | None = None  # run.async_save: written in the background
+        self._pending_since = 0.0
         self.resumed_from = self._maybe_resume(latest)
         # every rank takes part in evaluate() (the EMA gather is collective); only rank 0 samples. A run
         # too short to reach its first evaluation needs no evaluator (nor its text encoder/detector).
@@ -265,15 +267,39 @@ class Trainer:
                 "text_encoder": self.text_encoder_name, "config": to_dict(self.cfg)}
 
     def save(self) -> Path:
-        path = ckpt.save_checkpoint(self.strategy, self.out_dir, self.step, ema=self.ema,
-                                    loader_state=self.loader.state_dict(), state=self._state(),
-                                    keep_last=self.cfg.run.keep_last,
-                                    during_write=lambda: self.callbacks.during_checkpoint_write(self))
-        if self.rank == 0:
-            (path / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        self.strategy.barrier()
-        self.metrics.print(f"[ckpt] saved {path}")
-        return path
+        """Collective. Checkpoints this step; with run.async_save the files are still being written on
+        return (the checkpoint becomes the latest in `poll_save`/`finish_save`). Returns its final path."""
+        self.finish_save()  # one checkpoint in flight at a time
+        pending = ckpt.start_checkpoint(
+            self.strategy, self.out_dir, self.step, ema=self.ema, loader_state=self.loader.state_dict(),
+            state=self._state(), keep_last=self.cfg.run.keep_last,
+            during_write=lambda: self.callbacks.during_checkpoint_write(self),
+            files={"config.yaml": yaml.safe_dump(to_dict(self.cfg), sort_keys=False)},
+            background=self.cfg.run.async_save)
+        if not self.cfg.run.async_save:
+            self.metrics.print(f"[ckpt] saved {pending.wait(self.strategy)}")
+            return pending.final
+        self._pending_save = pending
+        self._pending_since = time.perf_counter()
+        self.metrics.print(f"[ckpt] writing {pending.final.name} in the background")
+        return pending.final
+
+    def poll_save(self) -> None:
+        """Between steps: rank 0 commits a background checkpoint once every rank's files are written."""
+        pending = self._pending_save
+        if pending is not None and not pending.committed and pending.poll():
+            self.metrics.print(f"[ckpt] saved {pending.final} (written in the background in "
+                               f"{time.perf_counter() - self._pending_since:.1f} s)")
+
+    def finish_save(self) -> None:
+        """Collective: wait for a background checkpoint and commit it (before another save, a rollback
+        and the end of the run)."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is not None:
+            committed = pending.committed
+            pending.wait(self.strategy)
+            if not committed:
+                self.metrics.print(f"[ckpt] saved {pending.final} (waited for its background write)")
 
     def _load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(self.strategy, path, ema=self.ema)
@@ -314,6 +340,7 @@ class Trainer:
         return latest
 
     def _rollback(self) -> None:
+        self.finish_save()
         latest = ckpt.find_latest(self.out_dir)
         if latest is None:
             raise RuntimeError(f"{self.cfg.run.max_nonfinite_in_row} non-finite steps in a row at step {self.step} "
@@ -481,13 +508,16 @@ class Trainer:
                     self._log(interval, out, t_start, step_start)
                     interval = Interval()
                 self._periodic_checks()
+                self.poll_save()
                 stop = self.strategy.all_reduce_max(1.0 if self._stop_requested else 0.0) > 0
                 if saves.due(self.step, in_streak=guard.in_streak, stop=stop):
                     self.save()
                     saves.saved(self.step)
                 if stop:
+                    self.finish_save()
                     exit_code = self._exit_code_after_stop()
                     break
+            self.finish_save()
             self._report_late_signal(exit_code)
             if logf is not None:
                 logf.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import importlib
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -106,8 +107,35 @@ class Strategy(abc.ABC):
     saves_ema: bool = False
 
     @abc.abstractmethod
-    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> None:
-        """Collective. `ema`: the EMA shadow (parallel to local_params()), stored when `saves_ema`."""
+    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None, background: bool = False) -> Future:
+        """Collective. `ema`: the EMA shadow (parallel to local_params()), stored when `saves_ema`.
+        `background`: copy the state now and write it in a background thread (trainer.async_write);
+        the future completes when this rank's files are written (at once when not `background`)."""
+
+    def background_group(self) -> dist.ProcessGroup | None:
+        """The process group background checkpoint writes coordinate over, made on first use (every
+        rank saves at the same step, so every rank makes it at the same point): a gloo group of its
+        own, since a collective of the writer thread on the default group could pair with one of the
+        training loop's on another rank. None alone."""
+        if self.dist.world_size == 1 or not dist.is_initialized():
+            return None
+        if getattr(self, "_background_group", None) is None:
+            self._background_group = dist.new_group(backend="gloo")
+        return self._background_group
+
+    def background_stager(self):
+        """DCP's stager for background saves, kept for the whole run: it copies each tensor into CPU
+        memory it allocated at the first save and reuses (a fresh copy of a large state spends most of
+        its time faulting pages in), pinned for fast device-to-host copies on CUDA. The copy itself
+        is synchronous, so the next optimizer step cannot change what is being saved."""
+        if getattr(self, "_background_stager", None) is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = self.device.type == "cuda"
+            self._background_stager = DefaultStager(StagingOptions(
+                use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False,
+                use_non_blocking_copy=cuda))
+        return self._background_stager
 
     @abc.abstractmethod
     def load(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> bool:

@@ -13,8 +13,8 @@ written once). The loss scalers stay beside it in each strategy's own small file
 
 from __future__ import annotations
 
-import contextlib
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from trainer import async_write
 
 DCP_DIR = "dcp"
 EMA_KEY = "ema"
@@ -41,13 +43,10 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-@contextlib.contextmanager
-def _quiet_single_process():
-    """DCP warns on every save/load without a process group that it assumes one process: that is
-    exactly what we mean (single, or a read for export/tests), so the warning is noise in run logs."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+# DCP warns on every save/load without a process group that it assumes one process: that is exactly
+# what we mean (single, or a read for export/tests), so the warning is noise in run logs. A filter for
+# the whole process, since a background save warns from its writer thread after any context has ended.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def saved_keys(ckpt_dir: Path) -> set[str]:
@@ -61,14 +60,33 @@ def has_ema(ckpt_dir: Path) -> bool:
     return any(k.startswith(EMA_KEY + ".") for k in saved_keys(ckpt_dir))
 
 
-def save(ckpt_dir: Path, module: nn.Module, optimizer, ema: dict[str, Tensor] | None) -> None:
-    """Collective over the ranks of the process group (if any)."""
+def save(ckpt_dir: Path, module: nn.Module, optimizer, ema: dict[str, Tensor] | None, *,
+         background_group: dist.ProcessGroup | None = None, background_stager=None,
+         background: bool = False) -> Future:
+    """Collective over the ranks of the process group (if any). `background`: the state is copied to
+    CPU memory now (by `background_stager`, reused across saves; None: a fresh one) and written by a
+    DCP thread that coordinates over `background_group` (a group of its own: the training loop's
+    collectives on the default group must not interleave with it);
+    the returned future completes when this rank's files and, on rank 0, the metadata are written."""
     model_sd, optim_sd = get_state_dict(module, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         state[EMA_KEY] = ema
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=str(Path(ckpt_dir) / DCP_DIR), no_dist=_no_dist())
+    checkpoint_id = str(Path(ckpt_dir) / DCP_DIR)
+    if background:
+        return dcp.async_save(state, checkpoint_id=checkpoint_id, process_group=background_group,
+                              async_stager=background_stager, no_dist=_no_dist())
+    dcp.save(state, checkpoint_id=checkpoint_id, no_dist=_no_dist())
+    return async_write.done()
+
+
+def save_strategy(strategy, ckpt_dir: Path, ema: list[Tensor] | None, background: bool) -> Future:
+    """`save` of a strategy's module, optimizer and EMA shadow (named by parameter)."""
+    named = strategy.named_ema(ema) if ema is not None else None
+    if not background:
+        return save(ckpt_dir, strategy.module, strategy.optimizer, named)
+    return save(ckpt_dir, strategy.module, strategy.optimizer, named, background=True,
+                background_group=strategy.background_group(), background_stager=strategy.background_stager())
 
 
 def load(ckpt_dir: Path, module: nn.Module, optimizer, ema: dict[str, Tensor] | None) -> bool:
@@ -82,8 +100,7 @@ def load(ckpt_dir: Path, module: nn.Module, optimizer, ema: dict[str, Tensor] | 
     found_ema = ema is not None and any(k.startswith(EMA_KEY + ".") for k in keys)
     if found_ema:
         state[EMA_KEY] = ema
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / DCP_DIR), no_dist=_no_dist())
+    dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / DCP_DIR), no_dist=_no_dist())
     set_model_state_dict(module, state["model"])  # strict: every key of the model must be there
     # not strict for the optimizer only when some parameter had no state yet when it was saved
     partial = len(saved_optim["state"]) < len(optim_sd["state"])
@@ -121,6 +138,5 @@ def read_full(ckpt_dir: Path, prefix: str) -> dict[str, Tensor]:
     if not flat:
         raise KeyError(f"{ckpt_dir}: no '{prefix}' tensors in {DCP_DIR}/")
     # DCP flattens nested dicts with '.', so {prefix: {rest: t}} reads the keys `prefix.rest` back
-    with _quiet_single_process():
-        dcp.load({prefix: flat}, storage_reader=reader, no_dist=True)
+    dcp.load({prefix: flat}, storage_reader=reader, no_dist=True)
     return flat

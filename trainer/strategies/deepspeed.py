@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from model.precision import precision_dtype
+from trainer import async_write
 from trainer.strategies.base import Strategy
 from trainer.strategies.process_group import ensure_process_group
 
@@ -229,6 +231,22 @@ def _load_checkpoints_weights_only(engine) -> None:
     ckpt_engine.load = load
 
 
+@contextlib.contextmanager
+def _engine_writes_through(engine, save):
+    """For the duration: the engine's checkpoint engine hands each file to `save(obj, path)` instead
+    of calling torch.save (the checkpoint engine's `save(state_dict, path)` is DeepSpeed's pluggable
+    write, the one its Nebula and NVMe engines replace)."""
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if ckpt_engine is None or not hasattr(ckpt_engine, "save"):
+        raise RuntimeError("this DeepSpeed version has no engine.checkpoint_engine.save to write in the background")
+    original = ckpt_engine.save
+    ckpt_engine.save = lambda state_dict, path: save(state_dict, path)
+    try:
+        yield
+    finally:
+        ckpt_engine.save = original
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
@@ -369,10 +387,15 @@ class DeepSpeedStrategy(Strategy):
     def unwrapped_model(self) -> nn.Module:
         return self.module  # ZeRO-3 parameters are partitioned: use gather_full_state()
 
-    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> None:
-        """Engine files only; the EMA fragments go to ema-rank{r}.pt (saves_ema is False)."""
-        self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, client_state={}, save_latest=False)
+    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None, background: bool = False) -> Future:
+        """Engine files only; the EMA fragments go to ema-rank{r}.pt (saves_ema is False). `background`:
+        every file the engine writes is staged and written by a thread instead (DeepSpeed has no async
+        save of its own that runs without its NVMe I/O op)."""
+        writer = async_write.BackgroundWriter() if background else None
+        with _engine_writes_through(self.engine, writer.save) if writer else contextlib.nullcontext():
+            self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, client_state={}, save_latest=False)
         self.barrier()
+        return writer.finished() if writer else async_write.done()
 
     def load(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> bool:
         """The engine state; on another world size or ZeRO stage through DeepSpeed's universal checkpoint

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -180,12 +181,13 @@ class FSDPStrategy(Strategy):
         params = dict(self.module.named_parameters())
         return {n: _from_local_like(t, params[n]) for n, t in named.items()}
 
-    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> None:
+    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None, background: bool = False) -> Future:
         ckpt_dir = Path(ckpt_dir)
-        dcp_state.save(ckpt_dir, self.module, self.optimizer, self.named_ema(ema) if ema is not None else None)
+        written = dcp_state.save_strategy(self, ckpt_dir, ema, background)
         if self.dist.rank == 0:
             (ckpt_dir / SCALER_FILE).write_text(json.dumps(self.scaler.state_dict()))
         self.barrier()
+        return written
 
     def load(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> bool:
         """Any single/ddp/fsdp DCP checkpoint, on any number of ranks (DCP reshards on read)."""

@@ -12,6 +12,7 @@ CPU alike (torch's CPU autocast and GradScaler both support fp16).
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -77,14 +78,15 @@ class SingleStrategy(Strategy):
     def unwrapped_model(self) -> nn.Module:
         return self.module
 
-    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> None:
+    def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None, background: bool = False) -> Future:
         """Model, AdamW state and EMA by parameter name in DCP (trainer.strategies.dcp_state), so fsdp on
         any number of ranks can resume it too; ddp replicas are written once. Scaler: rank 0."""
         ckpt_dir = Path(ckpt_dir)
-        dcp_state.save(ckpt_dir, self.module, self.optimizer, self.named_ema(ema) if ema is not None else None)
+        written = dcp_state.save_strategy(self, ckpt_dir, ema, background)
         if self.dist.rank == 0:
             torch.save(self.scaler.state_dict(), ckpt_dir / SCALER_FILE)
         self.barrier()
+        return written
 
     def load(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> bool:
         ckpt_dir = Path(ckpt_dir)
