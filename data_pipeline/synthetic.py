@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.mp4 import write_video
+from common.mp4 import write_video, x264_options
 
 SHAPES = ("square", "circle", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40)}
@@ -122,8 +122,7 @@ def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: i
         key = f"vid{i:06d}"
         path = out_dir / "videos" / f"{key}.mp4"
         write_video(path, render_clip(shape, colour, direction, frames, h, w, start, travel=travel), fps, codec=codec,
-                    **({"crf": "20", "preset": "veryfast", "threads": "1", "x264-params": "sync-lookahead=0:mbtree=0"}
-                       if codec == "libx264" else {}))
+                    **(x264_options() if codec == "libx264" else {}))
         rows.append((key, str(path.resolve()), f"a {colour} {shape} moving {direction}"))
     manifest = out_dir / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as f:

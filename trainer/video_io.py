@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.mp4 import write_video
+from common.mp4 import DEFAULT_PRESET, write_video
 
 OUTPUT_FPS = 8.0  # frame rate of written samples (mp4, GIF, TensorBoard) unless asked otherwise
 
@@ -42,7 +42,7 @@ def _even(frames: np.ndarray) -> np.ndarray:
 def write_mp4(path: str | Path, frames: np.ndarray, fps: float = OUTPUT_FPS) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_video(path, _even(frames), fps, codec="libx264", crf="18", preset="veryfast", threads="1")
+    write_video(path, _even(frames), fps, codec="libx264", crf="18", preset=DEFAULT_PRESET, threads="1")
     return path
 
 
