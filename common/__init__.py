@@ -1,1 +1,1 @@
-"""Code every package may import: config machinery, exit codes, mp4 writing. Imports nothing of ours."""
+"""Code every package may import: config machinery, exit codes, mp4 writing, caption defaults. Imports nothing of ours."""

@@ -22,6 +22,12 @@ DEFAULT_CRF = 20
 DEFAULT_PRESET = "veryfast"
 
 
+def x264_options(crf: int = DEFAULT_CRF, preset: str = DEFAULT_PRESET, **extra: str) -> dict[str, str]:
+    """libx264 options that make an encode reproducible: one thread, no lookahead thread, no mb-tree
+    rate control (see the module doc); `extra` (e.g. the GOP `g`) goes before the pinned ones."""
+    return {"crf": str(crf), "preset": preset, **extra, "threads": "1", "x264-params": "sync-lookahead=0:mbtree=0"}
+
+
 def _rational_fps(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
@@ -52,8 +58,7 @@ def encode_mp4(frames: np.ndarray, fps: float, *, codec: str = "libx264", crf: i
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": preset, "g": str(max(t, 1)), "threads": "1",
-                              "x264-params": "sync-lookahead=0:mbtree=0"}
+            stream.options = x264_options(crf, preset, g=str(max(t, 1)))
         _mux_frames(out, stream, frames)
     return buf.getvalue()
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from common.captions import MAX_CAPTION_TOKENS, PRODUCTION_ENCODER
 from common.config import ConfigError, to_dict
 
 
@@ -73,11 +74,11 @@ class StorageConfig:
 class EncoderConfig:
     """Caption → token embeddings (model.text_encoder.TextEncoder); loaded once per worker."""
 
-    name_or_path: str = "bert-large-uncased"
+    name_or_path: str = PRODUCTION_ENCODER
     device: str = "cpu"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     batch_size: int = 32
-    max_length: int = 77
+    max_length: int = MAX_CAPTION_TOKENS
     threads: int = 1  # torch CPU threads per worker (0 = torch's default); scale with --workers instead
 
 

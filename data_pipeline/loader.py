@@ -40,13 +40,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.decode import BadSample, Sample, decode_sample
-from data_pipeline.index import ShardIndex, check_matches, read_index
+from data_pipeline.index import ShardEntry, ShardIndex, check_matches, read_index
 from data_pipeline.lifetime import exit_when_process_exits
 from data_pipeline.loader_config import DataConfig, DownloadConfig
 from data_pipeline.plan import (
     SALT_TRAIN_IMAGE_FRAMES,
     SALT_VAL_IMAGE_FRAMES,
     Plan,
+    Segment,
     check_enough_samples,
     epoch_sizes,
     seed_words,
@@ -97,6 +98,55 @@ def read_shard(url: str, download: DownloadConfig | None = None) -> Iterator[dic
         yield from tar_samples(url, stream)
 
 
+class _InPlanOrder:
+    """Samples arrive in shard (read) order; hands them out in plan order from `start` on, each as
+    soon as every earlier planned position is in. A missing sample is put in as None."""
+
+    def __init__(self, order: np.ndarray, start: int):
+        self.order, self.ptr = order, start
+        self.ready: dict[int, dict | None] = {}  # read position → raw sample (None: missing), not yet due
+
+    def put(self, read_pos: int, raw: dict | None) -> Iterator[tuple[int, dict | None]]:
+        """Add one read position, then deliver everything that is now due."""
+        self.ready[read_pos] = raw
+        while self.ptr < len(self.order) and int(self.order[self.ptr]) in self.ready:
+            yield self.ptr, self.ready.pop(int(self.order[self.ptr]))
+            self.ptr += 1
+
+
+def _read_segment(entry: ShardEntry, seg: Segment, first: int, needed: np.ndarray, download: DownloadConfig,
+                  lost: list[str] | None) -> Iterator[tuple[int, dict | None]]:
+    """(read position, raw sample or None when missing) for the needed positions of one plan segment,
+    whose first read position is `first`. A shard that cannot be opened is logged and appended to
+    `lost`; samples the shard holds fewer of than index.json says are logged; both come out as None."""
+    positions = range(first, first + seg.size)
+    try:
+        stream = open_source(entry.url, download)
+    except OSError as e:
+        planned = [r for r in positions if needed[r]]
+        log.error("shard %s unavailable (%s); its %d planned samples are skipped", entry.url, unavailable(e),
+                  len(planned))
+        if lost is not None:
+            lost.append(entry.url)
+        yield from ((r, None) for r in planned)
+        return
+    seen = seg.start
+    with stream:
+        for j, raw in enumerate(tar_samples(entry.url, stream)):
+            if j < seg.start:
+                continue  # before this stream's range (or already delivered): read past, never decoded
+            if j >= seg.stop:
+                break
+            seen = j + 1
+            if needed[first + j - seg.start]:
+                yield first + j - seg.start, raw
+    if seen < seg.stop:
+        unread = [r for r in range(first + seen - seg.start, first + seg.size) if needed[r]]
+        log.error("shard %s: index.json says %d samples, only %d readable; %d planned samples skipped",
+                  entry.url, entry.count, seen, len(unread))
+        yield from ((r, None) for r in unread)
+
+
 def follow_plan(index: ShardIndex, plan: Plan, start: int = 0, download: DownloadConfig | None = None,
                 lost: list[str] | None = None) -> Iterator[tuple[int, dict | None]]:
     """(output position, raw sample or None when missing) for plan positions start, start+1, ...
@@ -109,57 +159,15 @@ def follow_plan(index: ShardIndex, plan: Plan, start: int = 0, download: Downloa
     n = len(plan)
     if start >= n:
         return
-    order = plan.order
     needed = np.zeros(n, dtype=bool)
-    needed[order[start:]] = True
-    pending: dict[int, dict] = {}  # read position → raw sample, read but not yet due
-    missing: set[int] = set()  # read positions that turned out unreadable
-    ptr = start
-
-    def due():
-        """Deliver, in plan order, everything that is now available (or known to be missing)."""
-        nonlocal ptr
-        while ptr < n and (int(order[ptr]) in pending or int(order[ptr]) in missing):
-            r_out = int(order[ptr])
-            missing.discard(r_out)
-            yield ptr, pending.pop(r_out, None)
-            ptr += 1
-
-    base = 0
+    needed[plan.order[start:]] = True
+    in_order = _InPlanOrder(plan.order, start)
+    first = 0
     for seg in plan.segments:
-        r0, r1 = base, base + seg.size
-        base = r1
-        if not needed[r0:r1].any():
-            continue  # every planned sample of this segment was already delivered: don't open it
-        entry = index.shards[seg.shard]
-        seen = seg.start
-        try:
-            stream = open_source(entry.url, download)
-        except OSError as e:
-            planned = [r for r in range(r0, r1) if needed[r]]
-            log.error("shard %s unavailable (%s); its %d planned samples are skipped", entry.url, unavailable(e),
-                      len(planned))
-            if lost is not None:
-                lost.append(entry.url)
-            missing.update(planned)
-            yield from due()
-            continue
-        with stream:
-            for j, raw in enumerate(tar_samples(entry.url, stream)):
-                if j < seg.start:
-                    continue  # before this stream's range (or already delivered): read past, never decoded
-                if j >= seg.stop:
-                    break
-                seen = j + 1
-                if needed[r0 + j - seg.start]:
-                    pending[r0 + j - seg.start] = raw
-                    yield from due()
-        if seen < seg.stop:
-            lost = [r for r in range(r0 + seen - seg.start, r1) if needed[r]]
-            log.error("shard %s: index.json says %d samples, only %d readable; %d planned samples skipped",
-                      entry.url, entry.count, seen, len(lost))
-            missing.update(lost)
-            yield from due()
+        if needed[first:first + seg.size].any():  # else every planned sample of it was delivered: not opened
+            for r, raw in _read_segment(index.shards[seg.shard], seg, first, needed, download, lost):
+                yield from in_order.put(r, raw)
+        first += seg.size
 
 
 # ------------------------------------------------------------------------------------- batching
@@ -570,6 +578,52 @@ def _passthrough(batch):
     return batch
 
 
+def _state_header(state: dict | list[dict], train: bool) -> tuple[dict, list[dict]]:
+    """(the first state, all states) of a loader state or list of rank states, after checking its form,
+    version and kind (train or validation) against this loader's."""
+    states = state if isinstance(state, list) else [state]
+    if not states or not all(isinstance(s, dict) for s in states):
+        raise ValueError(f"loader state: expected a dict or a list of dicts, got {type(state).__name__}")
+    first = states[0]
+    if first.get("version") != STATE_VERSION:
+        raise ValueError(f"loader state: unsupported version {first.get('version')} (this loader writes "
+                         f"{STATE_VERSION}; version 1 states predate elastic data order and cannot be continued "
+                         "exactly)")
+    if bool(first.get("train")) != train:
+        raise ValueError(f"loader state: saved from a {'train' if first.get('train') else 'validation'} loader")
+    return first, states
+
+
+@dataclass(frozen=True)
+class _SavedTrainState:
+    """What a saved train loader state says: every saved stream's position (from all the rank states
+    given), the global position and the layout it was saved with."""
+
+    positions: dict[int, StreamPos]
+    samples: int  # global samples consumed by the completed global steps
+    micro: int  # micro-batch within the next global step
+    global_batch: int
+    streams: int
+    grad_accum: int
+
+    @classmethod
+    def parse(cls, first: dict, states: list[dict]) -> _SavedTrainState:
+        try:
+            saved = cls({int(c): StreamPos(*(int(v) for v in pos)) for s in states for c, pos in s["positions"].items()},
+                        int(first["samples"]), int(first["micro"]), int(first["global_batch"]), int(first["streams"]),
+                        int(first["grad_accum"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"loader state: malformed positions/samples ({e!r})") from None
+        if any(p.epoch < 0 or p.offset < 0 or p.delivered < 0 for p in saved.positions.values()) or saved.samples < 0:
+            raise ValueError("loader state: negative positions")
+        return saved
+
+    @property
+    def oldest(self) -> int:
+        """The oldest epoch any saved stream is in."""
+        return min(p.epoch for p in self.positions.values()) if self.positions else 0
+
+
 # ------------------------------------------------------------------------------------ the loader
 
 
@@ -700,29 +754,21 @@ class VideoTextLoader:
         restarts at the share of the oldest saved epoch the saved run had consumed: approximate, some
         samples of that epoch are seen twice or not at all. Both cases warn, naming the old and new sizes.
         """
-        sp = self.spec
         self._generation += 1
-        states = state if isinstance(state, list) else [state]
-        if not states or not all(isinstance(s, dict) for s in states):
-            raise ValueError(f"loader state: expected a dict or a list of dicts, got {type(state).__name__}")
-        first = states[0]
-        if first.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state: unsupported version {first.get('version')} (this loader writes "
-                             f"{STATE_VERSION}; version 1 states predate elastic data order and cannot be continued "
-                             "exactly)")
-        if bool(first.get("train")) != sp.train:
-            raise ValueError(f"loader state: saved from a {'train' if first.get('train') else 'validation'} loader")
-        if not sp.train:
+        first, states = _state_header(state, self.spec.train)
+        if not self.spec.train:
             return
-        try:
-            saved = {int(c): StreamPos(*(int(v) for v in pos)) for s in states for c, pos in s["positions"].items()}
-            samples, micro = int(first["samples"]), int(first["micro"])
-            old_g, old_c, old_accum = int(first["global_batch"]), int(first["streams"]), int(first["grad_accum"])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ValueError(f"loader state: malformed positions/samples ({e!r})") from None
-        if any(p.epoch < 0 or p.offset < 0 or p.delivered < 0 for p in saved.values()) or samples < 0:
-            raise ValueError("loader state: negative positions")
-        oldest = min(p.epoch for p in saved.values()) if saved else 0
+        saved = _SavedTrainState.parse(first, states)
+        if not self._same_sequence(first, saved.oldest, strict):
+            self._restart(saved.oldest, 0.0, saved.samples)
+            return
+        self._warn_changed_data(first)
+        self._continue_at(saved)
+
+    def _same_sequence(self, first: dict, oldest: int, strict: bool) -> bool:
+        """Whether the saved run had this run's sample sequence (data.seed, data.shuffle_buffer). When it
+        had not: strict raises, else this warns and returns False (the caller restarts at `oldest`)."""
+        sp = self.spec
         for key, have, what in [("seed", sp.seed, "data.seed"), ("shuffle_buffer", sp.shuffle_buffer,
                                                                   "data.shuffle_buffer")]:
             if first.get(key) != have:
@@ -731,8 +777,12 @@ class VideoTextLoader:
                 if strict:
                     raise ValueError(msg + f" (or load with strict=False to restart at epoch {oldest})")
                 log.warning("%s; restarting all streams at the start of epoch %d", msg, oldest)
-                self._restart(oldest, 0.0, samples)
-                return
+                return False
+        return True
+
+    def _warn_changed_data(self, first: dict) -> None:
+        """Warn when the saved positions point into other data: another data.min_motion or other shards."""
+        sp = self.spec
         if float(first.get("min_motion", 0.0)) != sp.min_motion:
             log.warning("loader state: data.min_motion was %g when saved, this run has %g; resuming at the saved "
                         "positions, but from here on other samples are skipped", float(first.get("min_motion", 0.0)),
@@ -740,27 +790,33 @@ class VideoTextLoader:
         if first.get("dataset") != sp.index.fingerprint():
             log.warning("loader state: the shards in %s changed since the state was saved; resuming at the saved "
                         "epochs/offsets, but the sample order differs", sp.index.source)
-        same_layout = old_g == sp.global_batch and old_c == sp.streams
-        if micro and not (same_layout and old_accum == sp.grad_accum):
-            raise ValueError(f"loader state: saved in the middle of a global step (micro-batch {micro} of "
-                             f"{old_accum}); it can only be continued with the same global batch and grad_accum")
-        if old_c != sp.streams or samples % sp.global_batch:
-            fraction = self._epoch_fraction(saved, oldest, old_c)
+
+    def _continue_at(self, saved: _SavedTrainState) -> None:
+        """Take over the saved stream positions: exactly when the canonical streams are the same (any
+        number of ranks or workers), else approximately (a restart at the consumed share of the epoch)."""
+        sp = self.spec
+        same_layout = saved.global_batch == sp.global_batch and saved.streams == sp.streams
+        if saved.micro and not (same_layout and saved.grad_accum == sp.grad_accum):
+            raise ValueError(f"loader state: saved in the middle of a global step (micro-batch {saved.micro} of "
+                             f"{saved.grad_accum}); it can only be continued with the same global batch and "
+                             "grad_accum")
+        if saved.streams != sp.streams or saved.samples % sp.global_batch:
+            fraction = self._epoch_fraction(saved.positions, saved.oldest, saved.streams)
             log.warning("loader state: global batch size %d → %d (data.streams %d → %d): the canonical streams "
                         "differ, so every stream restarts at %.1f%% of epoch %d (approximate: some samples of that "
-                        "epoch are seen twice or not at all)", old_g, sp.global_batch, old_c, sp.streams,
-                        100 * fraction, oldest)
-            self._restart(oldest, fraction, samples)
+                        "epoch are seen twice or not at all)", saved.global_batch, sp.global_batch, saved.streams,
+                        sp.streams, 100 * fraction, saved.oldest)
+            self._restart(saved.oldest, fraction, saved.samples)
             return
-        if old_g != sp.global_batch:
+        if saved.global_batch != sp.global_batch:
             log.warning("loader state: global batch size %d → %d; continuing at global sample %d of the same "
-                        "sequence (data.streams=%d)", old_g, sp.global_batch, samples, sp.streams)
-        missing = [c for c in self.positions if c not in saved]
+                        "sequence (data.streams=%d)", saved.global_batch, sp.global_batch, saved.samples, sp.streams)
+        missing = [c for c in self.positions if c not in saved.positions]
         if missing:
             raise ValueError(f"loader state: no position for streams {missing[:8]} of this rank; after a change "
                              "of world size pass the list of every rank's saved states")
-        self.positions = {c: saved[c] for c in self.positions}
-        self.step, self.micro = samples // sp.global_batch, micro
+        self.positions = {c: saved.positions[c] for c in self.positions}
+        self.step, self.micro = saved.samples // sp.global_batch, saved.micro
 
     def _epoch_fraction(self, saved: dict[int, StreamPos], epoch: int, old_streams: int) -> float:
         """Share of `epoch`'s samples the saved streams had consumed (streams already past it count whole)."""

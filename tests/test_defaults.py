@@ -122,3 +122,25 @@ def test_shared_constants_have_one_home():
     salts = (plan.SALT_SHARD_ORDER, plan.SALT_STREAM_ORDER, plan.SALT_TRAIN_IMAGE_FRAMES, plan.SALT_VAL_IMAGE_FRAMES,
              loop.RANK_SEED_STRIDE, loop.SALT_VAL_NOISE, evaluate.FVD_BATCH_SEED_STRIDE)
     assert salts == (0x5A4D, 0xB0F, 0x1A6E, 0x7A1, 1_000_003, 4242, 7919)
+
+
+def test_caption_and_output_defaults_have_one_home():
+    """The encoder name and caption length the sharder, the loader and TextEncoder fall back on come
+    from common.captions; prompt encoding takes the run's data.max_text_len; written samples share one
+    frame rate; loss bands take the run's log-SNR range."""
+    from common import captions
+    from data_pipeline.config import EncoderConfig
+    from data_pipeline.loader_config import DataConfig
+    from model.text_encoder import TextEncoder
+    from trainer import metrics, video_io
+
+    enc = EncoderConfig()
+    assert (enc.name_or_path, enc.max_length) == (captions.PRODUCTION_ENCODER, captions.MAX_CAPTION_TOKENS)
+    assert DataConfig().max_text_len == captions.MAX_CAPTION_TOKENS
+    assert _defaults(TextEncoder.__init__)["name_or_path"] == captions.PRODUCTION_ENCODER
+    assert _defaults(TextEncoder.__init__)["max_length"] == captions.MAX_CAPTION_TOKENS
+    assert "max_length" not in _defaults(generate_mod.load_text_encoder)
+    assert {_defaults(f)["fps"] for f in (video_io.write_mp4, video_io.write_gif, video_io.gif_bytes,
+                                          video_io.video_summary)} == {video_io.OUTPUT_FPS}
+    assert parse_args(["--checkpoint", "c", "--prompt", "p", "--out", "o.mp4"]).fps is None  # -> OUTPUT_FPS
+    assert _defaults(metrics.band_edges).keys() == {"width"}

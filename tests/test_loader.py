@@ -253,6 +253,25 @@ def test_follow_plan_delivers_every_position_once_in_plan_order_even_with_missin
         assert len({k for k in keys if k}) == len([k for k in keys if k])  # no sample twice
 
 
+def test_follow_plan_reports_an_unavailable_shard_after_a_short_one(tmp_path):
+    """A shard with fewer samples than index.json says must not hide a later unopenable shard from
+    the caller's `lost` list (it counts lost shards and names them when an epoch has no sample)."""
+    from data_pipeline.loader import follow_plan
+    from data_pipeline.plan import Plan, Segment
+
+    write_shards(tmp_path / "s", [6, 6, 6])
+    _rewrite_index(tmp_path / "s", shards=[{"name": f"shard-{n:06d}.tar", "count": c} for n, c in
+                                          enumerate([6, 9, 6])], total=21)  # shard 1 is short by 3
+    index = read_index(tmp_path / "s")
+    (tmp_path / "s" / "shard-000002.tar").unlink()  # shard 2 cannot be opened (gone since the index was read)
+    plan = Plan(segments=(Segment(1, 0, 9), Segment(2, 0, 6)), order=np.arange(15))
+    lost: list[str] = []
+    got = list(follow_plan(index, plan, 0, lost=lost))
+    assert [p for p, _ in got] == list(range(15))
+    assert [p for p, raw in got if raw is None] == list(range(6, 15))
+    assert lost == [index.shards[2].url]
+
+
 def _shard_and_sample(plan, p):
     """(shard, sample index in the shard) delivered at output position p of the plan."""
     r, base = int(plan.order[p]), 0

@@ -116,3 +116,36 @@ def test_train_sh_rejects_a_bad_override_before_starting_tasks(tmp_path):
     r = subprocess.run(["bash", "slurm/train.sh", "configs/demo.yaml", "--set", "optim.lrr=1"], cwd=REPO,
                        env=probe_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "optim.lrr" in r.stdout + r.stderr
+
+
+class _FakeJob:
+    """A submitit Job whose SLURM state says finished: `results()` raises what submitit raises then."""
+
+    def __init__(self, done: bool, error: Exception | None = None):
+        self._done, self._error, self.checks = done, error, []
+        self.state = "NODE_FAIL" if done else "RUNNING"
+
+    def done(self, force_check: bool = False) -> bool:
+        self.checks.append(force_check)
+        return self._done
+
+    def results(self):
+        if self._error is not None:
+            raise self._error
+        return [{"rank": 0}]
+
+
+def test_launch_wait_notices_a_job_that_died_without_a_result():
+    """slurm.launch --wait: a job killed before it wrote a result (node failure, kill -9, OOM) is
+    reported as failed with submitit's reason, after asking SLURM (force_check), not waited on forever."""
+    from submitit.core.utils import UncompletedJobError
+
+    from slurm.launch import wait_for
+
+    died = _FakeJob(True, UncompletedJobError("Job 7 (task: 0) has not produced any output (state: NODE_FAIL)"))
+    ok, why = wait_for(died, 60)
+    assert not ok and why.startswith("UncompletedJobError:") and "has not produced any output" in why
+    assert died.checks == [True]  # the SLURM state was polled, not only the result file
+    assert wait_for(_FakeJob(True), 60) == (True, [{"rank": 0}])
+    ok, why = wait_for(_FakeJob(False), 0)
+    assert not ok and why == "still RUNNING after 0 s (not cancelled)"

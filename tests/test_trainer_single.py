@@ -1,5 +1,5 @@
 """`python -m trainer.train` in one process on real shards: TensorBoard output, exact resume after
-kill -9, SIGUSR1 → checkpoint + exit 124, a kill during a checkpoint write, and the NaN guard."""
+kill -9, SIGUSR1/SIGTERM → checkpoint + exit 124, a kill during a checkpoint write, and the NaN guard."""
 
 from __future__ import annotations
 
@@ -117,7 +117,10 @@ def test_kill9_of_trainer_takes_its_forkserver_loader_workers_down(tmp_path, tra
     assert "step 2/4" in output  # the workers did deliver batches before the kill
 
 
-def test_sigusr1_checkpoints_and_exits_124_then_resumes(tmp_path, trainer_shards):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["usr1", "term"])
+def test_stop_signal_checkpoints_and_exits_124_then_resumes(tmp_path, trainer_shards, sig):
+    """SIGUSR1 (preemption notice) and SIGTERM (scancel, preemption): the real trainer saves and exits
+    124 either way; whether to requeue is the launcher's decision (TERM: never, see test_slurm_cluster)."""
     shards, _ = trainer_shards
     out = tmp_path / "run"
     cfg = tiny_config(tmp_path / "c.yaml", shards, out, run={"steps": 1000, "ckpt_every": 0})
@@ -125,11 +128,11 @@ def test_sigusr1_checkpoints_and_exits_124_then_resumes(tmp_path, trainer_shards
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     wait_for_line(proc, "step 1/1000", lines)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=120)
     output = "".join(lines) + rest
     assert proc.returncode == 124, output
-    assert "received SIGUSR1" in output and "exiting with 124" in output
+    assert f"received {sig.name}" in output and "exiting with 124" in output
     latest = find_latest(out)
     step = read_state(latest)["step"]
     assert 1 <= step < 1000 and latest.name == f"step-{step:06d}"

@@ -23,6 +23,9 @@ SHARD_CONFIG = REPO / "configs" / "shard" / "demo.yaml"
 # synthetic shapes start where they could keep moving for 1.5 clips: with 1.0 (edge reached at the clip's
 # end) extension kept the direction in 88% of samples, every failure a shape stuck at the frame's edge
 DEMO_ROOM = 1.5
+# the synthetic generator's seeds for the training and the validation videos: different, so validation
+# clips are not training clips; fixed, so a rerun reuses the same data
+TRAIN_VIDEOS_SEED, VAL_VIDEOS_SEED = 0, 12345
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:
@@ -80,20 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     geometry = {"frames": cfg.data.num_frames, "size": cfg.data.image_size}
     t0 = time.time()
 
-    make_shards(out / "videos", out / "shards", a.videos, 0, geometry, env)
-    make_shards(out / "val_videos", out / "val_shards", max(8, a.videos // 4), 12345, geometry, env)
+    make_shards(out / "videos", out / "shards", a.videos, TRAIN_VIDEOS_SEED, geometry, env)
+    make_shards(out / "val_videos", out / "val_shards", max(8, a.videos // 4), VAL_VIDEOS_SEED, geometry, env)
 
     train_sets = [x for s in sets for x in ("--set", s)]
     _run([sys.executable, "-m", "trainer.train", "--config", str(DEMO_CONFIG), *train_sets], env)
 
-    log = out / "run" / "train_log.jsonl"
-    per_step: dict[int, float] = {}
-    for line in log.read_text().splitlines():
-        rec = json.loads(line)
-        if not rec.get("skipped"):
-            per_step[rec["step"]] = rec["loss"]
-    losses = [per_step[s] for s in sorted(per_step)]
-    first, last = smoothed(losses)
+    losses = logged_losses(out / "run" / "train_log.jsonl")
     model = out / "model.safetensors"
     _run([sys.executable, "-m", "trainer.export", "--checkpoint", str(out / "run"), "--out", str(model)], env)
     prompt = cfg.run.sample_prompts[0] if cfg.run.sample_prompts else "a red square moving right"
@@ -107,8 +103,27 @@ def main(argv: list[str] | None = None) -> int:
           "--seeds", str(a.eval_seeds), "--json", str(eval_json)], env)
     metrics = json.loads(eval_json.read_text())["metrics"]
 
+    report(out, time.time() - t0, losses, metrics, eval_json, model, video)
+    return 0
+
+
+def logged_losses(train_log: Path) -> list[float]:
+    """The loss of every step in train_log.jsonl, in step order (skipped steps left out; a step logged
+    twice, before and after a resume, counts once with its last value)."""
+    per_step: dict[int, float] = {}
+    for line in train_log.read_text().splitlines():
+        rec = json.loads(line)
+        if not rec.get("skipped"):
+            per_step[rec["step"]] = rec["loss"]
+    return [per_step[s] for s in sorted(per_step)]
+
+
+def report(out: Path, seconds: float, losses: list[float], metrics: dict, eval_json: Path, model: Path,
+           video: Path) -> None:
+    """The demo's closing summary: time, loss trend, what the samples show, where everything is."""
+    first, last = smoothed(losses)
     print()
-    print(f"[demo] done in {time.time() - t0:.0f} s over {len(losses)} logged steps")
+    print(f"[demo] done in {seconds:.0f} s over {len(losses)} logged steps")
     print(f"[demo] training loss (smoothed): first {first:.4f} -> last {last:.4f} "
           f"({'fell' if last < first else 'did NOT fall'} by {100 * (1 - last / first):.0f}%)")
     print(f"[demo] colour and direction right in {metrics['colour_direction_acc']:.0%} of samples "
@@ -118,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] EMA weights: {model}; sample from the CLI: {video} (+ .gif)")
     print(f"[demo] checkpoints: {out / 'run' / 'checkpoints'}")
     print(f"[demo] TensorBoard:  tensorboard --logdir {out / 'run' / 'tb'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ def encode_prompts(encoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Ten
     return emb.to(torch.float16).to(torch.float32), mask
 
 
-def load_text_encoder(name: str, max_length: int = 77):
+def load_text_encoder(name: str, max_length: int):
+    """The text encoder for prompts on CPU in fp32; max_length: the run's data.max_text_len."""
     from model.text_encoder import TextEncoder
 
     return TextEncoder(name, device="cpu", dtype="fp32", max_length=max_length)

@@ -23,7 +23,7 @@ import torch
 BAND_WIDTH = 5.0
 
 
-def band_edges(logsnr_min: float = -20.0, logsnr_max: float = 20.0, width: float = BAND_WIDTH) -> list[float]:
+def band_edges(logsnr_min: float, logsnr_max: float, width: float = BAND_WIDTH) -> list[float]:
     n = max(1, int(math.ceil((logsnr_max - logsnr_min) / width - 1e-9)))
     return [logsnr_min + i * width for i in range(n)] + [logsnr_max]
 
@@ -137,12 +137,15 @@ class Metrics:
         for tag, value in values.items():
             self.writer.add_scalar(tag, float(value), step)
 
-    def video(self, tag: str, frames, step: int, fps: float = 8.0, upscale: int = 1) -> None:
+    def video(self, tag: str, frames, step: int, fps: float | None = None, upscale: int = 1) -> None:
+        """An animated sample; fps None: trainer.video_io.OUTPUT_FPS (imported here: PIL and PyAV load
+        only when a run writes videos)."""
         if not self.enabled:
             return
-        from trainer.video_io import video_summary
+        from trainer.video_io import OUTPUT_FPS, video_summary
 
-        self.writer.file_writer.add_summary(video_summary(tag, frames, fps, upscale), step)
+        self.writer.file_writer.add_summary(video_summary(tag, frames, OUTPUT_FPS if fps is None else fps, upscale),
+                                            step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled:

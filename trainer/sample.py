@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reconstruction guidance weight (extension; default: sampling.reconstruction_weight)")
     p.add_argument("--guide-weight", type=float, help=argparse.SUPPRESS)  # old name of --reconstruction-weight
     p.add_argument("--text-encoder", help="encoder name/path (default: the one the model was trained with)")
-    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--fps", type=float, help="frame rate of the written files (default: trainer.video_io.OUTPUT_FPS)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     if a.guide_weight is not None:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.diffusion import GaussianDiffusion
     from trainer.export import load_ema_model
     from trainer.generate import encode_prompts, generate, load_text_encoder
-    from trainer.video_io import to_uint8_frames, write_gif, write_mp4
+    from trainer.video_io import OUTPUT_FPS, to_uint8_frames, write_gif, write_mp4
 
     try:
         model, cfg, meta = load_ema_model(a.checkpoint, a.device)
@@ -91,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     videos = generate(model, GaussianDiffusion.from_config(cfg.diffusion), emb, mask, frames=frames,
                       height=cfg.data.image_size, width=cfg.data.image_size, channels=cfg.model.in_channels,
                       sampling=sampling, seed=a.seed, extend_to=a.extend_to, device=a.device)
+    fps = OUTPUT_FPS if a.fps is None else a.fps
     for video, path in zip(videos, output_paths(a.out, len(a.prompt))):
         frames_u8 = to_uint8_frames(video)
-        write_mp4(path, frames_u8, a.fps)
-        gif = write_gif(path.with_suffix(".gif"), frames_u8, a.fps)
+        write_mp4(path, frames_u8, fps)
+        gif = write_gif(path.with_suffix(".gif"), frames_u8, fps)
         print(f"wrote {path} and {gif} ({frames_u8.shape[0]} frames)")
     return 0
 

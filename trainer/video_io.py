@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.mp4 import write_video
+from common.mp4 import DEFAULT_PRESET, write_video
+
+OUTPUT_FPS = 8.0  # frame rate of written samples (mp4, GIF, TensorBoard) unless asked otherwise
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -37,14 +39,14 @@ def _even(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float = OUTPUT_FPS) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_video(path, _even(frames), fps, codec="libx264", crf="18", preset="veryfast", threads="1")
+    write_video(path, _even(frames), fps, codec="libx264", crf="18", preset=DEFAULT_PRESET, threads="1")
     return path
 
 
-def gif_bytes(frames: np.ndarray, fps: float = 8.0, upscale: int = 1) -> bytes:
+def gif_bytes(frames: np.ndarray, fps: float = OUTPUT_FPS, upscale: int = 1) -> bytes:
     images = [Image.fromarray(f) for f in frames]
     if upscale > 1:
         images = [im.resize((im.width * upscale, im.height * upscale), Image.NEAREST) for im in images]
@@ -54,14 +56,14 @@ def gif_bytes(frames: np.ndarray, fps: float = 8.0, upscale: int = 1) -> bytes:
     return buf.getvalue()
 
 
-def write_gif(path: str | Path, frames: np.ndarray, fps: float = 8.0, upscale: int = 1) -> Path:
+def write_gif(path: str | Path, frames: np.ndarray, fps: float = OUTPUT_FPS, upscale: int = 1) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gif_bytes(frames, fps, upscale))
     return path
 
 
-def video_summary(tag: str, frames: np.ndarray, fps: float = 8.0, upscale: int = 1):
+def video_summary(tag: str, frames: np.ndarray, fps: float = OUTPUT_FPS, upscale: int = 1):
     """A TensorBoard Summary proto that the Images tab plays as an animation."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
