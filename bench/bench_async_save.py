@@ -6,7 +6,8 @@
 For each mode the same strategy saves the same state (model, AdamW, EMA, RNG, loader position) into a
 fresh directory, `--saves` times with `--every` training steps after each save:
 - stall_s: how long the loop waits inside the save call (sync: the whole write; async: staging the
-  state into CPU memory and starting the writer threads);
+  state into CPU memory and starting the writer threads), median over the saves; first_stall_s: the
+  first save's (async: it also allocates the staging memory that later saves reuse);
 - step_during_s: median step time while the background write runs (the writer competes for cores
   and memory bandwidth), against step_s without any save;
 - wait_s: what is still left to wait for at the next save (0 when the write finished in time);
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             "mode": mode, "strategy": a.strategy, "world_size": dist_env.world_size, "params": n_params,
             "checkpoint_mb": round(sum(f.stat().st_size for f in (root / mode).rglob("*") if f.is_file())
                                    / 2**20 / min(2, a.saves), 1),
-            "step_s": round(plain, 3), "stall_s": round(stall, 3), "step_during_s": round(statistics.median(during), 3),
+            "step_s": round(plain, 3), "first_stall_s": round(stalls[0], 3), "stall_s": round(stall, 3), "step_during_s": round(statistics.median(during), 3),
             "wait_s": round(wait, 3), "loop_cost_s": round(stall + max(0.0, extra) + wait, 3),
         }
         if dist_env.rank == 0:

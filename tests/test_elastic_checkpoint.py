@@ -147,7 +147,7 @@ def test_global_batch_change_resumes_with_a_warning_naming_both_sizes(tmp_path, 
                          data={"batch_size": 1}, run={"steps": 4, "ckpt_every": 2})
     r = _train(config, 1)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "global batch size changed from 2 to 1" in r.stdout
+    assert "WARNING" in r.stderr and "global batch size changed from 2 to 1" in r.stderr
     assert "global batch size 2 → 1" in r.stderr
     assert sorted(step_log(out)) == [0, 1, 2, 3]
 

@@ -338,6 +338,5 @@ def _warn_if_global_batch_changed(state: dict[str, Any], strategy) -> None:
     data, optim = strategy.cfg.data, strategy.cfg.optim
     new = data.batch_size * strategy.dist.world_size * optim.grad_accum
     if old is not None and int(old) != new and strategy.dist.rank == 0:
-        print(f"[resume] WARNING: global batch size changed from {old} to {new} "
-              f"(data.batch_size x world size x optim.grad_accum); the data position is kept in samples",
-              flush=True)
+        log.warning("[resume] global batch size changed from %s to %s (data.batch_size x world size x "
+                    "optim.grad_accum); the data position is kept in samples", old, new)
