@@ -186,10 +186,15 @@ def test_checkpoint_records_load_weights_only_and_nothing_else(deepspeed, tmp_pa
     torch.save({"stage": ZeroStageEnum.gradients, "addr": fragment_address(numel=3, start=1),
                 "t": torch.arange(3)}, good)
     torch.save({"args": argparse.Namespace(x=1)}, bad)
+    unknown = tmp_path / "unknown.pt"  # a DeepSpeed class outside the allow-list, e.g. from a newer release
+    torch.save({"config": deepspeed.runtime.zero.config.DeepSpeedZeroConfig()}, unknown)
     original = torch.load
     with compat.weights_only_torch_load():
         state = torch.load(good, weights_only=False)  # as DeepSpeed calls it
         assert state["stage"] == ZeroStageEnum.gradients and state["addr"].start == 1
-        with pytest.raises(pickle.UnpicklingError):
+        with pytest.raises(pickle.UnpicklingError) as e:
             torch.load(bad, weights_only=False)
+        assert "deepspeed_compat" not in str(e.value)
+        with pytest.raises(pickle.UnpicklingError, match="checkpoint_record_classes"):
+            torch.load(unknown, weights_only=False)
     assert torch.load is original

@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import logging
 import math
+import pickle
 import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -130,6 +131,21 @@ def checkpoint_record_classes() -> list[type]:
             symbol("deepspeed.utils.tensor_fragment", "fragment_address")]
 
 
+def _load_records(load, allowed: list[type], *args, **kwargs) -> Any:
+    """load(*args, **kwargs) allowing `allowed`; a DeepSpeed class that is not allowed is named (a new
+    DeepSpeed may pickle a record we do not know; a tampered file may name anything)."""
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return load(*args, **kwargs)
+    except pickle.UnpicklingError as e:
+        if "deepspeed" not in str(e):
+            raise
+        raise pickle.UnpicklingError(
+            f"{e}\n\nA DeepSpeed checkpoint file holds a class outside checkpoint_record_classes() in "
+            f"trainer/strategies/deepspeed_compat.py (DeepSpeed {installed_version()}, tested with "
+            f"deepspeed{TESTED}). If it is a plain record of a newer DeepSpeed, add it there.") from e
+
+
 @contextlib.contextmanager
 def weights_only_torch_load() -> Iterator[None]:
     """DeepSpeed's checkpoint code calls torch.load(weights_only=False) itself (the universal
@@ -140,8 +156,7 @@ def weights_only_torch_load() -> Iterator[None]:
 
     def load(*args, **kwargs):
         kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(allowed):
-            return original(*args, **kwargs)
+        return _load_records(original, allowed, *args, **kwargs)
 
     torch.load = load
     try:
@@ -158,8 +173,7 @@ def load_checkpoints_weights_only(engine) -> None:
     attribute(ckpt_engine, "load")
 
     def load(path: str, map_location=None):
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return _load_records(torch.load, allowed, path, map_location=map_location, weights_only=True)
 
     ckpt_engine.load = load
 
