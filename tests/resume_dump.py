@@ -47,29 +47,18 @@ def deepspeed_optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     """The AdamW moments of every parameter, cut from the ZeRO optimizer's flat fp32 state the way
     local_params() cuts the master weights, then gathered by the strategy (collective); plus the
     distinct step counts of the flat groups under `steps`."""
+    from trainer.strategies import deepspeed_compat
+
     s = trainer.strategy
     out = {}
     for key in ("exp_avg", "exp_avg_sq"):
-        pieces = [_zero_state_piece(s, p, key) for p in s._params]
+        pieces = [deepspeed_compat.optimizer_state_piece(s.optimizer, p, key, s.stage) for p in s._params]
         full = s.gather_full_state(pieces)
         if trainer.rank == 0:
             out.update({f"{name}.{key}": full[name] for name in s._names})
     steps = {float(st["step"]) for st in s.optimizer.optimizer.state.values() if "step" in st}
     out["steps"] = torch.tensor(sorted(steps))
     return out
-
-
-def _zero_state_piece(s, p: torch.nn.Parameter, key: str) -> torch.Tensor:
-    opt = s.optimizer
-    if s.stage == 3:
-        piece, _ = opt._get_fp32_opt_state_partition(p, True, optim_state_key=key)
-        return piece
-    mapping = getattr(p, "_hp_mapping", None)
-    if mapping is None:
-        return torch.empty(0)
-    flat = opt.single_partition_of_fp32_groups[mapping.param_group_index]
-    addr = mapping.hp_fragment_address
-    return opt.optimizer.state[flat][key].narrow(0, addr.start, addr.numel)
 
 
 def main() -> int:

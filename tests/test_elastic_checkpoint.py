@@ -220,13 +220,15 @@ def test_checkpoint_from_before_dcp_still_loads_in_single(tmp_path):
 # ------------------------------------------------------------------ DeepSpeed: universal checkpoint
 @pytest.fixture(scope="module")
 def deepspeed_killed(tmp_path_factory, trainer_shards):
-    """stage -> out_dir of a 2-rank ZeRO-<stage> run killed after its step-2 checkpoint (made on demand)."""
-    made: dict[int, Path] = {}
+    """(stage, nproc) -> out_dir of an nproc-rank ZeRO-<stage> run killed after its step-2 checkpoint
+    (made on demand, once per module)."""
+    made: dict[tuple[int, int], Path] = {}
 
-    def get(stage: int) -> Path:
-        if stage not in made:
-            made[stage] = _killed_run(tmp_path_factory.mktemp(f"zero{stage}"), trainer_shards[0], "deepspeed", 2, stage)
-        return made[stage]
+    def get(stage: int, nproc: int = 2) -> Path:
+        if (stage, nproc) not in made:
+            tmp = tmp_path_factory.mktemp(f"zero{stage}-{nproc}rank")
+            made[stage, nproc] = _killed_run(tmp, trainer_shards[0], "deepspeed", nproc, stage)
+        return made[stage, nproc]
 
     return get
 
@@ -254,24 +256,38 @@ def _assert_same_state(a: dict, b: dict) -> None:
     assert any(not torch.equal(v, a["model"][k]) for k, v in a["ema"].items())  # EMA is not the weights
 
 
+def _resume_deepspeed_elsewhere(tmp: Path, killed: Path, shards: str, saved: tuple[int, int], new: tuple[int, int],
+                                reference: list[str]) -> None:
+    """`killed` (saved = (ranks, ZeRO stage)) resumed on new = (ranks, stage): converted automatically to
+    DeepSpeed's universal checkpoint; the fp32 master weights, AdamW moments and EMA the new topology holds
+    equal, bitwise, what the saved topology loads from the same checkpoint (gathered in full); the run
+    finishes with the uninterrupted run's batch_digest at every step."""
+    same, _, _ = _dump(tmp, killed, shards, *saved, "same")
+    moved, out, config = _dump(tmp, killed, shards, *new, "moved")
+    assert (find_latest(out) / "deepspeed_universal" / "zero").is_dir()
+    _assert_same_state(same, moved)
+    r = _train(config, new[0])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[resume]" in r.stdout and "step-000002" in r.stdout
+    assert _digests(out) == reference
+    assert read_state(find_latest(out))["step"] == 4
+
+
 @pytest.mark.parametrize("saved_stage,new_stage", [(2, 2), (3, 3), (2, 1)], ids=["zero2", "zero3", "zero2-to-zero1"])
 def test_deepspeed_two_ranks_resume_on_one_rank_through_the_universal_checkpoint(
         tmp_path, trainer_shards, deepspeed_killed, reference_digests, saved_stage, new_stage):
-    """A 2-rank ZeRO checkpoint resumed by 1 rank (and another stage): converted automatically to
-    DeepSpeed's universal checkpoint; the fp32 master weights, AdamW moments and EMA the 1-rank run
-    holds equal, bitwise, what the original 2 ranks load from the same checkpoint (gathered in full);
-    the run finishes with the uninterrupted run's batch_digest at every step."""
-    shards = trainer_shards[0]
-    killed = deepspeed_killed(saved_stage)
-    same, _, _ = _dump(tmp_path, killed, shards, 2, saved_stage, "same")
-    moved, out, config = _dump(tmp_path, killed, shards, 1, new_stage, "moved")
-    assert (find_latest(out) / "deepspeed_universal" / "zero").is_dir()
-    _assert_same_state(same, moved)
-    r = _train(config, 1)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "[resume]" in r.stdout and "step-000002" in r.stdout
-    assert _digests(out) == reference_digests
-    assert read_state(find_latest(out))["step"] == 4
+    """A 2-rank ZeRO checkpoint resumed by 1 rank (and another stage)."""
+    _resume_deepspeed_elsewhere(tmp_path, deepspeed_killed(saved_stage), trainer_shards[0], (2, saved_stage),
+                                (1, new_stage), reference_digests)
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_deepspeed_one_rank_resumes_on_two_ranks_through_the_universal_checkpoint(
+        tmp_path, trainer_shards, deepspeed_killed, reference_digests, stage):
+    """A 1-rank ZeRO checkpoint resumed by 2 ranks: the second rank has no saved RNG or loader entry of
+    its own, and its EMA and optimizer pieces are cut from the one saved rank's full tensors."""
+    _resume_deepspeed_elsewhere(tmp_path, deepspeed_killed(stage, nproc=1), trainer_shards[0], (1, stage),
+                                (2, stage), reference_digests)
 
 
 def test_deepspeed_across_the_zero3_boundary_is_refused_naming_the_way_on(tmp_path):

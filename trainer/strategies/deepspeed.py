@@ -6,6 +6,10 @@ sizes, overlap_comm, persistence thresholds, fp16 loss-scale window, ...) live i
 everything our loop depends on (batch sizes, accumulation, clipping, stage, precision, optimizer
 hyper-parameters) always comes from TrainConfig: see `build_ds_config`.
 
+Everything beyond DeepSpeed's public API (ZeRO optimizer and parameter internals, the universal
+checkpoint converter, monkeypatches) goes through trainer/strategies/deepspeed_compat.py, which checks
+the installed version against the tested range and names any internal that is missing.
+
 Facts this file relies on (DeepSpeed 0.19, checked on CPU with gloo):
 - The optimizer is DeepSpeed's own `AdamW` with `"torch_adam": true` by default, i.e. torch.optim.AdamW
   on the partitioned fp32 master weights; FusedAdam/CPUAdam would compile C++ for minutes (set
@@ -22,13 +26,13 @@ Facts this file relies on (DeepSpeed 0.19, checked on CPU with gloo):
   dropped, fp16 loss scale backed off).
 
 EMA shards: under ZeRO-3 each rank's trainable tensors are its fp32 master partitions
-(`safe_get_local_fp32_param`); under ZeRO-1/2 they are the fragments of the fp32 master that this
-rank's optimizer owns (`param._hp_mapping`). Either way EMA memory divides by the world size, and
+(`compat.local_fp32_param`); under ZeRO-1/2 they are the fragments of the fp32 master that this rank's
+optimizer owns (`compat.fragment`). Either way EMA memory divides by the world size, and
 `gather_full_state` reassembles full fp32 tensors from any such list (live weights or EMA).
 
 Another world size or ZeRO stage: `load` converts the checkpoint once to DeepSpeed's universal
-checkpoint (`ds_to_universal` into `<ckpt>/deepspeed_universal/`), loads it with
-`load_universal_checkpoint` switched on for that one call, and re-cuts the EMA from every saved
+checkpoint (`ds_to_universal` into `<ckpt>/deepspeed_universal/`), loads it with the engine's
+universal-checkpoint flag switched on for that one call, and re-cuts the EMA from every saved
 rank's fragments (`join_pieces`, then this rank's fragment/partition).
 """
 
@@ -38,7 +42,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import os
 from concurrent.futures import Future
 from pathlib import Path
@@ -50,6 +53,7 @@ from torch import Tensor, nn
 
 from model.precision import precision_dtype
 from trainer import async_write
+from trainer.strategies import deepspeed_compat as compat
 from trainer.strategies.base import Strategy
 from trainer.strategies.process_group import ensure_process_group
 
@@ -82,47 +86,13 @@ def join_pieces(pieces: list[Tensor], numel: int, stage: int) -> Tensor:
     return flat
 
 
-def _allowed_classes() -> list:
-    """Plain DeepSpeed records its checkpoint files pickle (stage enum, loss scalers, fragment addresses)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-@contextlib.contextmanager
-def _weights_only_torch_load():
-    """DeepSpeed's universal-checkpoint code calls torch.load(weights_only=False) itself; inside this
-    context every torch.load is weights_only=True with only the allow-listed DeepSpeed records."""
-    original = torch.load
-    allowed = _allowed_classes()
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(allowed):
-            return original(*args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
-
-
 def convert_to_universal(src: Path, target: Path) -> None:
     """deepspeed.checkpoint.ds_to_universal in this process (no worker pool), into target atomically."""
-    import argparse
     import shutil
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    with _weights_only_torch_load():
-        ds_to_universal(args)
+    compat.ds_to_universal(str(src), str(tmp))
     os.replace(tmp, target)
 
 
@@ -201,52 +171,6 @@ def build_ds_config(cfg, world_size: int, on_cpu: bool) -> dict:
     return deep_merge(user, ours)
 
 
-def _skip_shm_op_build() -> None:
-    """DeepSpeed builds a C++ shared-memory all-reduce op when its comm backend starts; only inference
-    uses it, and building it costs about a minute on a small CPU machine. Mark it unavailable."""
-    try:
-        import deepspeed.ops as ds_ops
-
-        ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    except (ImportError, AttributeError):  # layout changed: the build is slow but harmless
-        pass
-
-
-def _load_checkpoints_weights_only(engine) -> None:
-    """Make the engine read its checkpoint files with `torch.load(weights_only=True)`.
-
-    DeepSpeed itself unpickles them with weights_only=False. Its files hold tensors, plain containers
-    and a few plain DeepSpeed records (the ZeRO stage enum, the loss scaler, ZeRO-1/2 fragment
-    addresses); only those classes are allow-listed, so a tampered checkpoint cannot run code.
-    """
-    allowed = _allowed_classes()
-    ckpt_engine = getattr(engine, "checkpoint_engine", None)
-    if ckpt_engine is None or not hasattr(ckpt_engine, "load"):
-        raise RuntimeError("this DeepSpeed version has no engine.checkpoint_engine.load to make safe")
-
-    def load(path: str, map_location=None):
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    ckpt_engine.load = load
-
-
-@contextlib.contextmanager
-def _engine_writes_through(engine, save):
-    """For the duration: the engine's checkpoint engine hands each file to `save(obj, path)` instead
-    of calling torch.save (the checkpoint engine's `save(state_dict, path)` is DeepSpeed's pluggable
-    write, the one its Nebula and NVMe engines replace)."""
-    ckpt_engine = getattr(engine, "checkpoint_engine", None)
-    if ckpt_engine is None or not hasattr(ckpt_engine, "save"):
-        raise RuntimeError("this DeepSpeed version has no engine.checkpoint_engine.save to write in the background")
-    original = ckpt_engine.save
-    ckpt_engine.save = lambda state_dict, path: save(state_dict, path)
-    try:
-        yield
-    finally:
-        ckpt_engine.save = original
-
-
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
@@ -257,7 +181,8 @@ class DeepSpeedStrategy(Strategy):
                            ("WORLD_SIZE", self.dist.world_size)):
             os.environ.setdefault(key, str(value))
         ensure_process_group(self.dist, "deepspeed")
-        _skip_shm_op_build()
+        compat.check_version()
+        compat.skip_shm_op_build()
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -277,7 +202,7 @@ class DeepSpeedStrategy(Strategy):
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self.ds_config, dist_init_required=False)
         self.engine = engine
-        _load_checkpoints_weights_only(engine)
+        compat.load_checkpoints_weights_only(engine)
         self.model = engine
         self.module = engine.module
         self.optimizer = optimizer  # the ZeRO optimizer; param_groups proxy the inner AdamW's
@@ -290,18 +215,15 @@ class DeepSpeedStrategy(Strategy):
     @torch.no_grad()
     def _restore_fp32_master(self, initial: dict[str, Tensor]) -> None:
         if self.stage != 3:
-            from deepspeed.utils import safe_set_full_fp32_param
-
             for name, p in zip(self._names, self._params):
-                safe_set_full_fp32_param(p, initial[name].to(p.device))
+                compat.set_full_fp32_param(p, initial[name].to(p.device))
             return
         # ZeRO-3: write our slice of each flat parameter into the local fp32 partition ourselves
         # (DeepSpeed 0.19's set_full_hp_param overruns when the last rank's partition is padded)
-        opt = self.optimizer
         for name, p in zip(self._names, self._params):
-            local, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=True)  # a view, even offloaded
+            local = compat.fp32_partition(self.optimizer, p)  # a view, even offloaded
             flat = initial[name].reshape(-1)
-            part = p.ds_tensor.ds_numel
+            part = compat.zero3_layout(p).partition_numel
             start = self.dist.rank * part
             n = max(0, min(part, flat.numel() - start))
             if n:
@@ -330,24 +252,10 @@ class DeepSpeedStrategy(Strategy):
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # only advances the engine's micro-step counter
 
-    def _grad_norm(self) -> float:
-        """The same global norm `engine.step()` is about to compute (unscaled by the loss scale)."""
-        from deepspeed.runtime.utils import is_invalid_grad_norm
-
-        opt = self.optimizer
-        if self.stage == 3:
-            from deepspeed.runtime.utils import combine_grad_norm_groups
-
-            norm = combine_grad_norm_groups(opt._get_norm_groups())
-        else:
-            norm = opt.scaled_global_norm()
-        if is_invalid_grad_norm(norm):
-            return math.inf
-        return float(norm) / float(getattr(opt, "loss_scale", 1.0) or 1.0)
-
     def clip_grad_norm(self, max_norm: float) -> float:
-        self.optimizer.clip_grad = float(max_norm)  # the engine clips inside step(); 0 = off
-        return self._grad_norm()
+        """The global norm `engine.step()` is about to compute and clip (the engine clips; 0 = off)."""
+        compat.set_clip(self.optimizer, max_norm)
+        return compat.global_grad_norm(self.optimizer, self.stage)
 
     def optimizer_step(self) -> None:
         self.engine.step()
@@ -356,15 +264,8 @@ class DeepSpeedStrategy(Strategy):
         """Let the engine take its overflow path: no update, partitioned grads dropped, fp16 scale
         backed off. Forced by reporting an invalid norm for this one step, so a step whose loss was
         non-finite but whose gradients happened to be finite is dropped as well."""
-        opt = self.optimizer
-        nan = torch.tensor(float("nan"))
-        attr, fake = (("_get_norm_groups", lambda: [nan]) if self.stage == 3 else
-                      ("scaled_global_norm", lambda *a, **k: nan))
-        setattr(opt, attr, fake)
-        try:
+        with compat.invalid_grad_norm(self.optimizer, self.stage):
             self.engine.step()
-        finally:
-            delattr(opt, attr)
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -374,14 +275,11 @@ class DeepSpeedStrategy(Strategy):
         """fp32 master weights this rank owns: ZeRO-3 partitions, or ZeRO-1/2 optimizer fragments
         (empty where this rank owns no part of a parameter)."""
         if self.stage == 3:
-            from deepspeed.utils import safe_get_local_fp32_param
-
-            return [safe_get_local_fp32_param(p) for p in self._params]
+            return [compat.local_fp32_param(p) for p in self._params]
         out = []
         for p in self._params:
-            mapping = getattr(p, "_hp_mapping", None)
-            out.append(mapping.hp_fragment if mapping is not None else
-                       torch.empty(0, dtype=torch.float32, device=p.device))
+            piece = compat.fragment(p)
+            out.append(piece if piece is not None else torch.empty(0, dtype=torch.float32, device=p.device))
         return out
 
     def unwrapped_model(self) -> nn.Module:
@@ -392,7 +290,7 @@ class DeepSpeedStrategy(Strategy):
         every file the engine writes is staged and written by a thread instead (DeepSpeed has no async
         save of its own that runs without its NVMe I/O op)."""
         writer = async_write.BackgroundWriter() if background else None
-        with _engine_writes_through(self.engine, writer.save) if writer else contextlib.nullcontext():
+        with compat.checkpoint_writes_through(self.engine, writer.save) if writer else contextlib.nullcontext():
             self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, client_state={}, save_latest=False)
         self.barrier()
         return writer.finished() if writer else async_write.done()
@@ -408,13 +306,9 @@ class DeepSpeedStrategy(Strategy):
         saved = saved_topology(ckpt_dir)
         universal = saved is not None and saved != (self.dist.world_size, self.stage)
         tag = self._universal_tag(ckpt_dir) if universal else TAG
-        self.engine._config.load_universal_checkpoint = universal  # read by load_checkpoint and ZeRO
-        try:
-            with _weights_only_torch_load():
-                path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=False)
-        finally:
-            self.engine._config.load_universal_checkpoint = False
+        with compat.universal_checkpoint_loading(self.engine, universal), compat.weights_only_torch_load():
+            path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"deepspeed could not load the checkpoint in {ckpt_dir}/{tag}")
         if universal and ema is not None:
@@ -437,7 +331,7 @@ class DeepSpeedStrategy(Strategy):
         saved = [torch.load(ckpt_dir / f"ema-rank{r}.pt", weights_only=True, map_location="cpu")
                  for r in range(saved_world)]
         for i, (p, local) in enumerate(zip(self._params, ema)):
-            numel = int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 parameters are empty placeholders
+            numel = compat.full_numel(p, self.stage)  # ZeRO-3 parameters are empty placeholders
             full = join_pieces([pieces[i] for pieces in saved], numel, saved_stage)
             self._cut_piece(p, full, local)
 
@@ -450,10 +344,9 @@ class DeepSpeedStrategy(Strategy):
             local.zero_()
             local.view(-1).narrow(0, 0, n).copy_(full.narrow(0, start, n).to(local.device))
             return
-        mapping = getattr(p, "_hp_mapping", None)
-        if mapping is not None:
-            addr = mapping.lp_fragment_address
-            local.view(-1).copy_(full.narrow(0, addr.start, addr.numel).to(local.device))
+        span = compat.fragment_span(p)
+        if span is not None:
+            local.view(-1).copy_(full.narrow(0, *span).to(local.device))
 
     def gather_full_state(self, tensors: list[Tensor] | None = None) -> dict[str, Tensor] | None:
         """Collective: full fp32 tensors on rank 0 from per-rank pieces (the live fp32 master, or the
@@ -491,8 +384,9 @@ class DeepSpeedStrategy(Strategy):
     def _assemble(self, p: nn.Parameter, piece: Tensor) -> Tensor:
         world = self.dist.world_size
         if self.stage == 3:
-            part = p.ds_tensor.ds_numel  # padded partition size, the same on every rank
-            piece = piece.reshape(-1).to(p.ds_tensor.device)
+            layout = compat.zero3_layout(p)
+            part = layout.partition_numel  # padded, the same on every rank
+            piece = piece.reshape(-1).to(layout.device)
             if piece.numel() != part:
                 raise ValueError(f"ZeRO-3 piece has {piece.numel()} elements, partition size is {part}")
             if world == 1:
@@ -501,13 +395,12 @@ class DeepSpeedStrategy(Strategy):
                 bufs = [torch.empty_like(piece) for _ in range(world)]
                 dist.all_gather(bufs, piece)
                 flat = torch.cat(bufs)
-            return flat[: p.ds_numel].view(p.ds_shape)
+            return flat[: layout.numel].view(layout.shape)
         # ZeRO-1/2: disjoint fragments of the flattened parameter; sum of zero-padded pieces
         flat = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-        mapping = getattr(p, "_hp_mapping", None)
-        if mapping is not None:
-            addr = mapping.lp_fragment_address
-            flat.narrow(0, addr.start, addr.numel).copy_(piece.reshape(-1))
+        span = compat.fragment_span(p)
+        if span is not None:
+            flat.narrow(0, *span).copy_(piece.reshape(-1))
         if world > 1:
             dist.all_reduce(flat)
         return flat.view(p.shape)
