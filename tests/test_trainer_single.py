@@ -117,13 +117,15 @@ def test_kill9_of_trainer_takes_its_forkserver_loader_workers_down(tmp_path, tra
     assert "step 2/4" in output  # the workers did deliver batches before the kill
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["usr1", "term"])
-def test_stop_signal_checkpoints_and_exits_124_then_resumes(tmp_path, trainer_shards, sig):
+@pytest.mark.parametrize("sig,async_save", [(signal.SIGUSR1, False), (signal.SIGTERM, True)],
+                         ids=["usr1", "term-async-save"])
+def test_stop_signal_checkpoints_and_exits_124_then_resumes(tmp_path, trainer_shards, sig, async_save):
     """SIGUSR1 (preemption notice) and SIGTERM (scancel, preemption): the real trainer saves and exits
-    124 either way; whether to requeue is the launcher's decision (TERM: never, see test_slurm_cluster)."""
+    124 either way; whether to requeue is the launcher's decision (TERM: never, see test_slurm_cluster).
+    With run.async_save the stop checkpoint is written in the background and waited for before exit."""
     shards, _ = trainer_shards
     out = tmp_path / "run"
-    cfg = tiny_config(tmp_path / "c.yaml", shards, out, run={"steps": 1000, "ckpt_every": 0})
+    cfg = tiny_config(tmp_path / "c.yaml", shards, out, run={"steps": 1000, "ckpt_every": 0, "async_save": async_save})
     proc = subprocess.Popen(train_cmd(cfg), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -133,6 +135,7 @@ def test_stop_signal_checkpoints_and_exits_124_then_resumes(tmp_path, trainer_sh
     output = "".join(lines) + rest
     assert proc.returncode == 124, output
     assert f"received {sig.name}" in output and "exiting with 124" in output
+    assert ("in the background" in output) == async_save
     latest = find_latest(out)
     step = read_state(latest)["step"]
     assert 1 <= step < 1000 and latest.name == f"step-{step:06d}"
