@@ -2,7 +2,8 @@
 # One GPU check (issue 11): ~8 min on one H100/H200. Writes a markdown table of the small config's
 # bf16 training step (step time, samples/s, model TFLOP/s, MFU, peak memory) for single, DDP over NCCL,
 # FSDP2 and DeepSpeed ZeRO-2, eager and regionally compiled, with two checkpoint policies; the
-# checkpoint-policy table on the GPU; and BERT-large captions/s (the sharder's text stage).
+# checkpoint-policy table on the GPU; BERT-large captions/s (the sharder's text stage); and the stall
+# of a synchronous vs a background (run.async_save) checkpoint.
 #
 #   bash bench/gpu_check.sh                 # on a machine with one CUDA GPU, from the repo root
 #   bash bench/gpu_check.sh --dry-run       # CPU: the demo config, one step per case, no compile:
@@ -134,6 +135,21 @@ with torch.inference_mode():
     dt = time.perf_counter() - t0
 print(f"{ids.shape[0] * n / dt:.0f} captions/s{' (dry run: 2 layers on CPU)' if dry else ''}")
 EOF
+} >> "$TMP/table.md"
+
+# what a checkpoint stalls training for, synchronous vs run.async_save (issue 10): 1 GPU, single
+{
+  echo
+  echo "## Checkpoint stall, synchronous vs run.async_save (single, JSON per mode)"
+  echo
+  if (( DRY )); then
+    async_args=(--config configs/demo.yaml --saves 2 --every 2)
+  else
+    async_args=(--config configs/vdm_t2v_small_16x64.yaml --set run.precision=bf16 --set data.batch_size=4
+                --saves 3 --every 10)
+  fi
+  timeout 180 "$PY" -m bench.bench_async_save --strategy single "${async_args[@]}" 2>/dev/null | grep '^{' \
+    || echo "async-save bench failed or timed out"
   echo
   echo "Total $(( $(date +%s) - START )) s."
 } >> "$TMP/table.md"
