@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test demo lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,6 @@ test: venv lint
 
 demo: venv
 	$(PY) -m trainer.demo
-
-bench: venv
-	$(PY) -m bench.run_all
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
