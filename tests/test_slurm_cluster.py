@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from slurm_helpers import (
     REPO,
-    job_state,
     probe_env,
     require_cluster,
     sbatch,
@@ -165,8 +164,7 @@ def test_train_sh_cancel_saves_but_is_not_requeued(tmp_path):
     assert _records(run)[0]["signals"] == ["TERM"]  # the trainer was told to save
     # a requeue could only come from train.sh (scontrol requeue) while its batch step runs: once that
     # step has ended, the job is settled
-    wait_batch_step_ended(job, 120)
-    assert job_state(job) == "CANCELLED"
+    assert wait_batch_step_ended(job, 120) == "CANCELLED"
     assert not list(run.glob("probe-rank*-restart1.*"))
     assert "requeueing job" not in (tmp_path / f"vdm-train-{job}.out").read_text()
 
