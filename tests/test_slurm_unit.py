@@ -163,3 +163,32 @@ def test_launch_wait_notices_a_job_that_died_without_a_result():
     assert wait_for(_FakeJob(True), 60) == (True, [{"rank": 0}])
     ok, why = wait_for(_FakeJob(False), 0)
     assert not ok and why == "still RUNNING after 0 s (not cancelled)"
+
+
+def test_launch_wait_asks_slurm_about_every_task_of_a_multi_task_job(tmp_path, monkeypatch):
+    """A real submitit Job of 2 tasks, an hour after its submission, its state last read a second ago:
+    submitit's tasks would ask sacct again only 10 minutes later (done(force_check=True) does not reach
+    them), so a job that died in between went unnoticed that long. wait_for must ask SLURM at once."""
+    import os
+    import time
+
+    import submitit
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    from slurm.launch import wait_for
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "sacct-calls"
+    bin_dir.mkdir()
+    sacct = bin_dir / "sacct"  # what SLURM answers for a 2-node job whose nodes failed
+    sacct.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nprintf "JobID|State|NodeList\\n7|NODE_FAIL|n[1-2]\\n"\n')
+    sacct.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    watcher = SlurmInfoWatcher(delay_s=600)
+    monkeypatch.setattr(submitit.SlurmJob, "watcher", watcher)
+    monkeypatch.setattr(submitit.SlurmJob, "_results_timeout_s", 0)  # no result file will come
+    (tmp_path / "7").mkdir()
+    job = submitit.SlurmJob(folder=tmp_path / "%j", job_id="7", tasks=(0, 1))
+    watcher._start_time, watcher._last_status_check = time.time() - 3600, time.time() - 1
+    ok, why = wait_for(job, 3)
+    assert not ok and why.startswith("died without a result: UncompletedJobError: Job 7 (task: 0)"), why
+    assert "(state: NODE_FAIL)" in why and calls.read_text().count("-j 7") == 1
