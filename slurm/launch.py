@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from common.exit_codes import EXIT_REQUEUE  # the trainer's "saved, requeue me" (dependency-free)
@@ -221,15 +222,31 @@ def render_sbatch(folder: str, **kw: Any) -> str:
     return _make_sbatch_string(command=command, folder=folder, **params)
 
 
+def _finished(job: submitit.Job) -> bool:
+    """Whether every task of the job has finished, asking SLURM now (one sacct call).
+
+    `job.done(force_check=True)` alone does not do it for a job of several tasks: submitit does not
+    pass force_check on to the tasks, whose own checks ask SLURM at growing intervals (half the time
+    since the submission, up to 10 minutes), so a dead multi-node job was noticed that much later. The forced call refreshes the state all the
+    tasks read (a task with a result file is done without asking)."""
+    job.watcher.get_state(job.job_id, mode="force")
+    return job.done()
+
+
 def wait_for(job: submitit.Job, timeout_s: float | None) -> tuple[bool, Any]:
-    """(ok, results or error text). Polls SLURM (sacct/squeue) so a job that died is noticed."""
+    """(ok, results or error text). Polls SLURM (sacct) so a job that died without a result (killed,
+    node failure, out of memory) is noticed and reported as such, not waited on for ever."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while not job.done(force_check=True):
+    while not _finished(job):
         if deadline is not None and time.monotonic() > deadline:
             return False, f"still {job.state} after {timeout_s:.0f} s (not cancelled)"
         time.sleep(2)
     try:
         return True, job.results()
+    except FailedJobError as e:  # a task raised (e.g. the trainer failed): its result holds the error
+        return False, f"{type(e).__name__}: {str(e).strip()[-3000:]}"
+    except UncompletedJobError as e:  # SLURM says finished, but a task wrote no result
+        return False, f"died without a result: {type(e).__name__}: {str(e).strip()[-3000:]}"
     except Exception as e:  # noqa: BLE001 - submitit raises several types; all mean "failed"
         return False, f"{type(e).__name__}: {str(e).strip()[-3000:]}"
 

@@ -66,18 +66,27 @@ def job_state(job_id: str) -> str:
     return out[0] if out else ""
 
 
-def wait_batch_step_ended(job_id: str, timeout_s: float) -> None:
-    """Poll sacct until the job's batch step (the script itself) has an end time: the script can
-    then no longer act (e.g. requeue the job). Fails the test on timeout."""
+def wait_batch_step_ended(job_id: str, timeout_s: float) -> str:
+    """Poll until the job's batch step (the script itself) has ended: the script can then no longer
+    act (e.g. requeue the job). Returns the job's state then: a final one, or PENDING/REQUEUED when
+    it was requeued. Fails the test on timeout.
+
+    The witness is the controller, not sacct: a job stays COMPLETING until every process of every
+    step, the batch script included, has exited. sacct is none for a cancelled job: from the cancel
+    on it reports the batch step CANCELLED with the cancel's time as its end while the script still
+    runs (seen on this cluster: a script trapping SIGTERM ran 6 s past that "end")."""
     deadline = time.monotonic() + timeout_s
+    state = ""
     while time.monotonic() < deadline:
-        rows = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "-o", "JobID,End"], capture_output=True,
-                              text=True, timeout=30).stdout.split()
-        ends = [row.split("|")[1] for row in rows if row.split("|")[0] == f"{job_id}.batch"]
-        if ends and ends[0] not in ("", "Unknown"):
-            return
+        r = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                           timeout=30)
+        state = r.stdout.strip()
+        if state in TERMINAL or state in ("PENDING", "REQUEUED"):
+            return state
+        if r.returncode != 0 and "Invalid job id" in r.stderr:  # purged from the controller: long over
+            return job_state(job_id)
         time.sleep(0.5)
-    pytest.fail(f"the batch step of job {job_id} did not end within {timeout_s:.0f} s")
+    pytest.fail(f"the batch step of job {job_id} did not end within {timeout_s:.0f} s (state {state!r})")
 
 
 def wait_state(job_id: str, states: set[str], timeout_s: float) -> str:

@@ -8,6 +8,8 @@ requeue, crash reports); tests/test_slurm_training.py runs the real trainer the 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,6 @@ from pathlib import Path
 import pytest
 from slurm_helpers import (
     REPO,
-    job_state,
     probe_env,
     require_cluster,
     sbatch,
@@ -165,8 +166,7 @@ def test_train_sh_cancel_saves_but_is_not_requeued(tmp_path):
     assert _records(run)[0]["signals"] == ["TERM"]  # the trainer was told to save
     # a requeue could only come from train.sh (scontrol requeue) while its batch step runs: once that
     # step has ended, the job is settled
-    wait_batch_step_ended(job, 120)
-    assert job_state(job) == "CANCELLED"
+    assert wait_batch_step_ended(job, 120) == "CANCELLED"
     assert not list(run.glob("probe-rank*-restart1.*"))
     assert "requeueing job" not in (tmp_path / f"vdm-train-{job}.out").read_text()
 
@@ -221,10 +221,56 @@ def test_launch_crash_is_reported_failed_with_log_path(tmp_path):
     assert log_path.startswith(str(tmp_path / "run" / "slurm")) and "PROBE done, exit 3" in open(log_path).read()
 
 
+def _pids(module: str, arg: str) -> list[int]:
+    """Pids of this host's `python -m <module> ... <arg> ...` processes (not the srun that starts them)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # not a process, or gone
+            continue
+        if module in argv and any(arg in a for a in argv) and not Path(argv[0]).name.startswith("srun"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_launch_wait_reports_a_job_killed_without_a_result(tmp_path):
+    """Its submitit tasks SIGKILLed, a job leaves no result (as after a node failure): `--wait` must
+    learn from SLURM that the job is over and exit 1 naming it, not wait for ever. (`scancel
+    --signal=KILL` would not do: SLURM turns it into a plain cancel, SIGTERM first, and the task then
+    reports the trainer's exit as an error. Two nodes: submitit alone asks SLURM about a multi-task
+    job only at growing intervals, up to 10 minutes; tests/test_slurm_unit.py checks we do not wait.)"""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "slurm.launch", "--config", "configs/demo.yaml", "--set", f"run.out_dir={run}",
+           "--nodes", "2", "--cpus-per-task", "1", "--time", "5", "--wait", "--wait-timeout", "120"]
+    p = subprocess.Popen(cmd, cwd=REPO, env=probe_env(PROBE_SECONDS="120"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    job = ""
+    try:
+        first = p.stdout.readline()  # "submitted job <id> (...)", flushed before the wait
+        assert first.startswith("submitted job "), first + p.stderr.read()
+        job = first.split()[2]
+        _wait_ranks_ready(run, job)
+        # every node of the local cluster is this host: kill each node's submitit task, then its
+        # orphaned trainer, as a node failure would (the job's step no longer owns the orphans)
+        tasks = _pids("submitit.core._submit", str(run / "slurm" / "%j"))  # the folder as submitted
+        assert len(tasks) == 2, tasks
+        for pid in tasks + _pids("slurm_probe", f"run.out_dir={run}"):
+            os.kill(pid, signal.SIGKILL)
+        out, err = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        if job:
+            subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    assert p.returncode == 1, first + out + err
+    assert f"job {job} FAILED" in err and "died without a result" in err, err
+    assert f"Job {job} (task: " in err and "has not produced any output" in err, err
+    assert not list(run.glob("probe-rank*-restart0.json"))  # the probes were killed, not finished
+
+
 def _submit_probe(tmp_path, **env):
     """Submit through the library (as slurm.launch does) so the test holds the submitit Job."""
-    import os
-
     from slurm.executor import make_executor
     from slurm.launch import TrainTask
 
@@ -293,8 +339,6 @@ def test_train_sh_stops_requeueing_at_the_limit(tmp_path):
 
 
 def test_local_cluster_up_is_idempotent_and_status_reports(tmp_path):
-    import os
-
     if os.geteuid() != 0:
         pytest.skip("local_cluster.sh needs root")
     before = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True).stdout.split()

@@ -118,15 +118,23 @@ def test_train_sh_rejects_a_bad_override_before_starting_tasks(tmp_path):
     assert r.returncode == 1 and "optim.lrr" in r.stdout + r.stderr
 
 
+class _FakeWatcher:
+    def __init__(self):
+        self.modes: list[str] = []
+
+    def get_state(self, job_id: str, mode: str = "standard") -> str:
+        self.modes.append(mode)
+        return "UNKNOWN"
+
+
 class _FakeJob:
     """A submitit Job whose SLURM state says finished: `results()` raises what submitit raises then."""
 
     def __init__(self, done: bool, error: Exception | None = None):
-        self._done, self._error, self.checks = done, error, []
+        self._done, self._error, self.job_id, self.watcher = done, error, "7", _FakeWatcher()
         self.state = "NODE_FAIL" if done else "RUNNING"
 
     def done(self, force_check: bool = False) -> bool:
-        self.checks.append(force_check)
         return self._done
 
     def results(self):
@@ -137,15 +145,50 @@ class _FakeJob:
 
 def test_launch_wait_notices_a_job_that_died_without_a_result():
     """slurm.launch --wait: a job killed before it wrote a result (node failure, kill -9, OOM) is
-    reported as failed with submitit's reason, after asking SLURM (force_check), not waited on forever."""
-    from submitit.core.utils import UncompletedJobError
+    reported as died without a result with submitit's reason, after asking SLURM (a forced check, which
+    submitit's done(force_check=True) does not pass on to the tasks of a multi-task job), not waited on
+    for ever. On the real cluster: test_slurm_cluster.py::test_launch_wait_reports_a_job_killed_without_a_result."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
 
     from slurm.launch import wait_for
 
     died = _FakeJob(True, UncompletedJobError("Job 7 (task: 0) has not produced any output (state: NODE_FAIL)"))
     ok, why = wait_for(died, 60)
-    assert not ok and why.startswith("UncompletedJobError:") and "has not produced any output" in why
-    assert died.checks == [True]  # the SLURM state was polled, not only the result file
+    assert not ok and why.startswith("died without a result: UncompletedJobError:"), why
+    assert "has not produced any output" in why
+    assert died.watcher.modes == ["force"]  # the SLURM state was polled, not only the result file
+    crashed = FailedJobError("Job (task=0) failed during processing with trace: ... exit code 3")
+    ok, why = wait_for(_FakeJob(True, crashed), 60)  # a crash is reported as such (its result says why)
+    assert not ok and why.startswith("FailedJobError: Job (task=0) failed") and "without a result" not in why
     assert wait_for(_FakeJob(True), 60) == (True, [{"rank": 0}])
     ok, why = wait_for(_FakeJob(False), 0)
     assert not ok and why == "still RUNNING after 0 s (not cancelled)"
+
+
+def test_launch_wait_asks_slurm_about_every_task_of_a_multi_task_job(tmp_path, monkeypatch):
+    """A real submitit Job of 2 tasks, an hour after its submission, its state last read a second ago:
+    submitit's tasks would ask sacct again only 10 minutes later (done(force_check=True) does not reach
+    them), so a job that died in between went unnoticed that long. wait_for must ask SLURM at once."""
+    import os
+    import time
+
+    import submitit
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    from slurm.launch import wait_for
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "sacct-calls"
+    bin_dir.mkdir()
+    sacct = bin_dir / "sacct"  # what SLURM answers for a 2-node job whose nodes failed
+    sacct.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nprintf "JobID|State|NodeList\\n7|NODE_FAIL|n[1-2]\\n"\n')
+    sacct.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    watcher = SlurmInfoWatcher(delay_s=600)
+    monkeypatch.setattr(submitit.SlurmJob, "watcher", watcher)
+    monkeypatch.setattr(submitit.SlurmJob, "_results_timeout_s", 0)  # no result file will come
+    (tmp_path / "7").mkdir()
+    job = submitit.SlurmJob(folder=tmp_path / "%j", job_id="7", tasks=(0, 1))
+    watcher._start_time, watcher._last_status_check = time.time() - 3600, time.time() - 1
+    ok, why = wait_for(job, 3)
+    assert not ok and why.startswith("died without a result: UncompletedJobError: Job 7 (task: 0)"), why
+    assert "(state: NODE_FAIL)" in why and calls.read_text().count("-j 7") == 1
