@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     a = p.parse_args(argv)
 
+    from bench.bench_trainer import synthetic_batch, train_step
     from common.config import load_config
     from model.diffusion import GaussianDiffusion
     from model.unet import SpaceTimeUNet
@@ -57,20 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     strategy.setup(model)
     ema = EMA(strategy.local_params(), cfg.run.ema_decay)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
-    dev, b = dist_env.device, cfg.data.batch_size
-    frames, size = cfg.data.num_frames + cfg.data.num_image_frames, cfg.data.image_size
-    x = torch.rand(b, cfg.model.in_channels, frames, size, size, device=dev) * 2 - 1
-    cond = {"text_emb": torch.randn(b, 16, cfg.model.text_dim, device=dev),
-            "text_mask": torch.ones(b, 16, dtype=torch.bool, device=dev), "num_video_frames": cfg.data.num_frames}
+    dev = dist_env.device
+    x, cond = synthetic_batch(cfg, cfg.data.batch_size, dev)
 
     def step() -> float:
         t0 = time.perf_counter()
-        with strategy.autocast():
-            per_sample, _ = diffusion.loss_terms(strategy.forward, x, **cond)
-        strategy.backward(per_sample.mean())
-        strategy.clip_grad_norm(1.0)
-        strategy.optimizer_step()
-        strategy.zero_grad()
+        train_step(strategy, diffusion, x, cond)
         ema.update(strategy.local_params())
         if dev.type == "cuda":
             torch.cuda.synchronize()

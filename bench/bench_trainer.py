@@ -35,6 +35,26 @@ def optimizer_bytes(opt) -> int:
     return total
 
 
+def synthetic_batch(cfg, batch: int, device) -> tuple:
+    """(x, cond): a random clip batch of the config's geometry and 16 random caption tokens."""
+    frames, size = cfg.data.num_frames + cfg.data.num_image_frames, cfg.data.image_size
+    x = torch.rand(batch, cfg.model.in_channels, frames, size, size, device=device) * 2 - 1
+    cond = {"text_emb": torch.randn(batch, 16, cfg.model.text_dim, device=device),
+            "text_mask": torch.ones(batch, 16, dtype=torch.bool, device=device),
+            "num_video_frames": cfg.data.num_frames}
+    return x, cond
+
+
+def train_step(strategy, diffusion, x, cond: dict) -> None:
+    """Forward + loss + backward + clip + AdamW, as the trainer's step (without the data)."""
+    with strategy.autocast():
+        per_sample, _ = diffusion.loss_terms(strategy.forward, x, **cond)
+    strategy.backward(per_sample.mean())
+    strategy.clip_grad_norm(1.0)
+    strategy.optimizer_step()
+    strategy.zero_grad()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/demo.yaml")
@@ -81,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     b = a.batch or cfg.data.batch_size
     frames = cfg.data.num_frames + cfg.data.num_image_frames
     size = cfg.data.image_size
-    x = torch.rand(b, cfg.model.in_channels, frames, size, size, device=dev) * 2 - 1
-    emb = torch.randn(b, 16, cfg.model.text_dim, device=dev)
-    mask = torch.ones(b, 16, dtype=torch.bool, device=dev)
-    cond = {"text_emb": emb, "text_mask": mask, "num_video_frames": cfg.data.num_frames}
+    x, cond = synthetic_batch(cfg, b, dev)
 
     times = []
     t_first = None
@@ -92,12 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with strategy.autocast():
-            per_sample, _ = diffusion.loss_terms(strategy.forward, x, **cond)
-        strategy.backward(per_sample.mean())
-        strategy.clip_grad_norm(1.0)
-        strategy.optimizer_step()
-        strategy.zero_grad()
+        train_step(strategy, diffusion, x, cond)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if i == 0:
