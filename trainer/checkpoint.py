@@ -143,7 +143,8 @@ def start_checkpoint(strategy, out_dir: str | Path, step: int, *, ema, loader_st
                      files: dict[str, str] | None = None, background: bool = True) -> PendingCheckpoint:
     """Collective. Stages the state and returns once the large files are being written (by background
     threads when `background`); the checkpoint becomes the latest only when `PendingCheckpoint.poll`
-    (rank 0, between steps) or `.wait` (collective) finds every rank's files written."""
+    (rank 0, between steps) or `.wait` (collective) finds every rank's files written. Wait for the
+    previous one first: this removes every other temporary checkpoint directory."""
     rank, world = strategy.dist.rank, strategy.dist.world_size
     root = checkpoint_root(out_dir)
     final = root / step_dir_name(step)
