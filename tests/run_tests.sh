@@ -19,4 +19,4 @@ if [ -x slurm/local_cluster.sh ] && [ "${VDM_SKIP_SLURM:-0}" != 1 ] && [ "$(id -
 fi
 cleanup() { if [ "$started_slurm" = 1 ]; then slurm/local_cluster.sh down || true; fi; }
 trap cleanup EXIT
-"$PY" -m pytest -q "$@"
+"$PY" -m pytest -q --durations=15 "$@"  # the slowest tests listed: CI time stays visible
