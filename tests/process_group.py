@@ -8,9 +8,11 @@ timeout kills the whole process group before the TimeoutExpired propagates.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import tempfile
 
 
 def run(cmd, *, timeout: float | None = None, capture_output: bool = False, check: bool = False,
@@ -41,3 +43,19 @@ def kill_group(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+@contextlib.contextmanager
+def gloo_group_of_one():
+    """A real gloo process group of this one process (file store), destroyed afterwards."""
+    import torch.distributed as dist
+
+    fd, store = tempfile.mkstemp(prefix="gloo-store-")
+    os.close(fd)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(store)

@@ -89,6 +89,23 @@ def test_background_checkpoint_holds_the_state_at_the_save_and_equals_a_synchron
     assert read_state(final)["loader"] == [{"pos": 1}]
 
 
+def test_background_save_with_a_process_group_writes_over_a_gloo_group_of_its_own(tmp_path):
+    """Under a process group (here gloo, one rank; on GPUs the default group is NCCL, which DCP cannot
+    use for a CPU-side save) the writer coordinates over a separate gloo group."""
+    import torch.distributed as dist
+    from process_group import gloo_group_of_one
+
+    with gloo_group_of_one():
+        strategy, ema = _trained_single()
+        pending = _save(strategy, ema, tmp_path, 1, background=True)
+        group = strategy.background_group()
+        assert group is not None and group is not dist.group.WORLD and dist.get_backend(group) == "gloo"
+        assert strategy.background_group() is group  # made once
+        _step(strategy, ema)
+        final = pending.wait(strategy)
+    assert find_latest(tmp_path) == final and sorted(_saved(final)["model"])
+
+
 def _gated(strategy) -> Future:
     """Make strategy.save return a future the test completes (the write is 'still going')."""
     gate: Future = Future()

@@ -5,13 +5,9 @@ deepspeed), and gradient accumulation skipping DDP's all-reduce on non-final mic
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
+from process_group import gloo_group_of_one
 from trainer_helpers import tiny_config
 
 from common.config import load_config
@@ -130,18 +126,6 @@ def test_resume_with_another_strategy_is_refused_naming_both_unless_both_replica
 
 
 # ---------------------------------------------------------------------------------------- no_sync
-@contextlib.contextmanager
-def _gloo_group_of_one():
-    fd, store = tempfile.mkstemp(prefix="gloo-store-")
-    os.close(fd)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(store)
-
 
 def _all_reduces_in_one_step(tmp_path, accum: int) -> int:
     cfg = _cfg(tmp_path / f"accum{accum}", parallel={"strategy": "ddp"},
@@ -167,7 +151,7 @@ def _all_reduces_in_one_step(tmp_path, accum: int) -> int:
 def test_grad_accum_all_reduces_only_on_the_final_micro_step(tmp_path):
     """docs/trainer.md, strategies/base.py: non-final accumulation micro-steps run under no_sync, so
     DDP all-reduces the gradient buckets once per optimizer step, not once per micro-batch."""
-    with _gloo_group_of_one():
+    with gloo_group_of_one():
         per_sync = _all_reduces_in_one_step(tmp_path, accum=1)
         assert per_sync > 0
         assert _all_reduces_in_one_step(tmp_path, accum=3) == per_sync

@@ -116,8 +116,9 @@ class Strategy(abc.ABC):
         """The process group background checkpoint writes coordinate over, made on first use (every
         rank saves at the same step, so every rank makes it at the same point): a gloo group of its
         own, since a collective of the writer thread on the default group could pair with one of the
-        training loop's on another rank. None alone."""
-        if self.dist.world_size == 1 or not dist.is_initialized():
+        training loop's on another rank; also on one NCCL rank, whose default group DCP cannot use
+        for a CPU-side save. None without a process group."""
+        if not dist.is_initialized():
             return None
         if getattr(self, "_background_group", None) is None:
             self._background_group = dist.new_group(backend="gloo")
