@@ -173,6 +173,24 @@ def test_stage_copies_tensors_and_keeps_containers():
     assert staged["b"][1][0].tolist() == list(range(6)) and staged["b"][1][1] == 7 and staged["c"] == "text"
 
 
+def test_host_copies_are_reused_across_saves_and_keep_views_of_one_storage_together(tmp_path):
+    flat = torch.arange(8.0)
+    halves = {"a": flat[:4], "b": flat[4:], "small": torch.arange(100.0)[:3], "w": torch.ones(2, 2)}
+    host = async_write.HostCopies()
+    first = async_write.stage(halves, host)
+    assert first["a"].untyped_storage().data_ptr() == first["b"].untyped_storage().data_ptr()  # one buffer
+    assert first["small"].untyped_storage().nbytes() == 12  # a small view of a big storage: itself only
+    flat.add_(100)
+    halves["w"].mul_(3)
+    second = async_write.stage(halves, host)
+    assert second["a"].data_ptr() == first["a"].data_ptr() and second["w"].data_ptr() == first["w"].data_ptr()
+    assert second["a"].tolist() == [100, 101, 102, 103] and second["b"].tolist() == [104, 105, 106, 107]
+    assert second["w"].tolist() == [[3, 3], [3, 3]] and second["small"].tolist() == [0, 1, 2]
+    torch.save(second, tmp_path / "x.pt")
+    back = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert all(torch.equal(back[k], halves[k]) for k in halves)
+
+
 def test_all_of_fails_with_the_first_failure_and_waits_for_all():
     a, b = Future(), Future()
     joined = async_write.all_of([a, b])

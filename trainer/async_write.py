@@ -4,7 +4,7 @@ A save that does not stall training needs two things: a copy of the state that t
 step cannot change (staging: one memcpy into fresh CPU memory, the only part the step waits for) and
 a thread that serialises and writes that copy while the next steps run. DCP's `async_save` does both
 for the strategies that save through it; `BackgroundWriter` does the same for plain `torch.save`
-files (DeepSpeed's engine files, its per-rank EMA).
+files (DeepSpeed's engine files, its per-rank EMA), staging into `HostCopies` kept for the run.
 
 Completion is reported as a `concurrent.futures.Future`; `all_of` joins several into one.
 """
@@ -21,19 +21,54 @@ from typing import Any
 import torch
 
 
-def stage(obj: Any) -> Any:
-    """A copy of `obj` that later in-place updates cannot reach: every tensor copied into new CPU
-    memory (views of one storage become separate tensors: the file may only get smaller), dicts,
-    lists and tuples rebuilt with the same keys, anything else deep-copied (DeepSpeed's loss scaler and enum records)."""
+class HostCopies:
+    """Host memory for staged tensors, kept from one save to the next: a fresh copy of a large state
+    spends most of its time faulting pages in (3.0 s instead of 0.44 s for 1.5 GB here), and a device
+    copy into pinned memory is several times faster than into pageable memory.
+
+    Keyed by the source's storage (weakly: an entry lives as long as its source), so a parameter,
+    optimizer moment or EMA tensor is copied into the same host buffer at every save. A tensor that
+    is a small view of a larger storage gets a plain copy of itself instead (copying the whole storage
+    would write it all into the file). The caller must not stage again while a staged copy is still
+    being written (one checkpoint in flight at a time)."""
+
+    def __init__(self, pin: bool = False):
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.pin = pin
+        self._buffers = WeakIdKeyDictionary()
+
+    def copy(self, t: torch.Tensor, seen: dict) -> torch.Tensor:
+        """A CPU copy of `t`; `seen` maps the storages staged in this call (views of one stay views)."""
+        t = t.detach()
+        src = t.untyped_storage()
+        if t.numel() * t.element_size() * 2 < src.nbytes():
+            return t.to("cpu", copy=True)
+        key = (src.device, src.data_ptr())
+        if key not in seen:
+            buffer = self._buffers.get(src)
+            if buffer is None or buffer.nbytes() != src.nbytes():
+                buffer = torch.empty(src.nbytes(), dtype=torch.uint8, pin_memory=self.pin).untyped_storage()
+                self._buffers[src] = buffer
+            buffer.copy_(src)
+            seen[key] = buffer
+        return torch.empty(0, dtype=t.dtype).set_(seen[key], t.storage_offset(), t.size(), t.stride())
+
+
+def stage(obj: Any, host: HostCopies | None = None, seen: dict | None = None) -> Any:
+    """A copy of `obj` that later in-place updates cannot reach: every tensor copied into CPU memory
+    (`host`'s reused buffers, else new memory), dicts, lists and tuples rebuilt with the same keys,
+    anything else deep-copied (DeepSpeed's loss scaler and enum records)."""
+    seen = {} if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return host.copy(obj, seen) if host is not None else obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         out = copy.copy(obj)  # keeps the type and attributes (a state dict's `_metadata`)
         for k, v in obj.items():
-            out[k] = stage(v)
+            out[k] = stage(v, host, seen)
         return out
     if isinstance(obj, list | tuple):
-        items = [stage(v) for v in obj]
+        items = [stage(v, host, seen) for v in obj]
         return items if isinstance(obj, list) else tuple(items)
     return copy.deepcopy(obj)
 
@@ -71,12 +106,12 @@ def all_of(futures: Sequence[Future]) -> Future:
     return joined
 
 
-def save(obj: Any, path: str | Path, *, background: bool) -> Future:
+def save(obj: Any, path: str | Path, *, background: bool, host: HostCopies | None = None) -> Future:
     """torch.save now, or of a staged copy in a background thread."""
     if not background:
         torch.save(obj, str(path))
         return done()
-    writer = BackgroundWriter()
+    writer = BackgroundWriter(host)
     writer.save(obj, path)
     return writer.finished()
 
@@ -84,13 +119,14 @@ def save(obj: Any, path: str | Path, *, background: bool) -> Future:
 class BackgroundWriter:
     """`torch.save` of staged copies in one worker thread, in submission order."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: HostCopies | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._futures: list[Future] = []
+        self._host = host
 
     def save(self, obj: Any, path: str | Path, **torch_save_kwargs) -> None:
         """Stage `obj` now; write it to `path` in the background."""
-        staged = stage(obj)
+        staged = stage(obj, self._host)
         self._futures.append(self._pool.submit(torch.save, staged, str(path), **torch_save_kwargs))
 
     def finished(self) -> Future:

@@ -166,7 +166,8 @@ def start_checkpoint(strategy, out_dir: str | Path, step: int, *, ema, loader_st
     else:
         writes = [strategy.save(tmp, background=background),
                   async_write.save(ema.state_dict() if ema is not None else [], tmp / f"ema-rank{rank}.pt",
-                                   background=background)]
+                                   background=background,
+                                   host=strategy.background_host_copies() if background else None)]
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     (tmp / f"loader-rank{rank}.json").write_text(json.dumps(loader_state))
     if rank == 0:

@@ -124,6 +124,15 @@ class Strategy(abc.ABC):
             self._background_group = dist.new_group(backend="gloo")
         return self._background_group
 
+    def background_host_copies(self):
+        """Host buffers for the torch.save files written in the background (trainer.async_write),
+        kept for the whole run like `background_stager`'s."""
+        if getattr(self, "_background_host_copies", None) is None:
+            from trainer.async_write import HostCopies
+
+            self._background_host_copies = HostCopies(pin=self.device.type == "cuda")
+        return self._background_host_copies
+
     def background_stager(self):
         """DCP's stager for background saves, kept for the whole run: it copies each tensor into CPU
         memory it allocated at the first save and reuses (a fresh copy of a large state spends most of

@@ -289,7 +289,7 @@ class DeepSpeedStrategy(Strategy):
         """Engine files only; the EMA fragments go to ema-rank{r}.pt (saves_ema is False). `background`:
         every file the engine writes is staged and written by a thread instead (DeepSpeed has no async
         save of its own that runs without its NVMe I/O op)."""
-        writer = async_write.BackgroundWriter() if background else None
+        writer = async_write.BackgroundWriter(self.background_host_copies()) if background else None
         with compat.checkpoint_writes_through(self.engine, writer.save) if writer else contextlib.nullcontext():
             self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, client_state={}, save_latest=False)
         self.barrier()
