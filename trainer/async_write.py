@@ -124,10 +124,10 @@ class BackgroundWriter:
         self._futures: list[Future] = []
         self._host = host
 
-    def save(self, obj: Any, path: str | Path, **torch_save_kwargs) -> None:
+    def save(self, obj: Any, path: str | Path) -> None:
         """Stage `obj` now; write it to `path` in the background."""
         staged = stage(obj, self._host)
-        self._futures.append(self._pool.submit(torch.save, staged, str(path), **torch_save_kwargs))
+        self._futures.append(self._pool.submit(torch.save, staged, str(path)))
 
     def finished(self) -> Future:
         """One future for everything submitted so far; the thread exits once it is all written."""

@@ -29,6 +29,7 @@ import random
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -196,6 +197,7 @@ class PendingCheckpoint:
         self.writes = writes
         self.trainer_state: dict[str, Any] | None = None  # rank 0
         self.committed = False
+        self.started = time.perf_counter()  # for the log line that says how long the write took
         self._reported_failure = False
         self._marked = threading.Event()  # set after this rank's mark is on disk, not just the writes
         writes.add_done_callback(self._mark)
@@ -318,13 +320,18 @@ def _check_zero_stage(ckpt_dir: Path, state: dict[str, Any], zero_stage: int, wa
     """The universal checkpoint moves between world sizes and between ZeRO-1 and ZeRO-2, not across the
     ZeRO-3 boundary: ZeRO-3 engines read per-rank model-state files that a ZeRO-1/2 conversion does not
     have (and the other way round)."""
-    saved = int(((state.get("config") or {}).get("parallel") or {}).get("zero_stage", zero_stage))
+    saved = saved_zero_stage(state, zero_stage)
     if (saved == 3) != (zero_stage == 3):
         raise RuntimeError(
             f"{ckpt_dir} is a DeepSpeed ZeRO-{saved} checkpoint, this run is ZeRO-{zero_stage}: DeepSpeed's "
             f"universal checkpoint converts between world sizes and between ZeRO-1 and ZeRO-2, but not across "
             f"ZeRO-3 (its model-state files differ). Resume with parallel.zero_stage={saved} (any number of "
             f"processes), or {way_on}")
+
+
+def saved_zero_stage(state: dict[str, Any], default: int) -> int:
+    """parallel.zero_stage of the run that wrote a trainer_state (its resolved config)."""
+    return int(((state.get("config") or {}).get("parallel") or {}).get("zero_stage", default))
 
 
 def has_dcp_ema(ckpt_dir: Path) -> bool:

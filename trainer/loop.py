@@ -170,7 +170,6 @@ class Trainer:
         self._val_batches = None
         self._rollbacks_from: dict[str, int] = {}
         self._pending_save: ckpt.PendingCheckpoint | None = None  # run.async_save: written in the background
-        self._pending_since = 0.0
         self.resumed_from = self._maybe_resume(latest)
         # every rank takes part in evaluate() (the EMA gather is collective); only rank 0 samples. A run
         # too short to reach its first evaluation needs no evaluator (nor its text encoder/detector).
@@ -280,7 +279,6 @@ class Trainer:
             self.metrics.print(f"[ckpt] saved {pending.wait(self.strategy)}")
             return pending.final
         self._pending_save = pending
-        self._pending_since = time.perf_counter()
         self.metrics.print(f"[ckpt] writing {pending.final.name} in the background")
         return pending.final
 
@@ -289,7 +287,7 @@ class Trainer:
         pending = self._pending_save
         if pending is not None and not pending.committed and pending.poll():
             self.metrics.print(f"[ckpt] saved {pending.final} (written in the background in "
-                               f"{time.perf_counter() - self._pending_since:.1f} s)")
+                               f"{time.perf_counter() - pending.started:.1f} s)")
 
     def finish_save(self) -> None:
         """Collective: wait for a background checkpoint and commit it (before another save, a rollback

@@ -89,6 +89,16 @@ def save_strategy(strategy, ckpt_dir: Path, ema: list[Tensor] | None, background
                 background_group=strategy.background_group(), background_stager=strategy.background_stager())
 
 
+def load_strategy(strategy, ckpt_dir: Path, ema: list[Tensor] | None) -> bool:
+    """`load` into a strategy's module and optimizer, and its EMA shadow (in place) when the checkpoint
+    holds one; returns whether it did."""
+    named = strategy.named_ema(ema) if ema is not None else None
+    found = load(ckpt_dir, strategy.module, strategy.optimizer, named)
+    if found:
+        copy_into(ema, list(named.values()))
+    return found
+
+
 def load(ckpt_dir: Path, module: nn.Module, optimizer, ema: dict[str, Tensor] | None) -> bool:
     """Collective. Loads model and optimizer in place and the EMA into `ema`'s tensors (which must share
     storage with the live shadow, or be copied back by the caller). Returns whether the checkpoint

@@ -43,6 +43,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from torch import Tensor, nn
 
 from model.precision import precision_dtype
 from trainer import async_write
+from trainer.checkpoint import is_complete, read_state, saved_zero_stage
 from trainer.strategies import deepspeed_compat as compat
 from trainer.strategies.base import Strategy
 from trainer.strategies.process_group import ensure_process_group
@@ -66,12 +68,10 @@ UNIVERSAL_TAG = "deepspeed_universal"  # its universal-checkpoint conversion, ma
 def saved_topology(ckpt_dir: Path) -> tuple[int, int] | None:
     """(world size, ZeRO stage) of the run that wrote the checkpoint (its trainer_state.json); None for
     an engine checkpoint without one (a strategy saved on its own, e.g. tests/strategy_driver.py)."""
-    path = Path(ckpt_dir) / "trainer_state.json"
-    if not path.is_file():
+    if not is_complete(Path(ckpt_dir)):
         return None
-    state = json.loads(path.read_text())
-    stage = ((state.get("config") or {}).get("parallel") or {}).get("zero_stage", 0)
-    return int(state.get("world_size", 1)), int(stage)
+    state = read_state(ckpt_dir)
+    return int(state.get("world_size", 1)), saved_zero_stage(state, 0)
 
 
 def join_pieces(pieces: list[Tensor], numel: int, stage: int) -> Tensor:
@@ -88,8 +88,6 @@ def join_pieces(pieces: list[Tensor], numel: int, stage: int) -> Tensor:
 
 def convert_to_universal(src: Path, target: Path) -> None:
     """deepspeed.checkpoint.ds_to_universal in this process (no worker pool), into target atomically."""
-    import shutil
-
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     compat.ds_to_universal(str(src), str(tmp))

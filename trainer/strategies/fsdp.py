@@ -197,10 +197,7 @@ class FSDPStrategy(Strategy):
                 f"{ckpt_dir}: no {DCP_DIR}/ directory. A single/ddp checkpoint from before DCP (model.pt) cannot "
                 f"be sharded: resume it once with single/ddp (its next checkpoint is DCP), or export it "
                 f"(python -m trainer.export) and start a new run with run.init_from=<the .safetensors>")
-        named = self.named_ema(ema) if ema is not None else None
-        found = dcp_state.load(ckpt_dir, self.module, self.optimizer, named)
-        if found:
-            dcp_state.copy_into(ema, list(named.values()))
+        found = dcp_state.load_strategy(self, ckpt_dir, ema)
         scaler_path = ckpt_dir / SCALER_FILE
         if scaler_path.is_file():  # fsdp's own; a single/ddp GradScaler state does not carry over
             self.scaler.load_state_dict(json.loads(scaler_path.read_text()))

@@ -91,10 +91,7 @@ class SingleStrategy(Strategy):
     def load(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> bool:
         ckpt_dir = Path(ckpt_dir)
         if dcp_state.has_dcp(ckpt_dir):
-            named = self.named_ema(ema) if ema is not None else None
-            found = dcp_state.load(ckpt_dir, self.module, self.optimizer, named)
-            if found:
-                dcp_state.copy_into(ema, list(named.values()))
+            found = dcp_state.load_strategy(self, ckpt_dir, ema)
         else:  # written before DCP: model.pt / optimizer.pt (+ ema-rank{r}.pt, read by the caller)
             self._load_torch_files(ckpt_dir)
             found = False
