@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import load_config  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.distributed import leave_process_group_on_exit  # noqa: E402
+from trainer.distributed import exit_process, leave_process_group_on_exit  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 
 
@@ -81,4 +81,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -772,6 +772,7 @@ class Trainer:
         return scalars
 
     def close(self) -> None:
+        self._iter = None  # a multi-process loader's workers stop now, not at interpreter exit
         self.metrics.close()
 
 

@@ -46,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    sys.stdout.flush()
     if code == 0:
         # Finished and saved: a late SIGUSR1 (a scheduler's "save and requeue") must not kill the exiting
         # process with 128+10, which train.sh / slurm.launch read as "requeue me". The trainer's own
         # logging handler for it is reset to SIG_DFL by interpreter shutdown; SIG_IGN is not.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    sys.exit(code)
+    from trainer.distributed import exit_process
+
+    exit_process(code)
