@@ -245,8 +245,8 @@ def test_train_sh_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
     assert "restart 0:" in log and "restart 1:" in log
     if grace_s == 0:
         assert attempts == ["PREEMPTED", "COMPLETED"], attempts
-        assert "received SIGTERM, forwarding" in log and "not requeueing it here" in log, log
-        assert "requeueing job" not in log, log
+        # srun, signalled too, exits 124 (then train.sh says "not requeueing it here") or 143 (a race)
+        assert "received SIGTERM, forwarding" in log and "requeueing job" not in log, log
     else:
         assert attempts == ["REQUEUED", "COMPLETED"], attempts  # as after `scontrol requeue`
         assert "received SIGTERM" not in log and f"requeueing job {job} (restart 1)" in log, log
