@@ -90,7 +90,8 @@ class TrainTask(Checkpointable):
 
         def on_term(signum: int, frame: Any) -> None:
             self._stop = self._stop or "SIGTERM"
-            log.info("received SIGTERM: the trainer saves; the job is not requeued (cancel or preemption)")
+            log.info("received SIGTERM: the trainer saves; not requeued from here (a cancel stays a cancel; "
+                     "SLURM requeues a job it preempts without GraceTime)")
             self._forward(signal.SIGTERM)
 
         signal.signal(signal.SIGUSR1, on_usr)

@@ -10,8 +10,10 @@
 #            slurmdbd + mariadb-server for accounting), writes /etc/slurm/slurm.conf and starts
 #            munged (unless one already answers), mariadbd + slurmdbd (so `sacct` works: submitit
 #            needs it to notice a job that died), slurmctld and one slurmd per virtual node.
+#            Partitions: `debug` (the default) and `urgent` on the same nodes; an `urgent` job preempts
+#            the `debug` jobs in its way and SLURM requeues them (PreemptMode=REQUEUE).
 #            Idempotent: when the cluster it started is up, or any SLURM controller already answers
-#            `scontrol ping`, it changes nothing.
+#            `scontrol ping`, it changes nothing (it warns when its slurm.conf would differ now).
 #   status   which of our daemons run, and `sinfo -N`.
 #   down     cancels the jobs of this private cluster and stops ONLY the daemons `up` recorded in
 #            DIR/pids/ (each by pid, after checking the pid still runs that program); restores a
@@ -188,27 +190,15 @@ fake_gpu_devices() {  # char devices for the fake GPUs; GPUS=0 (with a warning) 
   done
 }
 
-write_config() {
+node_names() {  # HOST, NODE_NAMES
   HOST=$(hostname -s)
-  fake_gpu_devices
   if [ "$NODES" -le 1 ]; then NODE_NAMES=("$HOST"); else NODE_NAMES=(); for i in $(seq 1 "$NODES"); do NODE_NAMES+=("n$i"); done; fi
-  for n in "${NODE_NAMES[@]}"; do mkdir -p "$DIR/spool/$n"; done
-  # Virtual node names (and this host's name, if it does not resolve) must resolve: slurmctld looks
-  # its host up, and MASTER_ADDR is the first node name of a job.
-  local names=()
-  [ "$NODES" -gt 1 ] && names+=("${NODE_NAMES[@]}")
-  getent hosts "$HOST" >/dev/null 2>&1 || names+=("$HOST")
-  grep -v '# vdm-slurm$' /etc/hosts > /tmp/hosts.vdm-slurm || true
-  [ ${#names[@]} -gt 0 ] && echo "127.0.0.1 ${names[*]} # vdm-slurm" >> /tmp/hosts.vdm-slurm
-  cat /tmp/hosts.vdm-slurm > /etc/hosts; rm -f /tmp/hosts.vdm-slurm
+}
+
+slurm_conf() {  # the slurm.conf text for the current settings, on stdout (node_names first)
   local mem_mb=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
-  mkdir -p "$ETC"
-  for f in slurm.conf gres.conf slurmdbd.conf; do   # keep a foreign config, never clobber silently
-    if [ -f "$ETC/$f" ] && ! grep -q "$TAG" "$ETC/$f"; then cp -p "$ETC/$f" "$ETC/$f.pre-vdm"; fi
-  done
-  {
-    echo "# $TAG -- private single-host cluster"
-    cat <<EOF
+  echo "# $TAG -- private single-host cluster"
+  cat <<EOF
 ClusterName=local
 SlurmctldHost=$HOST
 SlurmUser=root
@@ -243,30 +233,53 @@ SlurmdTimeout=30
 JobCompType=jobcomp/none
 JobRequeue=1
 EOF
-    if [ "$ACCOUNTING" = 1 ]; then
-      echo "AccountingStorageType=accounting_storage/slurmdbd"
-      echo "AccountingStorageHost=localhost"
-      echo "AccountingStoragePort=6819"
-      echo "JobAcctGatherType=jobacct_gather/linux"
-      echo "JobAcctGatherFrequency=30"
-      if [ "$GPUS" -gt 0 ]; then echo "AccountingStorageTRES=gres/gpu"; fi
-    else
-      echo "AccountingStorageType=accounting_storage/none"
-      echo "JobAcctGatherType=jobacct_gather/none"
-    fi
-    local gres=""
-    if [ "$GPUS" -gt 0 ]; then echo "GresTypes=gpu"; gres=" Gres=gpu:$GPUS"; fi
-    if [ "$NODES" -le 1 ]; then
-      echo "NodeName=$HOST CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem_mb$gres State=UNKNOWN"
-    else
-      local i=0 n
-      for n in "${NODE_NAMES[@]}"; do
-        i=$((i + 1))
-        echo "NodeName=$n NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((17000 + i)) CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem_mb$gres State=UNKNOWN"
-      done
-    fi
-    echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO"
-  } > "$ETC/slurm.conf"
+  if [ "$ACCOUNTING" = 1 ]; then
+    echo "AccountingStorageType=accounting_storage/slurmdbd"
+    echo "AccountingStorageHost=localhost"
+    echo "AccountingStoragePort=6819"
+    echo "JobAcctGatherType=jobacct_gather/linux"
+    echo "JobAcctGatherFrequency=30"
+    if [ "$GPUS" -gt 0 ]; then echo "AccountingStorageTRES=gres/gpu"; fi
+  else
+    echo "AccountingStorageType=accounting_storage/none"
+    echo "JobAcctGatherType=jobacct_gather/none"
+  fi
+  local gres=""
+  if [ "$GPUS" -gt 0 ]; then echo "GresTypes=gpu"; gres=" Gres=gpu:$GPUS"; fi
+  if [ "$NODES" -le 1 ]; then
+    echo "NodeName=$HOST CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem_mb$gres State=UNKNOWN"
+  else
+    local i=0 n
+    for n in "${NODE_NAMES[@]}"; do
+      i=$((i + 1))
+      echo "NodeName=$n NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((17000 + i)) CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem_mb$gres State=UNKNOWN"
+    done
+  fi
+  # Two partitions on the same nodes: a job in `urgent` (higher PriorityTier) preempts `debug` jobs
+  # in its way, and SLURM requeues them (the preemption path of slurm/train.sh, tested for real).
+  echo "PreemptType=preempt/partition_prio"
+  echo "PreemptMode=REQUEUE"
+  echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1"
+  echo "PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2"
+}
+
+write_config() {
+  node_names
+  fake_gpu_devices
+  for n in "${NODE_NAMES[@]}"; do mkdir -p "$DIR/spool/$n"; done
+  # Virtual node names (and this host's name, if it does not resolve) must resolve: slurmctld looks
+  # its host up, and MASTER_ADDR is the first node name of a job.
+  local names=()
+  [ "$NODES" -gt 1 ] && names+=("${NODE_NAMES[@]}")
+  getent hosts "$HOST" >/dev/null 2>&1 || names+=("$HOST")
+  grep -v '# vdm-slurm$' /etc/hosts > /tmp/hosts.vdm-slurm || true
+  [ ${#names[@]} -gt 0 ] && echo "127.0.0.1 ${names[*]} # vdm-slurm" >> /tmp/hosts.vdm-slurm
+  cat /tmp/hosts.vdm-slurm > /etc/hosts; rm -f /tmp/hosts.vdm-slurm
+  mkdir -p "$ETC"
+  for f in slurm.conf gres.conf slurmdbd.conf; do   # keep a foreign config, never clobber silently
+    if [ -f "$ETC/$f" ] && ! grep -q "$TAG" "$ETC/$f"; then cp -p "$ETC/$f" "$ETC/$f.pre-vdm"; fi
+  done
+  slurm_conf > "$ETC/slurm.conf"
   chmod 644 "$ETC/slurm.conf"
   if [ "$GPUS" -gt 0 ]; then
     { echo "# $TAG"; echo "AutoDetect=off"
@@ -352,7 +365,7 @@ start_slurm() {
   log "slurmd started for: ${NODE_NAMES[*]}"
   local ok=0 i out
   for i in $(seq 150); do
-    out=$(sinfo -h -N -o '%N %T' 2>/dev/null || true)
+    out=$(sinfo -h -N -o '%N %T' 2>/dev/null | sort -u || true)   # a node shows once per partition
     if [ "$(echo "$out" | grep -c ' idle$')" -eq "${#NODE_NAMES[@]}" ]; then ok=1; break; fi
     if [ $((i % 10)) = 0 ] && echo "$out" | grep -qiE 'drain|down|fail'; then
       scontrol update nodename="$(IFS=,; echo "${NODE_NAMES[*]}")" state=resume >/dev/null 2>&1 || true
@@ -366,6 +379,12 @@ do_up() {
   [ "$(id -u)" = 0 ] || die "must run as root (it installs packages and starts system daemons)"
   if ours_running; then
     log "already running (slurmctld pid $(cat "$DIR/pids/slurmctld.pid")); 'down' first to reconfigure"
+    node_names
+    if [ "$GPUS" -gt 0 ] && [ ! -c "$DIR/dev/nvidia0" ]; then GPUS=0; fi   # as fake_gpu_devices fell back
+    if ! slurm_conf | cmp -s - "$DIR/slurm.conf"; then
+      log "WARNING: the running cluster's slurm.conf ($DIR/slurm.conf) is not what this script (and these" \
+          "options) would write now; 'down' then 'up' to apply it"
+    fi
     sinfo -N; return 0
   fi
   if command -v scontrol >/dev/null && timeout 5 scontrol ping >/dev/null 2>&1; then
@@ -384,7 +403,7 @@ do_up() {
   start_munge
   [ "$ACCOUNTING" = 1 ] && start_accounting
   start_slurm
-  log "cluster up in $(el) s: $(sinfo -h -N -o '%N:%T' | tr '\n' ' ')"
+  log "cluster up in $(el) s: $(sinfo -h -N -o '%N:%T' | sort -u | tr '\n' ' ')"
 }
 
 case "$CMD" in

@@ -20,10 +20,13 @@
 #   `scontrol requeue`, the job restarts with the
 #   same id and the trainer resumes from the latest checkpoint in run.out_dir. The log file is
 #   appended to, not replaced. `scancel --signal=USR1 <job>` triggers the same save + requeue by hand.
-#   SIGTERM (scancel, preemption) is forwarded too: the trainer saves, but the job is NOT requeued
-#   by this script (a cancel must stay a cancel; SLURM requeues a preempted job by itself when
-#   PreemptMode=REQUEUE). A USR1 that arrives while the trainer is still starting (before it has its
-#   handler) kills it with 128+10; that also requeues: the last checkpoint is intact.
+#   SIGTERM (scancel, preemption with GraceTime=0) reaches this script too and is forwarded: the
+#   trainer saves, but the job is NOT requeued by this script (a cancel must stay a cancel; with
+#   PreemptMode=REQUEUE SLURM requeues a preempted job by itself). A preempted partition with
+#   GraceTime>0 signals only the tasks (SIGTERM, or the --signal one with preempt_send_user_signal):
+#   the trainer saves and exits 124, and this script requeues the job as after USR1 (both tested in
+#   tests/test_slurm_cluster.py). A USR1 that arrives while the trainer is still starting (before it
+#   has its handler) kills it with 128+10; that also requeues: the last checkpoint is intact.
 # - Logs: the job's output file (default <submit dir>/<job name>-<job id>.out), linked from
 #   <run.out_dir>/logs/slurm-<job id>.out next to the checkpoints/ and tb/ of the run.
 #
@@ -143,8 +146,8 @@ if [ "$rc" = 124 ]; then
   if [ -z "${SLURM_JOB_ID:-}" ]; then
     log "checkpoint saved; not under SLURM, so not requeued"; exit 124
   elif [ "$GOT_TERM" = 1 ]; then
-    # scancel (or a preemption that SLURM requeues by itself) sent SIGTERM to this script too:
-    # requeueing here would undo a user's cancel.
+    # scancel (or a preemption without grace time, which SLURM requeues by itself) sent SIGTERM to
+    # this script too: requeueing here would undo a user's cancel.
     log "checkpoint saved; job was cancelled or preempted by SLURM, not requeueing it here"; exit 124
   elif [ "$restarts" -ge "${VDM_MAX_REQUEUES:-100}" ]; then
     log "checkpoint saved; restart count $restarts reached VDM_MAX_REQUEUES, not requeueing"; exit 124

@@ -35,7 +35,8 @@ def require_cluster(min_nodes: int = 1) -> None:
     """Skip when the cluster is not usable (a failure under CI=true: see conftest.py)."""
     reason = cluster_up()
     if reason is None:
-        n = len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
+        # a node is listed once per partition it is in
+        n = len(set(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()))
         if n < min_nodes:
             reason = f"the cluster has {n} node(s), the test needs {min_nodes}"
     if reason is not None:

@@ -4,7 +4,11 @@ Takes the trainer's CLI, records the rank/rendezvous environment it was started 
 like the trainer's signal contract: on SIGUSR1/SIGTERM it "saves" and exits 124. Env knobs:
 PROBE_SECONDS (run this long on the first start, default 0), PROBE_EXIT (exit code, default 0),
 PROBE_STARTUP_S (sleep this long before installing the signal handlers, like a slow start-up),
-PROBE_CRASH_RANK (this rank exits 3 at once while the others run on).
+PROBE_CRASH_RANK (this rank exits 3 at once while the others run on), PROBE_STEPS (instead of
+PROBE_SECONDS: "train" this many steps, PROBE_STEP_S each on the first start and none after a
+restart, appending each finished step to probe-rank<R>-steps.txt as "<step> <restart>"; a signal
+stops it after the current step and saves the next step to probe-rank<R>.ckpt, where a restart
+resumes).
 """
 
 import json
@@ -35,10 +39,27 @@ open(os.path.join(cfg.run.out_dir, f"probe-rank{rec['RANK']}-restart{restart}.st
 if os.environ.get("PROBE_CRASH_RANK") == rec["RANK"]:  # one rank dies, the others keep "training"
     print(f"PROBE rank {rec['RANK']} crashing", flush=True)
     sys.exit(3)
-seconds = 0.0 if restart != "0" else float(os.environ.get("PROBE_SECONDS", "0"))
-t0 = time.time()
-while time.time() - t0 < seconds and not got:
-    time.sleep(0.05)
+steps = int(os.environ.get("PROBE_STEPS", "0"))
+if steps:
+    ckpt = os.path.join(cfg.run.out_dir, f"probe-rank{rec['RANK']}.ckpt")
+    step = rec["resumed_at"] = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
+    step_s = float(os.environ.get("PROBE_STEP_S", "0.1")) if restart == "0" else 0.0
+    with open(os.path.join(cfg.run.out_dir, f"probe-rank{rec['RANK']}-steps.txt"), "a") as log:
+        while step < steps and not got:
+            time.sleep(step_s)
+            log.write(f"{step} {restart}\n")
+            log.flush()
+            step += 1
+    if got:  # the trainer's contract: finish the step, then save where to resume
+        with open(ckpt + ".tmp", "w") as f:
+            f.write(str(step))
+        os.replace(ckpt + ".tmp", ckpt)
+    rec["step"] = step
+else:
+    seconds = 0.0 if restart != "0" else float(os.environ.get("PROBE_SECONDS", "0"))
+    t0 = time.time()
+    while time.time() - t0 < seconds and not got:
+        time.sleep(0.05)
 rec["signals"] = got
 with open(os.path.join(cfg.run.out_dir, f"probe-rank{rec['RANK']}-restart{restart}.json"), "w") as f:
     json.dump(rec, f)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,6 +171,85 @@ def test_train_sh_cancel_saves_but_is_not_requeued(tmp_path):
     assert wait_batch_step_ended(job, 120) == "CANCELLED"
     assert not list(run.glob("probe-rank*-restart1.*"))
     assert "requeueing job" not in (tmp_path / f"vdm-train-{job}.out").read_text()
+
+
+def _require_partition(name: str) -> None:
+    if subprocess.run(["scontrol", "show", "partition", name], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip(f"the cluster has no partition {name!r}: its slurm.conf predates it "
+                    "(slurm/local_cluster.sh down && slurm/local_cluster.sh up)")
+
+
+def _steps(run: Path, rank: int) -> list[tuple[int, int]]:
+    """(step, restart) of every step the probe of this rank finished, in order."""
+    return [tuple(map(int, line.split())) for line in (run / f"probe-rank{rank}-steps.txt").read_text().splitlines()]
+
+
+def _grace_time(partition: str) -> int:
+    show = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True, timeout=30)
+    return int(re.search(r"GraceTime=(\d+)", show.stdout).group(1))
+
+
+def _set_grace_time(partition: str, seconds: int) -> None:
+    r = subprocess.run(["scontrol", "update", f"PartitionName={partition}", f"GraceTime={seconds}"],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot set GraceTime of partition {partition} (needs a SLURM admin): {r.stderr.strip()}")
+
+
+@pytest.mark.parametrize("grace_s", [0, 30])
+def test_train_sh_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
+    """A job in the higher-tier partition `urgent` needs n1: SLURM preempts the `debug` job
+    (PreemptMode=REQUEUE), SIGTERM makes the trainer save at its step, the job is requeued and, once the
+    urgent job is done, the same job id resumes at that step. Who requeues depends on debug's GraceTime:
+    0 (the default): SLURM signals the batch script too (SIGTERM, SIGKILL after KillWait) and requeues
+    the job itself; train.sh must not. >0: only the tasks get SIGTERM, at once; the batch script is not
+    signalled, so train.sh sees a saved trainer (exit 124) and requeues the job (SLURM would only once
+    the grace time ran out). GraceTime only acts on preempted jobs, which only these tests make."""
+    _require_partition("urgent")
+    before = _grace_time("debug")
+    _set_grace_time("debug", grace_s)
+    run, steps = tmp_path / "run", 1000
+    job = urgent = ""
+    try:
+        # --exclusive: the urgent job then preempts this job and no other one on the shared cluster
+        job = _probe_job(tmp_path, run, [*SMALL, "--exclusive"], PROBE_STEPS=str(steps), PROBE_STEP_S="0.05")
+        deadline = time.monotonic() + 30
+        while len(_steps(run, 0)) < 3:  # a few steps done: the save is past step 0
+            assert time.monotonic() < deadline, "the probe did not get through 3 steps in 30 s"
+            time.sleep(0.1)
+        urgent = sbatch(["-p", "urgent", "-w", "n1", "--exclusive", "--time=1", f"--output={tmp_path}/urgent-%j.out",
+                         "--wrap", "sleep 3"])
+        # not wait_file(..., job): sacct reports the preempted attempt PREEMPTED until it runs again
+        for rank in (0, 1):
+            wait_file(run / f"probe-rank{rank}-restart1.json", 120)
+        assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "COMPLETED"
+        assert wait_state(urgent, {"COMPLETED", "FAILED", "CANCELLED"}, 30) == "COMPLETED"
+    finally:
+        _set_grace_time("debug", before)
+        if job:
+            subprocess.run(["scancel", job, *([urgent] if urgent else [])], capture_output=True, timeout=30)
+    log = (tmp_path / f"vdm-train-{job}.out").read_text()
+    first, second = _records(run, 0), _records(run, 1)
+    assert [set(r["signals"]) for r in first] == [{"TERM"}, {"TERM"}], log  # told to save, by SIGTERM
+    for rank, (a, b) in enumerate(zip(first, second)):
+        saved = a["step"]
+        assert 3 <= saved < steps and b["resumed_at"] == saved  # resumed where it saved
+        # every step exactly once across the preemption: the first attempt's up to the save, then the rest
+        assert _steps(run, rank) == [(s, 0) for s in range(saved)] + [(s, 1) for s in range(saved, steps)]
+    assert [r["SLURM_RESTART_COUNT"] for r in second] == ["1", "1"] and {r["SLURM_JOB_ID"] for r in second} == {job}
+    show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    assert "Restarts=1" in show, show
+    # two attempts of the one job id; the first one's state says who requeued it
+    attempts = subprocess.run(["sacct", "-n", "-D", "-X", "-P", "-j", job, "-o", "State"], capture_output=True,
+                              text=True, timeout=30).stdout.split()
+    assert "restart 0:" in log and "restart 1:" in log
+    if grace_s == 0:
+        assert attempts == ["PREEMPTED", "COMPLETED"], attempts
+        # srun, signalled too, exits 124 (then train.sh says "not requeueing it here") or 143 (a race)
+        assert "received SIGTERM, forwarding" in log and "requeueing job" not in log, log
+    else:
+        assert attempts == ["REQUEUED", "COMPLETED"], attempts  # as after `scontrol requeue`
+        assert "received SIGTERM" not in log and f"requeueing job {job} (restart 1)" in log, log
 
 
 def test_train_sh_crash_fails_the_job(tmp_path):
