@@ -46,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    if code == 0:
-        # Finished and saved: a late SIGUSR1 (a scheduler's "save and requeue") must not kill the exiting
-        # process with 128+10, which train.sh / slurm.launch read as "requeue me". The trainer's own
-        # logging handler for it is reset to SIG_DFL by interpreter shutdown; SIG_IGN is not.
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # The run has ended and says how (0 finished, 124 saved and "requeue me", else failed). A late
+    # signal must not replace that with 128+N while the process exits: a USR1 (a scheduler's "save
+    # and requeue") would turn a finished run into a requeue, and SLURM sends a preempted task its
+    # SIGTERM twice. The trainer's own handlers are gone by now; SIG_IGN holds to the end.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from trainer.distributed import exit_process
 
     exit_process(code)
