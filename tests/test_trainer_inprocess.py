@@ -85,6 +85,28 @@ def test_nan_guard_gives_up_after_three_rollbacks_to_the_same_checkpoint(tmp_pat
     assert trainer.loader.served == 2 + 4 * 2
 
 
+# ---------------------------------------------------------------------------------------- late signals
+@pytest.mark.parametrize("late", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_after_the_run_ended_is_logged_not_fatal_until_close(tmp_path, caplog, late):
+    """Between the end of a run and close() (its last logs) a repeated SIGTERM (SLURM sends a
+    preempted task two) or a scheduler's USR1 must not kill the process; close() gives the caller its
+    own handlers back."""
+    import os
+    import signal
+
+    sig = getattr(signal, late)
+    theirs = signal.signal(sig, signal.SIG_DFL)
+    try:
+        trainer = _trainer(_cfg(tmp_path, run={"steps": 1, "ckpt_every": 0}))
+        assert trainer.train() == 0
+        os.kill(os.getpid(), sig)  # with the default handler this kills pytest itself
+        assert f"received {late} after the run ended" in caplog.text
+        trainer.close()
+        assert signal.getsignal(sig) is signal.SIG_DFL
+    finally:
+        signal.signal(sig, theirs)
+
+
 # ---------------------------------------------------------------------------------------- resume refusal
 def _checkpointed_run(tmp_path) -> TrainConfig:
     cfg = _cfg(tmp_path, run={"steps": 2, "ckpt_every": 2})

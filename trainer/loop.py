@@ -67,9 +67,9 @@ SALT_VAL_NOISE = 4242  # the fixed t and noise of the validation loss (same ever
 MAX_ROLLBACKS_PER_CHECKPOINT = 3
 
 
-def _usr1_after_finish(signum, frame) -> None:
-    log.warning("received %s after training finished; the final checkpoint is written, nothing to save "
-                "or requeue", signal.Signals(signum).name)
+def _signal_after_the_run(signum, frame) -> None:
+    log.warning("received %s after the run ended (finished, or stopped and saved); nothing more to save, "
+                "the exit code stands", signal.Signals(signum).name)
 
 
 def seed_everything(seed: int) -> None:
@@ -164,6 +164,7 @@ class Trainer:
 
         self.callbacks = load_callbacks(cfg.run.callbacks)
         self._stop_requested = False
+        self._handlers_before_run: dict = {}  # restored by close() after a run that ended
         self._stop_signal = ""
         self._prompt_cache = None
         self._encoder = None
@@ -371,14 +372,19 @@ class Trainer:
                 old[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread (e.g. called from a worker thread)
                 pass
+        ended = False
         try:
             yield
+            ended = True
         finally:
-            finished = self.step >= self.cfg.run.steps
+            # A run that ended (finished, or stopped and saved) keeps harmless handlers until close():
+            # a late scheduler's "save and requeue" (USR1) or a repeated SIGTERM (SLURM sends a
+            # preempted task two) must not kill it with 128+N while it writes its last logs, which
+            # train.sh and slurm.launch read as "requeue me" or as a failure. A run that raised gets
+            # the old handlers back at once.
             for sig, handler in old.items():
-                # A finished run keeps a harmless USR1 handler: a scheduler's "save and requeue" that
-                # lands while the process exits must not kill it (128+10 reads as "requeue me").
-                signal.signal(sig, _usr1_after_finish if finished and sig == signal.SIGUSR1 else handler)
+                signal.signal(sig, _signal_after_the_run if ended else handler)
+            self._handlers_before_run = old if ended else {}
 
     @property
     def stop_requested(self) -> bool:
@@ -774,6 +780,9 @@ class Trainer:
     def close(self) -> None:
         self._iter = None  # a multi-process loader's workers stop now, not at interpreter exit
         self.metrics.close()
+        for sig, handler in self._handlers_before_run.items():
+            signal.signal(sig, handler)
+        self._handlers_before_run = {}
 
 
 def run_training(cfg: TrainConfig) -> int:

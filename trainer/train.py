@@ -41,17 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.distributed import leave_process_group_on_exit
 
     with leave_process_group_on_exit():
-        return run_training(cfg)
+        code = run_training(cfg)
+        ignore_stop_signals()
+        return code
+
+
+def ignore_stop_signals() -> None:
+    """The run has ended and says how (0 finished, 124 saved and "requeue me", else failed). From here
+    to the exit, the ranks' last barrier included, a late USR1 (a scheduler's "save and requeue") or a
+    repeated SIGTERM (SLURM sends a preempted task two) must not replace that code with 128+N."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
-    code = main()
-    # The run has ended and says how (0 finished, 124 saved and "requeue me", else failed). A late
-    # signal must not replace that with 128+N while the process exits: a USR1 (a scheduler's "save
-    # and requeue") would turn a finished run into a requeue, and SLURM sends a preempted task its
-    # SIGTERM twice. The trainer's own handlers are gone by now; SIG_IGN holds to the end.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from trainer.distributed import exit_process
 
-    exit_process(code)
+    exit_process(main())
