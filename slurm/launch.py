@@ -231,12 +231,40 @@ def _finished(job: submitit.Job) -> bool:
     since the submission, up to 10 minutes), so a dead multi-node job was noticed that much later. The forced call refreshes the state all the
     tasks read (a task with a result file is done without asking)."""
     job.watcher.get_state(job.job_id, mode="force")
-    return job.done()
+    if not job.done():
+        return False
+    # Neither sign of an end that done() reads is final for a job that SLURM requeued: result files
+    # outlive the attempt that wrote them, and sacct shows an attempt's end (PREEMPTED, NODE_FAIL)
+    # until the next attempt starts. The controller knows whether the job will run (again).
+    state = controller_state(job.job_id)
+    if state in _NOT_SETTLED:
+        log.debug(f"job {job.job_id}: every task has a result or sacct says it ended, but it is {state}")
+        return False
+    return True
+
+
+# Controller states of a job that runs, will run (again), or is still ending (a requeue shows
+# COMPLETING, then PENDING).
+_NOT_SETTLED = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+
+
+def controller_state(job_id: str, timeout_s: float = 30.0) -> str:
+    """The job's state from the controller (squeue), '' when it is not known there (purged when long
+    over) or SLURM does not answer."""
+    try:
+        r = subprocess.run(["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T"], capture_output=True,
+                           text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    lines = r.stdout.split() if r.returncode == 0 else []
+    return lines[0] if len(lines) == 1 else ""
 
 
 def wait_for(job: submitit.Job, timeout_s: float | None) -> tuple[bool, Any]:
     """(ok, results or error text). Polls SLURM (sacct) so a job that died without a result (killed,
-    node failure, out of memory) is noticed and reported as such, not waited on for ever."""
+    node failure, out of memory) is noticed and reported as such, not waited on for ever. A job that
+    SLURM requeues (preempted, node failure) is waited through: the result is its last attempt's."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not _finished(job):
         if deadline is not None and time.monotonic() > deadline:

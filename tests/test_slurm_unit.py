@@ -143,7 +143,23 @@ class _FakeJob:
         return [{"rank": 0}]
 
 
-def test_launch_wait_notices_a_job_that_died_without_a_result():
+@pytest.fixture
+def fake_slurm_bin(tmp_path, monkeypatch):
+    """A folder first on PATH; fake_slurm_bin(name, script) puts an executable `name` there."""
+    import os
+
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def add(name: str, script: str) -> None:
+        (bin_dir / name).write_text("#!/bin/sh\n" + script)
+        (bin_dir / name).chmod(0o755)
+
+    return add
+
+
+def test_launch_wait_notices_a_job_that_died_without_a_result(fake_slurm_bin):
     """slurm.launch --wait: a job killed before it wrote a result (node failure, kill -9, OOM) is
     reported as died without a result with submitit's reason, after asking SLURM (a forced check, which
     submitit's done(force_check=True) does not pass on to the tasks of a multi-task job), not waited on
@@ -152,6 +168,7 @@ def test_launch_wait_notices_a_job_that_died_without_a_result():
 
     from slurm.launch import wait_for
 
+    fake_slurm_bin("squeue", "exit 1\n")  # the controller no longer knows job 7
     died = _FakeJob(True, UncompletedJobError("Job 7 (task: 0) has not produced any output (state: NODE_FAIL)"))
     ok, why = wait_for(died, 60)
     assert not ok and why.startswith("died without a result: UncompletedJobError:"), why
@@ -182,6 +199,8 @@ def test_launch_wait_asks_slurm_about_every_task_of_a_multi_task_job(tmp_path, m
     sacct = bin_dir / "sacct"  # what SLURM answers for a 2-node job whose nodes failed
     sacct.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nprintf "JobID|State|NodeList\\n7|NODE_FAIL|n[1-2]\\n"\n')
     sacct.chmod(0o755)
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho NODE_FAIL\n")  # not requeued
+    (bin_dir / "squeue").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     watcher = SlurmInfoWatcher(delay_s=600)
     monkeypatch.setattr(submitit.SlurmJob, "watcher", watcher)
@@ -192,3 +211,36 @@ def test_launch_wait_asks_slurm_about_every_task_of_a_multi_task_job(tmp_path, m
     ok, why = wait_for(job, 3)
     assert not ok and why.startswith("died without a result: UncompletedJobError: Job 7 (task: 0)"), why
     assert "(state: NODE_FAIL)" in why and calls.read_text().count("-j 7") == 1
+
+
+class _StatesWatcher(_FakeWatcher):
+    def __init__(self, states):
+        super().__init__()
+        self.states = list(states)
+
+    def get_state(self, job_id: str, mode: str = "standard") -> str:
+        super().get_state(job_id, mode)
+        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+
+def test_launch_wait_waits_through_a_requeued_attempt(fake_slurm_bin, tmp_path, monkeypatch):
+    """Results (or sacct's PREEMPTED/NODE_FAIL) left by an attempt that SLURM requeued are not the
+    job's end: wait_for asks the controller, waits while the job is pending or running again, and
+    reports the last attempt's results."""
+    import slurm.launch as launch
+
+    states = tmp_path / "states"  # what the controller says, one answer per call
+    states.write_text("COMPLETING\nPENDING\nRUNNING\nCOMPLETED\n")
+    fake_slurm_bin("squeue", f'head -n1 {states}; sed -i 1d {states}\n')
+    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
+    job = _FakeJob(True, RuntimeError("rank 1: an earlier attempt's error"))
+    job.watcher = _StatesWatcher(["PREEMPTED"])
+
+    def results():
+        if states.read_text():  # the requeued attempt has not finished yet
+            raise job._error
+        return [{"rank": 0, "restarts": 1}]
+
+    job.results = results
+    assert launch.wait_for(job, 60) == (True, [{"rank": 0, "restarts": 1}])
+    assert states.read_text() == ""  # asked until the controller said COMPLETED
