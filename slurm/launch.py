@@ -11,8 +11,18 @@ Signals: submitit asks SLURM for USR2 `signal_delay_s` before the time limit. Ev
 it to its trainer as USR1 (the trainer's "save and exit 124"); on rank 0 submitit then calls
 `TrainTask.checkpoint()`, which waits for that save and hands submitit a fresh `DelayedSubmission`,
 and submitit runs `scontrol requeue`. A USR1 sent by hand (`scancel --signal=USR1 <job>`) takes the
-same save + requeue path. SIGTERM (scancel) makes the trainer save but never requeues: a cancel
-stays a cancel.
+same save + requeue path.
+
+SIGTERM comes from a cancel (`scancel`) or from a preemption, which must end differently, so each
+task asks SLURM which one it is (`scontrol show job`, bounded by a timeout; `term_cause()` says what
+tells them apart) while its trainer saves (SIGTERM is forwarded). A cancel ends with an error and is
+never requeued: a cancel stays a cancel. A preempted attempt ends without a result, and the job comes
+back with the same id: with the preempted partition's GraceTime=0, SLURM has requeued the job before
+the tasks hear of it (and signals the batch script too); with GraceTime>0 only the tasks are
+signalled, the job runs on in its grace time and SLURM does not requeue a job that ends in it, so
+rank 0 requeues it, as after USR1. `wait_for` (`--wait`) waits through the requeued attempt and
+reports how the job finally ended. Measured on SLURM 22.05; tested in tests/test_slurm_cluster.py
+(test_launch_preempted_job_is_requeued_and_resumes, test_launch_cancel_saves_but_is_not_requeued).
 """
 
 from __future__ import annotations
@@ -20,13 +30,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
@@ -41,6 +52,62 @@ TRAIN_MODULE_ENV = "VDM_TRAIN_MODULE"  # tests and debugging swap the trainer fo
 
 
 log = logging.getLogger("slurm.launch")
+
+# How long a task waits for `scontrol` when it must tell a preemption from a cancel. SLURM kills a
+# preempted task KillWait (30 s by default) after its SIGTERM, and the trainer saves meanwhile.
+SCONTROL_TIMEOUT_S = 10.0
+_NOT_SET = ("", "None", "Unknown", "(null)")
+
+
+def parse_job_fields(text: str) -> dict[str, str]:
+    """`scontrol show job -o` output as {field: value}. Values that contain spaces (Command, Reason
+    text, ...) come out cut at the first space; the fields read here (states, times) have none."""
+    return dict(re.findall(r"(?:^|\s)(\w+)=(\S*)", text))
+
+
+def job_fields(job_id: str, timeout_s: float = SCONTROL_TIMEOUT_S) -> dict[str, str]:
+    """What the controller says about the job now (`scontrol show job -o`); {} when it does not answer
+    within timeout_s, or at all (the reason is logged)."""
+    try:
+        r = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                           timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning(f"scontrol show job {job_id}: {type(e).__name__}: {e}")
+        return {}
+    if r.returncode != 0:
+        log.warning(f"scontrol show job {job_id} exited {r.returncode}: {r.stderr.strip()}")
+        return {}
+    return parse_job_fields(r.stdout)
+
+
+def term_cause(fields: dict[str, str], restart_count: int) -> tuple[str, str]:
+    """Why this attempt of the job got SIGTERM, from `scontrol show job` right after it, and the
+    evidence in words: "requeued", "preempted" or "cancel" (measured on SLURM 22.05):
+
+    - "requeued": Restarts has gone past this attempt's SLURM_RESTART_COUNT: SLURM requeued the job
+      and is stopping this attempt. A preemption with the partition's GraceTime=0 looks so (JobState
+      COMPLETING; the requeue has already reset PreemptTime), as does the end of a grace time or an
+      `scontrol requeue`. The job comes back by itself.
+    - "preempted": PreemptTime is set and the job is still RUNNING: preempted with GraceTime>0, in
+      its grace time. SLURM would requeue it only if it outlived that time, not if it ends in it.
+    - "cancel": anything else (`scancel`: COMPLETING with PreemptTime=None; a SIGTERM sent by hand;
+      a preemption that cancels instead of requeueing; no answer from SLURM, the safe side: the
+      trainer has saved, and nothing requeues a job its user may have cancelled)."""
+    if not fields:
+        return "cancel", "SLURM did not answer"
+    state, restarts, preempt = (fields.get(k, "") for k in ("JobState", "Restarts", "PreemptTime"))
+    said = f"JobState={state or '?'} Restarts={restarts or '?'} PreemptTime={preempt or '-'}"
+    if restarts.isdigit() and int(restarts) > restart_count:
+        return "requeued", said
+    if preempt not in _NOT_SET and state == "RUNNING":
+        return "preempted", said
+    return "cancel", said
+
+
+def _restart_count() -> int:
+    """This attempt's number: 0 on the first run of a job (SLURM_RESTART_COUNT unset), then 1, 2, ..."""
+    value = os.environ.get("SLURM_RESTART_COUNT", "")
+    return int(value) if value.isdigit() else 0
 
 
 def _ignore_usr2() -> None:  # runs in the child between fork and exec
@@ -60,6 +127,8 @@ class TrainTask(Checkpointable):
         self.python = python or sys.executable
         self.module = module or os.environ.get(TRAIN_MODULE_ENV, "trainer.train")
         self._child: subprocess.Popen | None = None
+        # why the trainer was asked to stop: "SIGUSR1"/"SIGUSR2" (requeue), "SIGTERM" (not known yet
+        # why), then SLURM's answer (term_cause): "requeued", "preempted" or "cancel"
         self._stop: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # the pickle submitit writes must not hold a process
@@ -89,9 +158,10 @@ class TrainTask(Checkpointable):
                 submitit_usr2(signum, frame)  # rank 0: checkpoint() + requeue + exit; others: returns
 
         def on_term(signum: int, frame: Any) -> None:
+            # the save starts at once; whether this is a cancel or a preemption is asked of SLURM from
+            # the main loop (_classify_term), not from this handler, which a second SIGTERM can re-enter
             self._stop = self._stop or "SIGTERM"
-            log.info("received SIGTERM: the trainer saves; not requeued from here (a cancel stays a cancel; "
-                     "SLURM requeues a job it preempts without GraceTime)")
+            log.info("received SIGTERM: asking the trainer to save (SIGTERM)")
             self._forward(signal.SIGTERM)
 
         signal.signal(signal.SIGUSR1, on_usr)
@@ -103,8 +173,20 @@ class TrainTask(Checkpointable):
         while self._child is not None and self._child.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
                 return None
+            self._classify_term()  # while the trainer saves: SLURM's view is freshest right after the signal
             time.sleep(0.2)
         return None if self._child is None else self._child.returncode
+
+    def _classify_term(self) -> None:
+        """After a SIGTERM: ask SLURM whether the job is being requeued, preempted or cancelled."""
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if self._stop != "SIGTERM" or not job_id:
+            return
+        self._stop, why = term_cause(job_fields(job_id), _restart_count())
+        then = {"requeued": "SLURM has requeued the job; the trainer saves and this attempt ends without a result",
+                "preempted": "preempted in its grace time; the trainer saves, then rank 0 requeues the job",
+                "cancel": "a cancel; the trainer saves, the job is not requeued"}[self._stop]
+        log.info(f"SIGTERM for job {job_id} ({why}): {then}")
 
     # ------------------------------------------------------------------ submitit entry points
     def __call__(self) -> dict[str, Any]:
@@ -120,16 +202,19 @@ class TrainTask(Checkpointable):
         t0 = time.time()
         self._child = subprocess.Popen(self.command(), cwd=self.root, env=env, preexec_fn=_ignore_usr2)
         rc = self._wait_child()
+        self._classify_term()  # a SIGTERM that came as the trainer exited has not been asked about yet
         rank = int(dist["RANK"])
         log.info(f"rank {rank}: trainer exited with code {rc} after {time.time() - t0:.1f} s")
-        if rc == -signal.SIGUSR1:
-            # USR1 arrived while the trainer was starting, before its handler existed: nothing new
-            # was saved, but the last checkpoint is intact, so requeue and resume from it.
+        if rc == -signal.SIGUSR1 or (rc == -signal.SIGTERM and self._stop in ("requeued", "preempted")):
+            # the signal arrived while the trainer was starting, before its handler existed: nothing
+            # new was saved, but the last checkpoint is intact, so requeue and resume from it.
             rc = EXIT_REQUEUE
         if rc == EXIT_REQUEUE:
-            if self._stop == "SIGTERM":
+            if self._stop in ("cancel", "SIGTERM"):  # "SIGTERM": outside SLURM, nobody to ask
                 raise RuntimeError(f"rank {rank}: stopped by SIGTERM after saving a checkpoint; "
                                    "resubmit with the same run.out_dir to resume")
+            if self._stop in ("requeued", "preempted"):
+                self._end_preempted_attempt(rank)
             self._requeue_and_wait(rank)
         if rc != 0:
             raise RuntimeError(f"rank {rank}: trainer `{shlex.join(self.command())}` failed with exit "
@@ -138,15 +223,44 @@ class TrainTask(Checkpointable):
                 "master_addr": dist["MASTER_ADDR"], "restarts": int(env.get("SLURM_RESTART_COUNT", "0")),
                 "seconds": round(time.time() - t0, 2)}
 
-    def _requeue_and_wait(self, rank: int) -> None:
+    def _requeue_and_wait(self, rank: int) -> NoReturn:
         """The trainer saved on a signal: rank 0 requeues the job; every task then waits to be stopped."""
         job_id = os.environ.get("SLURM_JOB_ID")
         if rank == 0 and job_id:
             log.info(f"checkpoint saved ({self._stop or 'trainer request'}); requeueing job {job_id}")
             subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-        time.sleep(120)  # SLURM stops this task as part of the requeue
-        raise RuntimeError(f"rank {rank}: the trainer saved and asked for a requeue, but job {job_id} "
-                           "was not requeued")
+        self._wait_to_be_stopped(rank, "asked for a requeue")
+
+    def _end_preempted_attempt(self, rank: int) -> NoReturn:
+        """The trainer saved on the SIGTERM of a preemption (or a requeue): the job must come back,
+        and this attempt must end without a result, which `wait_for` would read as the job's.
+
+        "requeued" (GraceTime=0): SLURM has requeued the job and kills every task KillWait after the
+        SIGTERM; requeueing it again would be wrong. "preempted" (GraceTime>0): the job still runs
+        in its grace time, and SLURM does not requeue a job that ends in it: rank 0 requeues it, as
+        after USR1, unless the grace time ran out during the save and SLURM did (asked again)."""
+        job_id = os.environ.get("SLURM_JOB_ID", "")
+        if rank == 0 and self._stop == "preempted":
+            fields = job_fields(job_id)
+            cause, why = term_cause(fields, _restart_count())
+            if cause == "requeued":
+                log.info(f"checkpoint saved on preemption; SLURM requeued job {job_id} meanwhile ({why})")
+            else:
+                log.info(f"checkpoint saved on preemption in the grace time ({why}); requeueing job {job_id}")
+                r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+                if r.returncode != 0:
+                    log.warning(f"scontrol requeue {job_id} exited {r.returncode}: {r.stderr.strip()}")
+        elif rank == 0:
+            log.info(f"checkpoint saved; job {job_id} was requeued by SLURM, not requeueing it again")
+        self._wait_to_be_stopped(rank, "was preempted")
+
+    def _wait_to_be_stopped(self, rank: int, what: str) -> NoReturn:
+        """Wait for SLURM to end this attempt (a requeue stops every task). A task that returned, or
+        raised, would leave a result behind for an attempt that did not finish."""
+        time.sleep(120)
+        job_id = os.environ.get("SLURM_JOB_ID")
+        raise RuntimeError(f"rank {rank}: the trainer saved and job {job_id} {what}, but the job was not "
+                           "requeued")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """Called by submitit on rank 0 at timeout/preemption (USR2): wait for the trainer's save.

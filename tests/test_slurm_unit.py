@@ -213,6 +213,55 @@ def test_launch_wait_asks_slurm_about_every_task_of_a_multi_task_job(tmp_path, m
     assert "(state: NODE_FAIL)" in why and calls.read_text().count("-j 7") == 1
 
 
+# `scontrol show job -o` of one job as SLURM 22.05 prints it, fields abridged, in the four cases
+# measured on the local cluster right after the tasks' SIGTERM. A requeue resets PreemptTime, and
+# then scontrol leaves out PreemptEligibleTime and PreemptTime altogether.
+_SHOW = ("JobId=41 JobName=vdm-train UserId=root(0) Priority=1 Nice=0 Account=(null) QOS=normal "
+         "JobState={state} Reason=None Dependency=(null) Requeue=1 Restarts={restarts} BatchFlag=1 Reboot=0 "
+         "ExitCode=0:0 RunTime=00:00:09 TimeLimit=00:05:00 TimeMin=N/A SubmitTime=2026-12-02T02:32:20 "
+         "StartTime=2026-12-02T02:32:25 EndTime=2026-12-02T02:35:25 Deadline=N/A {preempt}SuspendTime=None "
+         "Partition=debug NodeList=n1 Command=/tmp/a b.sh WorkDir=/work/x y")
+_PREEMPT = "PreemptEligibleTime=2026-12-02T02:32:25 PreemptTime={} "
+_CANCELLED = _SHOW.format(state="COMPLETING", restarts=0, preempt=_PREEMPT.format("None"))
+_PREEMPTED_IN_GRACE = _SHOW.format(state="RUNNING", restarts=0, preempt=_PREEMPT.format("2026-12-02T02:33:19"))
+_REQUEUED = _SHOW.format(state="COMPLETING", restarts=1, preempt="")  # GraceTime=0: SLURM requeued it
+_RUNNING = _SHOW.format(state="RUNNING", restarts=0, preempt=_PREEMPT.format("None"))  # e.g. scancel -s TERM
+
+
+def test_term_cause_tells_a_requeue_a_preemption_in_its_grace_time_and_a_cancel_apart():
+    from slurm.launch import parse_job_fields, term_cause
+
+    fields = parse_job_fields(_PREEMPTED_IN_GRACE)
+    assert fields["PreemptEligibleTime"] == "2026-12-02T02:32:25" and fields["PreemptTime"] == "2026-12-02T02:33:19"
+    assert fields["JobState"] == "RUNNING" and fields["Restarts"] == "0" and fields["Command"] == "/tmp/a"
+    assert term_cause(fields, 0) == ("preempted", "JobState=RUNNING Restarts=0 PreemptTime=2026-12-02T02:33:19")
+    assert term_cause(parse_job_fields(_REQUEUED), 0) == ("requeued", "JobState=COMPLETING Restarts=1 PreemptTime=-")
+    assert term_cause(parse_job_fields(_CANCELLED), 0)[0] == "cancel"
+    assert term_cause(parse_job_fields(_RUNNING), 0)[0] == "cancel"
+    # a later attempt (SLURM_RESTART_COUNT=1) that is cancelled: its restart count is no requeue
+    assert term_cause(parse_job_fields(_CANCELLED.replace("Restarts=0", "Restarts=1")), 1)[0] == "cancel"
+    assert term_cause(parse_job_fields(_REQUEUED.replace("Restarts=1", "Restarts=2")), 1)[0] == "requeued"
+    # cancelled in its grace time (or preempted with PreemptMode=CANCEL): not RUNNING, not requeued
+    assert term_cause(parse_job_fields(_PREEMPTED_IN_GRACE.replace("RUNNING", "COMPLETING")), 0)[0] == "cancel"
+    assert term_cause({}, 0) == ("cancel", "SLURM did not answer")  # the safe side: nothing requeues it
+
+
+def test_job_fields_is_bounded_and_says_nothing_when_slurm_does_not_answer(fake_slurm_bin, caplog):
+    """The task asks SLURM while KillWait runs: a hung or failing scontrol must not hold it up."""
+    import time
+
+    from slurm.launch import job_fields
+
+    fake_slurm_bin("scontrol", "sleep 30\n")
+    t0 = time.monotonic()
+    assert job_fields("41", timeout_s=0.5) == {}
+    assert time.monotonic() - t0 < 5 and "TimeoutExpired" in caplog.text
+    fake_slurm_bin("scontrol", "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1\n")
+    assert job_fields("41") == {} and "Invalid job id" in caplog.text
+    fake_slurm_bin("scontrol", f"echo '{_REQUEUED}'\n")
+    assert job_fields("41")["Restarts"] == "1"
+
+
 class _StatesWatcher(_FakeWatcher):
     def __init__(self, states):
         super().__init__()
