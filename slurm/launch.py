@@ -238,18 +238,22 @@ class TrainTask(Checkpointable):
         "requeued" (GraceTime=0): SLURM has requeued the job and kills every task KillWait after the
         SIGTERM; requeueing it again would be wrong. "preempted" (GraceTime>0): the job still runs
         in its grace time, and SLURM does not requeue a job that ends in it: rank 0 requeues it, as
-        after USR1, unless the grace time ran out during the save and SLURM did (asked again)."""
+        after USR1, unless the grace time ran out during the save and SLURM did (asked again). A
+        requeue that SLURM has done already is refused ("Job is pending execution"), so one made
+        when SLURM does not answer the second question cannot restart the job twice."""
         job_id = os.environ.get("SLURM_JOB_ID", "")
         if rank == 0 and self._stop == "preempted":
-            fields = job_fields(job_id)
-            cause, why = term_cause(fields, _restart_count())
+            cause, why = term_cause(job_fields(job_id), _restart_count())
             if cause == "requeued":
                 log.info(f"checkpoint saved on preemption; SLURM requeued job {job_id} meanwhile ({why})")
             else:
                 log.info(f"checkpoint saved on preemption in the grace time ({why}); requeueing job {job_id}")
-                r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-                if r.returncode != 0:
-                    log.warning(f"scontrol requeue {job_id} exited {r.returncode}: {r.stderr.strip()}")
+                try:
+                    r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+                    if r.returncode != 0:
+                        log.warning(f"scontrol requeue {job_id} exited {r.returncode}: {r.stderr.strip()}")
+                except (OSError, subprocess.SubprocessError) as e:
+                    log.warning(f"scontrol requeue {job_id}: {type(e).__name__}: {e}")
         elif rank == 0:
             log.info(f"checkpoint saved; job {job_id} was requeued by SLURM, not requeueing it again")
         self._wait_to_be_stopped(rank, "was preempted")
