@@ -410,6 +410,90 @@ def test_launch_usr1_during_trainer_start_up_still_requeues(tmp_path):
     assert [r["restarts"] for r in results] == [1, 1]
 
 
+@pytest.mark.parametrize("grace_s", [0, 30])
+def test_launch_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
+    """As test_train_sh_preempted_job_is_requeued_and_resumes, through `slurm.launch --wait`: the
+    submitit tasks ask SLURM why they got SIGTERM. GraceTime=0: SLURM has requeued the job already
+    (Restarts went up); GraceTime>0: the job is still RUNNING with PreemptTime set, and rank 0 requeues
+    it (SLURM would let it end in its grace time). Either way the trainer saves, no task leaves a
+    result for the preempted attempt, and `--wait` waits through it and reports the job COMPLETED."""
+    _require_partition("urgent")
+    before = _grace_time("debug")
+    _set_grace_time("debug", grace_s)
+    run, steps = tmp_path / "run", 1000
+    cmd = [sys.executable, "-m", "slurm.launch", "--config", "configs/demo.yaml", "--set", f"run.out_dir={run}",
+           "--nodes", "2", "--cpus-per-task", "1", "--time", "5", "--sbatch", "exclusive", "--wait",
+           "--wait-timeout", "240"]
+    p = subprocess.Popen(cmd, cwd=REPO, env=probe_env(PROBE_STEPS=str(steps), PROBE_STEP_S="0.05"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = urgent = first = ""
+    try:
+        first = p.stdout.readline()  # "submitted job <id> (...)", flushed before the wait
+        assert first.startswith("submitted job "), first + p.stderr.read()
+        job = first.split()[2]
+        _wait_ranks_ready(run, job)
+        deadline = time.monotonic() + 30
+        while len(_steps(run, 0)) < 3 or len(_steps(run, 1)) < 3:  # a few steps done: the save is past step 0
+            assert time.monotonic() < deadline, "the probe did not get through 3 steps in 30 s"
+            time.sleep(0.1)
+        urgent = sbatch(["-p", "urgent", "-w", "n1", "--exclusive", "--time=1", f"--output={tmp_path}/urgent-%j.out",
+                         "--wrap", "sleep 3"])
+        out, err = p.communicate(timeout=270)
+        assert wait_state(urgent, {"COMPLETED", "FAILED", "CANCELLED"}, 30) == "COMPLETED"
+    finally:
+        _set_grace_time("debug", before)
+        if p.poll() is None:
+            p.kill()
+        if job:
+            subprocess.run(["scancel", job, *([urgent] if urgent else [])], capture_output=True, timeout=30)
+    logs = "\n".join(f.read_text() for f in sorted((run / "slurm" / job).glob("*_log.out")))
+    assert p.returncode == 0, first + out + err + logs
+    assert f"job {job} COMPLETED" in out and out.count("'restarts': 1") == 2, out  # both ranks' results
+    first_recs, second = _records(run, 0), _records(run, 1)
+    assert [set(r["signals"]) for r in first_recs] == [{"TERM"}, {"TERM"}], logs  # told to save, by SIGTERM
+    for rank, (a, b) in enumerate(zip(first_recs, second)):
+        saved = a["step"]
+        assert 3 <= saved < steps and b["resumed_at"] == saved  # resumed where it saved
+        # every step exactly once across the preemption: the first attempt's up to the save, then the rest
+        assert _steps(run, rank) == [(s, 0) for s in range(saved)] + [(s, 1) for s in range(saved, steps)]
+    assert [r["SLURM_RESTART_COUNT"] for r in second] == ["1", "1"] and {r["SLURM_JOB_ID"] for r in second} == {job}
+    show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    assert "Restarts=1" in show, show
+    attempts = subprocess.run(["sacct", "-n", "-D", "-X", "-P", "-j", job, "-o", "State"], capture_output=True,
+                              text=True, timeout=30).stdout.split()
+    # every task told the preemption from a cancel, and no task reported the first attempt as an error
+    assert "stopped by SIGTERM" not in logs and "a cancel" not in logs, logs
+    if grace_s == 0:  # SLURM had requeued the job when the tasks asked; it must not be requeued twice
+        assert attempts == ["PREEMPTED", "COMPLETED"], attempts
+        assert logs.count(f"SIGTERM for job {job} (JobState=COMPLETING Restarts=1 ") == 2, logs
+        assert "was requeued by SLURM, not requeueing it again" in logs and "requeueing job" not in logs, logs
+    else:  # preempted in its grace time: rank 0 requeues (`scontrol requeue`: the attempt is REQUEUED)
+        assert attempts == ["REQUEUED", "COMPLETED"], attempts
+        assert logs.count(f"SIGTERM for job {job} (JobState=RUNNING Restarts=0 PreemptTime=20") == 2, logs
+        assert logs.count(f"requeueing job {job}") == 1, logs
+
+
+def test_launch_cancel_saves_but_is_not_requeued(tmp_path):
+    """scancel: the tasks learn from SLURM that their SIGTERM is no preemption (PreemptTime=None), the
+    trainer saves, and the job ends CANCELLED, reported as stopped by SIGTERM; nothing requeues it."""
+    from slurm.launch import wait_for
+
+    run = tmp_path / "run"
+    job = _submit_probe(tmp_path, PROBE_SECONDS="60")
+    _wait_ranks_ready(run, job.job_id)
+    subprocess.run(["scancel", job.job_id], check=True, timeout=30)
+    ok, why = wait_for(job, 120)
+    assert not ok and "stopped by SIGTERM after saving a checkpoint" in why, why
+    # every trainer was told to save (directly by SLURM and/or forwarded by its submitit task)
+    assert [set(r["signals"]) for r in _records(run)] == [{"TERM"}, {"TERM"}]
+    # a requeue could only come from a task (scontrol requeue) while the job's steps run
+    assert wait_batch_step_ended(job.job_id, 120) == "CANCELLED"
+    assert not list(run.glob("probe-rank*-restart1.*"))
+    logs = "\n".join(f.read_text() for f in sorted((run / "slurm" / job.job_id).glob("*_log.out")))
+    assert logs.count(f"SIGTERM for job {job.job_id} (JobState=") == 2, logs  # both tasks asked SLURM
+    assert logs.count("PreemptTime=None): a cancel;") == 2 and "requeueing" not in logs, logs
+
+
 def test_train_sh_stops_requeueing_at_the_limit(tmp_path):
     run = tmp_path / "run"
     job = _probe_job(tmp_path, run, PROBE_SECONDS="60", VDM_MAX_REQUEUES="0")
