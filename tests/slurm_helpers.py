@@ -131,3 +131,21 @@ def sbatch(args: list[str], env: dict[str, str] | None = None) -> str:
                          timeout=60)
     assert out.returncode == 0, f"sbatch failed: {out.stderr}"
     return out.stdout.strip().split(";")[0]
+
+
+def require_partition(name: str) -> None:
+    if subprocess.run(["scontrol", "show", "partition", name], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip(f"the cluster has no partition {name!r}: its slurm.conf predates it "
+                    "(slurm/local_cluster.sh down && slurm/local_cluster.sh up)")
+
+
+def grace_time(partition: str) -> int:
+    show = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True, timeout=30)
+    return int(re.search(r"GraceTime=(\d+)", show.stdout).group(1))
+
+
+def set_grace_time(partition: str, seconds: int) -> None:
+    r = subprocess.run(["scontrol", "update", f"PartitionName={partition}", f"GraceTime={seconds}"],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot set GraceTime of partition {partition} (needs a SLURM admin): {r.stderr.strip()}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,9 +18,12 @@ from pathlib import Path
 import pytest
 from slurm_helpers import (
     REPO,
+    grace_time,
     probe_env,
     require_cluster,
+    require_partition,
     sbatch,
+    set_grace_time,
     wait_batch_step_ended,
     wait_file,
     wait_state,
@@ -173,27 +175,9 @@ def test_train_sh_cancel_saves_but_is_not_requeued(tmp_path):
     assert "requeueing job" not in (tmp_path / f"vdm-train-{job}.out").read_text()
 
 
-def _require_partition(name: str) -> None:
-    if subprocess.run(["scontrol", "show", "partition", name], capture_output=True, timeout=30).returncode != 0:
-        pytest.skip(f"the cluster has no partition {name!r}: its slurm.conf predates it "
-                    "(slurm/local_cluster.sh down && slurm/local_cluster.sh up)")
-
-
 def _steps(run: Path, rank: int) -> list[tuple[int, int]]:
     """(step, restart) of every step the probe of this rank finished, in order."""
     return [tuple(map(int, line.split())) for line in (run / f"probe-rank{rank}-steps.txt").read_text().splitlines()]
-
-
-def _grace_time(partition: str) -> int:
-    show = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True, timeout=30)
-    return int(re.search(r"GraceTime=(\d+)", show.stdout).group(1))
-
-
-def _set_grace_time(partition: str, seconds: int) -> None:
-    r = subprocess.run(["scontrol", "update", f"PartitionName={partition}", f"GraceTime={seconds}"],
-                       capture_output=True, text=True, timeout=30)
-    if r.returncode != 0:
-        pytest.skip(f"cannot set GraceTime of partition {partition} (needs a SLURM admin): {r.stderr.strip()}")
 
 
 @pytest.mark.parametrize("grace_s", [0, 30])
@@ -205,9 +189,9 @@ def test_train_sh_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
     the job itself; train.sh must not. >0: only the tasks get SIGTERM, at once; the batch script is not
     signalled, so train.sh sees a saved trainer (exit 124) and requeues the job (SLURM would only once
     the grace time ran out). GraceTime only acts on preempted jobs, which only these tests make."""
-    _require_partition("urgent")
-    before = _grace_time("debug")
-    _set_grace_time("debug", grace_s)
+    require_partition("urgent")
+    before = grace_time("debug")
+    set_grace_time("debug", grace_s)
     run, steps = tmp_path / "run", 1000
     job = urgent = ""
     try:
@@ -225,7 +209,7 @@ def test_train_sh_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
         assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "COMPLETED"
         assert wait_state(urgent, {"COMPLETED", "FAILED", "CANCELLED"}, 30) == "COMPLETED"
     finally:
-        _set_grace_time("debug", before)
+        set_grace_time("debug", before)
         if job:
             subprocess.run(["scancel", job, *([urgent] if urgent else [])], capture_output=True, timeout=30)
     log = (tmp_path / f"vdm-train-{job}.out").read_text()
@@ -417,9 +401,9 @@ def test_launch_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
     (Restarts went up); GraceTime>0: the job is still RUNNING with PreemptTime set, and rank 0 requeues
     it (SLURM would let it end in its grace time). Either way the trainer saves, no task leaves a
     result for the preempted attempt, and `--wait` waits through it and reports the job COMPLETED."""
-    _require_partition("urgent")
-    before = _grace_time("debug")
-    _set_grace_time("debug", grace_s)
+    require_partition("urgent")
+    before = grace_time("debug")
+    set_grace_time("debug", grace_s)
     run, steps = tmp_path / "run", 1000
     cmd = [sys.executable, "-m", "slurm.launch", "--config", "configs/demo.yaml", "--set", f"run.out_dir={run}",
            "--nodes", "2", "--cpus-per-task", "1", "--time", "5", "--sbatch", "exclusive", "--wait",
@@ -441,7 +425,7 @@ def test_launch_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
         out, err = p.communicate(timeout=270)
         assert wait_state(urgent, {"COMPLETED", "FAILED", "CANCELLED"}, 30) == "COMPLETED"
     finally:
-        _set_grace_time("debug", before)
+        set_grace_time("debug", before)
         if p.poll() is None:
             p.kill()
         if job:

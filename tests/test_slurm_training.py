@@ -18,9 +18,12 @@ import pytest
 from shard_helpers import decode_mp4_bytes, tar_members
 from slurm_helpers import (
     REPO,
+    grace_time,
     job_state,
     require_cluster,
+    require_partition,
     sbatch,
+    set_grace_time,
     wait_batch_step_ended,
     wait_nodes_idle,
     wait_state,
@@ -254,6 +257,48 @@ def test_submitit_timeout_signal_checkpoints_through_the_trainer_and_resumes(tmp
     assert "[signal] checkpoint at step " in log, log[-4000:]
     saved = int(log.split("[signal] checkpoint at step ", 1)[1].split()[0])
     assert saved == HOLD + 1 and f"at step {saved}" in log.split("[resume]", 1)[1].splitlines()[0]
+    assert logged_steps(run) == list(range(steps))
+    assert [s for s, _ in tb_scalars(run, "train/loss")] == list(range(1, steps + 1))
+
+
+@pytest.mark.parametrize("grace_s", [0, 30])
+def test_submitit_preempted_trainer_saves_requeues_and_resumes(tmp_path, tiny_shards, monkeypatch, grace_s):
+    """slurm.launch's job preempted at step HOLD by an `urgent` job (debug's GraceTime 0 and 30): the
+    real trainer saves at HOLD + 1 on SIGTERM (twice with GraceTime=0, and SIGKILL KillWait later), the
+    same job resumes there, and wait_for reports both ranks' results of the second attempt."""
+    from slurm.executor import make_executor
+    from slurm.launch import TrainTask, wait_for
+
+    require_partition("urgent")
+    run, steps = tmp_path / "run", 8
+    monkeypatch.setenv("VDM_TEST_HOLD_AT_STEP", str(HOLD))  # exported to the job by sbatch
+    before = grace_time("debug")
+    set_grace_time("debug", grace_s)
+    job = None
+    urgent = ""
+    try:
+        ex = make_executor(run / "slurm" / "%j", nodes=2, tasks_per_node=1, cpus_per_task=1, time_min=10,
+                           extra_sbatch=["exclusive"])  # the urgent job then preempts this job only
+        job = ex.submit(TrainTask(str(REPO / "configs/demo.yaml"),
+                                  tiny_sets(tiny_shards, run, steps=steps, ckpt_every=100)[1::2], str(REPO)))
+        deadline = time.monotonic() + 240
+        while HOLD_LINE not in _text(job.paths.stdout):  # task 0's stdout
+            assert time.monotonic() < deadline and not job.done(), "training did not reach step 2 in time"
+            time.sleep(0.5)
+        urgent = sbatch(["-p", "urgent", "-w", "n1", "--exclusive", "--time=1", f"--output={tmp_path}/urgent-%j.out",
+                         "--wrap", "sleep 3"])
+        ok, results = wait_for(job, 400)
+    finally:
+        set_grace_time("debug", before)
+        if job is not None:
+            subprocess.run(["scancel", job.job_id, *([urgent] if urgent else [])], capture_output=True, timeout=30)
+    log = job.paths.stdout.read_text() + job.paths.stderr.read_text()
+    assert ok, f"{results}\n{log[-4000:]}"
+    assert [r["restarts"] for r in results] == [1, 1], results
+    assert "[signal] checkpoint at step " in log, log[-4000:]
+    saved = int(log.split("[signal] checkpoint at step ", 1)[1].split()[0])
+    assert saved == HOLD + 1 and f"at step {saved}" in log.split("[resume]", 1)[1].splitlines()[0]
+    assert ("SLURM has requeued the job" if grace_s == 0 else f"requeueing job {job.job_id}") in log, log[-4000:]
     assert logged_steps(run) == list(range(steps))
     assert [s for s, _ in tb_scalars(run, "train/loss")] == list(range(1, steps + 1))
 
