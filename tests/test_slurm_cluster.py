@@ -181,6 +181,24 @@ def _steps(run: Path, rank: int) -> list[tuple[int, int]]:
     return [tuple(map(int, line.split())) for line in (run / f"probe-rank{rank}-steps.txt").read_text().splitlines()]
 
 
+def _resumed_once_where_it_saved(run: Path, job: str, steps: int, log: str) -> list[str]:
+    """A preempted 2-rank probe job: both ranks were told to save by SIGTERM, saved past step 3 and
+    resumed there in the one restart of the same job id, every step done exactly once. Returns the
+    states sacct gives the job's two attempts (the first one's says who requeued it)."""
+    first, second = _records(run, 0), _records(run, 1)
+    assert [set(r["signals"]) for r in first] == [{"TERM"}, {"TERM"}], log  # told to save, by SIGTERM
+    for rank, (a, b) in enumerate(zip(first, second)):
+        saved = a["step"]
+        assert 3 <= saved < steps and b["resumed_at"] == saved  # resumed where it saved
+        # every step exactly once across the preemption: the first attempt's up to the save, then the rest
+        assert _steps(run, rank) == [(s, 0) for s in range(saved)] + [(s, 1) for s in range(saved, steps)]
+    assert [r["SLURM_RESTART_COUNT"] for r in second] == ["1", "1"] and {r["SLURM_JOB_ID"] for r in second} == {job}
+    show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    assert "Restarts=1" in show, show
+    return subprocess.run(["sacct", "-n", "-D", "-X", "-P", "-j", job, "-o", "State"], capture_output=True,
+                          text=True, timeout=30).stdout.split()
+
+
 @pytest.mark.parametrize("grace_s", [0, 30])
 def test_train_sh_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
     """A job in the higher-tier partition `urgent` needs n1: SLURM preempts the `debug` job
@@ -214,19 +232,7 @@ def test_train_sh_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
         if job:
             subprocess.run(["scancel", job, *([urgent] if urgent else [])], capture_output=True, timeout=30)
     log = (tmp_path / f"vdm-train-{job}.out").read_text()
-    first, second = _records(run, 0), _records(run, 1)
-    assert [set(r["signals"]) for r in first] == [{"TERM"}, {"TERM"}], log  # told to save, by SIGTERM
-    for rank, (a, b) in enumerate(zip(first, second)):
-        saved = a["step"]
-        assert 3 <= saved < steps and b["resumed_at"] == saved  # resumed where it saved
-        # every step exactly once across the preemption: the first attempt's up to the save, then the rest
-        assert _steps(run, rank) == [(s, 0) for s in range(saved)] + [(s, 1) for s in range(saved, steps)]
-    assert [r["SLURM_RESTART_COUNT"] for r in second] == ["1", "1"] and {r["SLURM_JOB_ID"] for r in second} == {job}
-    show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
-    assert "Restarts=1" in show, show
-    # two attempts of the one job id; the first one's state says who requeued it
-    attempts = subprocess.run(["sacct", "-n", "-D", "-X", "-P", "-j", job, "-o", "State"], capture_output=True,
-                              text=True, timeout=30).stdout.split()
+    attempts = _resumed_once_where_it_saved(run, job, steps, log)
     assert "restart 0:" in log and "restart 1:" in log
     if grace_s == 0:
         assert attempts == ["PREEMPTED", "COMPLETED"], attempts
@@ -434,18 +440,7 @@ def test_launch_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
     logs = "\n".join(f.read_text() for f in sorted((run / "slurm" / job).glob("*_log.out")))
     assert p.returncode == 0, first + out + err + logs
     assert f"job {job} COMPLETED" in out and out.count("'restarts': 1") == 2, out  # both ranks' results
-    first_recs, second = _records(run, 0), _records(run, 1)
-    assert [set(r["signals"]) for r in first_recs] == [{"TERM"}, {"TERM"}], logs  # told to save, by SIGTERM
-    for rank, (a, b) in enumerate(zip(first_recs, second)):
-        saved = a["step"]
-        assert 3 <= saved < steps and b["resumed_at"] == saved  # resumed where it saved
-        # every step exactly once across the preemption: the first attempt's up to the save, then the rest
-        assert _steps(run, rank) == [(s, 0) for s in range(saved)] + [(s, 1) for s in range(saved, steps)]
-    assert [r["SLURM_RESTART_COUNT"] for r in second] == ["1", "1"] and {r["SLURM_JOB_ID"] for r in second} == {job}
-    show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
-    assert "Restarts=1" in show, show
-    attempts = subprocess.run(["sacct", "-n", "-D", "-X", "-P", "-j", job, "-o", "State"], capture_output=True,
-                              text=True, timeout=30).stdout.split()
+    attempts = _resumed_once_where_it_saved(run, job, steps, logs)
     # every task told the preemption from a cancel, and no task reported the first attempt as an error
     assert "stopped by SIGTERM" not in logs and "a cancel" not in logs, logs
     if grace_s == 0:  # SLURM had requeued the job when the tasks asked; it must not be requeued twice

@@ -234,6 +234,14 @@ def test_shard_array_job_gives_the_same_shards_as_the_local_run(tmp_path, tiny_s
             assert a[name] == b[name], name
 
 
+def _wait_for_the_hold(job) -> None:
+    """Until task 0 of a submitit job prints that it waits at step HOLD (VDM_TEST_HOLD_AT_STEP)."""
+    deadline = time.monotonic() + 240
+    while HOLD_LINE not in _text(job.paths.stdout):  # task 0's stdout
+        assert time.monotonic() < deadline and not job.done(), "training did not reach step 2 in time"
+        time.sleep(0.5)
+
+
 def test_submitit_timeout_signal_checkpoints_through_the_trainer_and_resumes(tmp_path, tiny_shards, monkeypatch):
     """submitit's pre-timeout USR2 -> trainer saves (USR1) -> checkpoint() -> requeue -> exact resume."""
     from slurm.executor import make_executor
@@ -244,10 +252,7 @@ def test_submitit_timeout_signal_checkpoints_through_the_trainer_and_resumes(tmp
     ex = make_executor(run / "slurm" / "%j", nodes=2, tasks_per_node=1, cpus_per_task=1, time_min=10)
     job = ex.submit(TrainTask(str(REPO / "configs/demo.yaml"),
                               tiny_sets(tiny_shards, run, steps=steps, ckpt_every=100)[1::2], str(REPO)))
-    deadline = time.monotonic() + 240
-    while HOLD_LINE not in _text(job.paths.stdout):  # task 0's stdout
-        assert time.monotonic() < deadline and not job.done(), "training did not reach step 2 in time"
-        time.sleep(0.5)
+    _wait_for_the_hold(job)
     job._interrupt(timeout=True)  # exactly what SLURM sends signal_delay_s before the time limit
     ok, results = wait_for(job, 400)
     log = job.paths.stdout.read_text() + job.paths.stderr.read_text()
@@ -281,10 +286,7 @@ def test_submitit_preempted_trainer_saves_requeues_and_resumes(tmp_path, tiny_sh
                            extra_sbatch=["exclusive"])  # the urgent job then preempts this job only
         job = ex.submit(TrainTask(str(REPO / "configs/demo.yaml"),
                                   tiny_sets(tiny_shards, run, steps=steps, ckpt_every=100)[1::2], str(REPO)))
-        deadline = time.monotonic() + 240
-        while HOLD_LINE not in _text(job.paths.stdout):  # task 0's stdout
-            assert time.monotonic() < deadline and not job.done(), "training did not reach step 2 in time"
-            time.sleep(0.5)
+        _wait_for_the_hold(job)
         urgent = sbatch(["-p", "urgent", "-w", "n1", "--exclusive", "--time=1", f"--output={tmp_path}/urgent-%j.out",
                          "--wrap", "sleep 3"])
         ok, results = wait_for(job, 400)
