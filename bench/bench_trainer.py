@@ -35,12 +35,15 @@ def optimizer_bytes(opt) -> int:
     return total
 
 
+CAPTION_TOKENS = 16  # of the synthetic captions (synthetic_batch and the FLOP count agree)
+
+
 def synthetic_batch(cfg, batch: int, device) -> tuple:
-    """(x, cond): a random clip batch of the config's geometry and 16 random caption tokens."""
+    """(x, cond): a random clip batch of the config's geometry and CAPTION_TOKENS random caption tokens."""
     frames, size = cfg.data.num_frames + cfg.data.num_image_frames, cfg.data.image_size
     x = torch.rand(batch, cfg.model.in_channels, frames, size, size, device=device) * 2 - 1
-    cond = {"text_emb": torch.randn(batch, 16, cfg.model.text_dim, device=device),
-            "text_mask": torch.ones(batch, 16, dtype=torch.bool, device=device),
+    cond = {"text_emb": torch.randn(batch, CAPTION_TOKENS, cfg.model.text_dim, device=device),
+            "text_mask": torch.ones(batch, CAPTION_TOKENS, dtype=torch.bool, device=device),
             "num_video_frames": cfg.data.num_frames}
     return x, cond
 
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     # model FLOPs of forward + backward on the meta device (trainer.perf, as the trainer logs them)
     from trainer.perf import BatchGeometry, StepFlops, peak_tflops
 
-    geometry = BatchGeometry(b, frames, cfg.data.num_frames, size, size, 16)
+    geometry = BatchGeometry(b, frames, cfg.data.num_frames, size, size, CAPTION_TOKENS)
     flops = StepFlops.count(cfg.model, geometry)
     result["model_tflops_per_s"] = round(flops.model / step / 1e12, 3)
     result["hardware_tflops_per_s"] = round(flops.hardware / step / 1e12, 3)

@@ -196,7 +196,7 @@ class TrainTask(Checkpointable):
         setup_logging(rank=int(dist["RANK"]), stream=sys.stdout)  # submitit keeps each task's stdout
         env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         env["PYTHONUNBUFFERED"] = "1"
-        log.info(f"{slurm_env.describe(dist)} restart {env.get('SLURM_RESTART_COUNT', '0')}: "
+        log.info(f"{slurm_env.describe(dist)} restart {_restart_count()}: "
                  + shlex.join(self.command()))
         self._install_handlers()
         t0 = time.time()
@@ -220,7 +220,7 @@ class TrainTask(Checkpointable):
             raise RuntimeError(f"rank {rank}: trainer `{shlex.join(self.command())}` failed with exit "
                                f"code {rc}; see this task's log")
         return {"rank": rank, "world_size": int(dist["WORLD_SIZE"]), "returncode": rc,
-                "master_addr": dist["MASTER_ADDR"], "restarts": int(env.get("SLURM_RESTART_COUNT", "0")),
+                "master_addr": dist["MASTER_ADDR"], "restarts": _restart_count(),
                 "seconds": round(time.time() - t0, 2)}
 
     def _requeue_and_wait(self, rank: int) -> NoReturn:

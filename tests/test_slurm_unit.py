@@ -182,11 +182,10 @@ def test_launch_wait_notices_a_job_that_died_without_a_result(fake_slurm_bin):
     assert not ok and why == "still RUNNING after 0 s (not cancelled)"
 
 
-def test_launch_wait_asks_slurm_about_every_task_of_a_multi_task_job(tmp_path, monkeypatch):
+def test_launch_wait_asks_slurm_about_every_task_of_a_multi_task_job(tmp_path, monkeypatch, fake_slurm_bin):
     """A real submitit Job of 2 tasks, an hour after its submission, its state last read a second ago:
     submitit's tasks would ask sacct again only 10 minutes later (done(force_check=True) does not reach
     them), so a job that died in between went unnoticed that long. wait_for must ask SLURM at once."""
-    import os
     import time
 
     import submitit
@@ -194,14 +193,10 @@ def test_launch_wait_asks_slurm_about_every_task_of_a_multi_task_job(tmp_path, m
 
     from slurm.launch import wait_for
 
-    bin_dir, calls = tmp_path / "bin", tmp_path / "sacct-calls"
-    bin_dir.mkdir()
-    sacct = bin_dir / "sacct"  # what SLURM answers for a 2-node job whose nodes failed
-    sacct.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nprintf "JobID|State|NodeList\\n7|NODE_FAIL|n[1-2]\\n"\n')
-    sacct.chmod(0o755)
-    (bin_dir / "squeue").write_text("#!/bin/sh\necho NODE_FAIL\n")  # not requeued
-    (bin_dir / "squeue").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    calls = tmp_path / "sacct-calls"
+    # what SLURM answers for a 2-node job whose nodes failed
+    fake_slurm_bin("sacct", f'echo "$@" >> {calls}\nprintf "JobID|State|NodeList\\n7|NODE_FAIL|n[1-2]\\n"\n')
+    fake_slurm_bin("squeue", "echo NODE_FAIL\n")  # not requeued
     watcher = SlurmInfoWatcher(delay_s=600)
     monkeypatch.setattr(submitit.SlurmJob, "watcher", watcher)
     monkeypatch.setattr(submitit.SlurmJob, "_results_timeout_s", 0)  # no result file will come
