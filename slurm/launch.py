@@ -70,7 +70,7 @@ def job_fields(job_id: str, timeout_s: float = SCONTROL_TIMEOUT_S) -> dict[str, 
     within timeout_s, or at all (the reason is logged)."""
     try:
         r = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                           timeout=timeout_s)
+                           timeout=timeout_s, preexec_fn=_ignore_term)
     except (OSError, subprocess.SubprocessError) as e:
         log.warning(f"scontrol show job {job_id}: {type(e).__name__}: {e}")
         return {}
@@ -108,6 +108,13 @@ def _restart_count() -> int:
     """This attempt's number: 0 on the first run of a job (SLURM_RESTART_COUNT unset), then 1, 2, ..."""
     value = os.environ.get("SLURM_RESTART_COUNT", "")
     return int(value) if value.isdigit() else 0
+
+
+def _ignore_term() -> None:  # runs in the child between fork and exec
+    # SLURM signals every process of the step, and a requeue by another rank sends a second SIGTERM
+    # while this task may be asking scontrol why it got the first: killed, scontrol's silence read as
+    # a cancel (seen in CI). The timeout bounds it; SIGKILL still ends it with the step.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _ignore_usr2() -> None:  # runs in the child between fork and exec

@@ -255,6 +255,9 @@ def test_job_fields_is_bounded_and_says_nothing_when_slurm_does_not_answer(fake_
     assert job_fields("41") == {} and "Invalid job id" in caplog.text
     fake_slurm_bin("scontrol", f"echo '{_REQUEUED}'\n")
     assert job_fields("41")["Restarts"] == "1"
+    # the SIGTERM of a requeue that reaches every process of the step, scontrol too, while it answers
+    fake_slurm_bin("scontrol", f"kill -TERM $$; echo '{_REQUEUED}'\n")
+    assert job_fields("41")["Restarts"] == "1"
 
 
 class _StatesWatcher(_FakeWatcher):
