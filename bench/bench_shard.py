@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.bench_shard --n 12 --skip-bert
 
 1. Demo-like videos: `--n` h264 files at 320x240, 24 fps, 2-6 s long: a camera pan over a
-   random texture with a moving shape (decode cost like real footage; see _textured_clip).
+   random texture with a moving shape (decode cost like real footage; see data_pipeline.synthetic.textured_clip).
 2. Floor: a bare PyAV loop that opens each file, decodes only the frames a clip needs (16 frames at
    8 fps = the first 2 s) and resizes them with one reused VideoReformatter — no fetch, no crop
    bookkeeping, no clip encode, no captions, no tar. Run in 1 and in 2 processes.
@@ -40,29 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIP_FRAMES, CLIP_FPS, SIZE = 16, 8.0, 64
 
 
-def _textured_clip(rng, frames: int, h: int, w: int) -> np.ndarray:
-    """A camera pan over a smooth random texture with a moving shape: decodes like real footage
-    (flat synthetic frames decode several times faster than anything a camera produces)."""
-    from data_pipeline.synthetic import COLOURS, DIRECTIONS, SHAPES, _shape_mask
-
-    coarse = rng.integers(0, 256, (h // 8 + 2, (w + frames * 2) // 8 + 2, 3)).astype(np.float32)
-    tex = np.kron(coarse, np.ones((8, 8, 1), np.float32))  # blocky texture
-    tex = (tex + np.roll(tex, 4, 0) + np.roll(tex, 4, 1) + np.roll(tex, (4, 4), (0, 1))) / 4  # soften
-    tex += rng.normal(0, 6, tex.shape).astype(np.float32)  # grain
-    tex = np.clip(tex, 0, 255).astype(np.uint8)
-    shape, colour = SHAPES[rng.integers(3)], list(COLOURS)[rng.integers(4)]
-    dx, dy = DIRECTIONS[list(DIRECTIONS)[rng.integers(4)]]
-    out = np.empty((frames, h, w, 3), np.uint8)
-    for t in range(frames):
-        out[t] = tex[:h, 2 * t:2 * t + w]
-        cy, cx = (h / 2 + dy * 2 * t) % h, (w / 2 + dx * 2 * t) % w
-        out[t][_shape_mask(shape, h, w, cy, cx, h / 6)] = COLOURS[colour]
-    return out
-
-
 def make_videos(d: Path, n: int) -> Path:
     """n textured h264 videos of 2, 3, 5 and 6 s (cycled) at 320x240, 24 fps + a manifest."""
     from common.mp4 import write_video
+    from data_pipeline.synthetic import textured_clip
 
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -70,7 +51,7 @@ def make_videos(d: Path, n: int) -> Path:
     for i in range(n):
         secs = (2, 3, 5, 6)[i % 4]
         path = d / f"v{i:04d}.mp4"
-        write_video(path, _textured_clip(rng, 24 * secs, 240, 320), 24, crf="23", preset="veryfast")
+        write_video(path, textured_clip(rng, 24 * secs, 240, 320)[0], 24, crf="23", preset="veryfast")
         rows.append((f"v{i:04d}", str(path), f"a textured scene number {i} with a moving shape"))
     manifest = d / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as f:

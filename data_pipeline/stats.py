@@ -36,6 +36,12 @@ class ShardStats:
     tar_bytes: int = 0
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU time for the shard (throughput on a shared machine)
+    # parts of cpu_seconds, so a planner can tell the work apart (data_pipeline.calibrate): the clip
+    # encode (mp4/npy bytes) and the caption embedding (its CPU side only when the encoder is on a GPU,
+    # hence its wall time too)
+    encode_cpu_seconds: float = 0.0
+    embed_cpu_seconds: float = 0.0
+    embed_seconds: float = 0.0
     started: float = 0.0  # unix times (throughput over a parallel run; not part of sample content)
     finished: float = 0.0
     encoder: dict = field(default_factory=dict)
@@ -52,6 +58,8 @@ class ShardStats:
             "rows": list(self.rows), "config_hash": self.config_hash, "ok": self.ok, "samples": self.samples,
             "failed": len(self.failures), "items": self.items, "by_reason": dict(sorted(Counter(f["reason"] for f in self.failures).items())),
             "failures": self.failures, "tar_bytes": self.tar_bytes, "seconds": round(self.seconds, 3), "cpu_seconds": round(self.cpu_seconds, 3),
+            "encode_cpu_seconds": round(self.encode_cpu_seconds, 4), "embed_cpu_seconds": round(self.embed_cpu_seconds, 4),
+            "embed_seconds": round(self.embed_seconds, 4),
             "started": round(self.started, 3), "finished": round(self.finished, 3),
             "encoder": self.encoder, "clips_filtered": dict(sorted(self.clips_filtered.items())),
         }

@@ -87,6 +87,29 @@ def inside_start(rng: np.random.Generator, direction: str, height: int, width: i
     return start[0], start[1]
 
 
+def textured_clip(rng: np.random.Generator, frames: int, height: int, width: int) -> tuple[np.ndarray, str]:
+    """([T, H, W, 3] uint8, caption): a camera pan over a smooth random texture with a moving shape.
+
+    Decodes and compresses like real footage, unlike the flat shapes of `render_clip` (which decode
+    several times faster than anything a camera produces); benchmarks and the planner's calibration
+    (data_pipeline.calibrate) measure costs on these.
+    """
+    coarse = rng.integers(0, 256, (height // 8 + 2, (width + frames * 2) // 8 + 2, 3)).astype(np.float32)
+    tex = np.kron(coarse, np.ones((8, 8, 1), np.float32))  # blocky texture
+    tex = (tex + np.roll(tex, 4, 0) + np.roll(tex, 4, 1) + np.roll(tex, (4, 4), (0, 1))) / 4  # soften
+    tex += rng.normal(0, 6, tex.shape).astype(np.float32)  # grain
+    tex = np.clip(tex, 0, 255).astype(np.uint8)
+    shape, colour = SHAPES[rng.integers(3)], list(COLOURS)[rng.integers(4)]
+    direction = list(DIRECTIONS)[rng.integers(4)]
+    dx, dy = DIRECTIONS[direction]
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        out[t] = tex[:height, 2 * t:2 * t + width]
+        cy, cx = (height / 2 + dy * 2 * t) % height, (width / 2 + dx * 2 * t) % width
+        out[t][_shape_mask(shape, height, width, cy, cx, height / 6)] = COLOURS[colour]
+    return out, f"a {colour} {shape} moving {direction} over a textured background"
+
+
 def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: int = 32, fps: float = 8,
                           seed: int = 0, *, height: int | None = None, width: int | None = None,
                           codec: str = "libx264", travel: float = 0.3, wrap: bool = False,

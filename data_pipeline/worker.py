@@ -83,11 +83,13 @@ class ShardProcessor:
             stats.clips_filtered["static_clip"] += len(dropped)
         return kept
 
-    def _samples(self, row: Row, key: str, info: VideoInfo, clips: list[Clip], span: Span | None = None
-                 ) -> list[tuple[str, dict[str, bytes]]]:
+    def _samples(self, row: Row, key: str, info: VideoInfo, clips: list[Clip], stats: ShardStats,
+                 span: Span | None = None) -> list[tuple[str, dict[str, bytes]]]:
         samples = []
         for clip in clips:
+            t_cpu = time.process_time()
             ext, media = self._media(clip)
+            stats.encode_cpu_seconds += time.process_time() - t_cpu
             k = key if self.cfg.clip.clips_per_video == 1 else f"{key}_{clip.index:03d}"
             samples.append((k, {ext: media, "json": self._metadata(row, info, clip, span)}))
         return samples
@@ -108,7 +110,7 @@ class ShardProcessor:
                     span = (sp.start_s, sp.end_s)
                     info, clips = decode_clips(src, self.cfg.clip, self.cfg.decode_threads, span=span,
                                                accept=source_check(self.cfg.filter, span))
-                    units.append((sp.caption, self._samples(row, key, info, self._moving(clips, stats), sp)))
+                    units.append((sp.caption, self._samples(row, key, info, self._moving(clips, stats), stats, sp)))
                     continue
                 except DecodeError as e:
                     reason, detail = e.reason, e.detail
@@ -205,7 +207,7 @@ class ShardProcessor:
         try:
             if row.spans is None:
                 info, clips = self._video(row, stats)
-                units = [(row.caption, self._samples(row, row.key, info, clips))]
+                units = [(row.caption, self._samples(row, row.key, info, clips, stats))]
             else:
                 units = self._span_units(row, stats)
                 if not units:
@@ -231,7 +233,10 @@ class ShardProcessor:
         if not pending:
             return
         # one caption per unit: per row, or per span of a row with spans (same batches as ever without)
+        t_wall, t_cpu = time.perf_counter(), time.process_time()
         embeddings = iter(self.encoder.encode([caption for _, units in pending for caption, _ in units]))
+        stats.embed_cpu_seconds += time.process_time() - t_cpu
+        stats.embed_seconds += time.perf_counter() - t_wall
         for _row, units in pending:
             for caption, samples in units:
                 emb_bytes, txt = npy_bytes(next(embeddings)), caption.encode("utf-8")
