@@ -53,6 +53,10 @@ from data_pipeline.config import ShardConfig
 CALIBRATION_VERSION = 1
 DEFAULT_CLIPS = 64
 DEFAULT_SOURCE = (320, 240)  # width x height of synthetic sources (decode cost as bench/bench_shard.py)
+STAND_IN_NOTE = ("embedding bytes for {configured}: embedding.mean_tokens x its hidden dim x 2 (float16) + "
+                 "embedding.npy_header_bytes (the token count holds for any encoder with the same tokenizer; "
+                 "minilm's is the uncased WordPiece vocabulary of bert-base/large-uncased); shard_cpu_s_per_video.embed "
+                 "is the stand-in's cost, not {configured}'s")
 VIDEO_SUFFIXES = (".mp4", ".frames.npy")
 EMB_SUFFIX = ".emb.npy"
 
@@ -247,7 +251,9 @@ def calibrate(cfg: ShardConfig, work: Path, *, clips: int, manifest: str | None,
         "source": src,
         "encoder": {"name": e.name_or_path, "configured": configured_encoder,
                     "stand_in": e.name_or_path != configured_encoder, "dim": b["dim"], "dtype": e.dtype,
-                    "device": e.device, "batch_size": e.batch_size},
+                    "device": e.device, "batch_size": e.batch_size,
+                    **({"rescale": STAND_IN_NOTE.format(configured=configured_encoder)}
+                       if e.name_or_path != configured_encoder else {})},
         "counts": {"videos": int(videos), "videos_ok": int(cpu["ok"]), "samples": n,
                    "shards": len(list(shard_dir.glob("shard-*.tar"))), "failed": int(cpu["failed"])},
         "samples_per_video": _per(n, videos),

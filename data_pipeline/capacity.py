@@ -309,7 +309,7 @@ def plan_data(cal: Calibration, *, videos: int, frames: int, height: int, width:
     other = cal.other_bytes
     sources["other_bytes"] = f"{measured} (.txt, .json, tar headers; independent of geometry)"
     samples = videos * cal.samples_per_video
-    sources["samples"] = f"{cal.samples_per_video:.3g} clips per video, {measured}"
+    sources["samples"] = f"{measured}: {cal.samples_per_video:.3g} clips per video"
 
     decode_s, encode_s = cal.shard_decode_cpu_s * t, cal.shard_encode_cpu_s * px
     clip_cpu_h = videos * (decode_s + encode_s) / 3600
