@@ -237,7 +237,7 @@ class DataPlan:
             f"  storage   {tb(self.dataset_bytes)} = video {tb(self.dataset_bytes_video)} + embeddings "
             f"{tb(self.dataset_bytes_embedding)} + other {tb(self.dataset_bytes_other)} "
             f"({self.bytes_per_sample / 1e3:,.1f} KB/clip)",
-            f"  sharding  {self.shard_clip_cpu_hours:,.1f} CPU-h clips + {embed} → {self.shard_wall_hours:,.1f} h wall "
+            f"  sharding  {self.shard_clip_cpu_hours:,.1f} CPU-h clips + {embed} → {self.shard_wall_hours:,.2f} h wall "
             f"on {self.shard_nodes} nodes x ({self.shard_cores_per_node} cores{gpus}), downloads not included",
             f"  loader    {self.loader_cores_per_gpu:.2f} cores/GPU at {self.clips_per_s_per_gpu:,.1f} clips/s/GPU → "
             f"{self.loader_workers_per_gpu} loader workers (cores) per GPU with {self.loader_headroom:g}x headroom, "
@@ -284,8 +284,8 @@ def plan_data(cal: Calibration, *, videos: int, frames: int, height: int, width:
     same = (frames, height, width) == (cal.frames, cal.height, cal.width)
     px = frames * height * width / cal.pixels
     t = frames / cal.frames
-    at = f"at {cal.frames}x{cal.height}x{cal.width}"
-    measured = f"measured {at}"
+    calibrated = f"{cal.frames}x{cal.height}x{cal.width}"
+    measured = f"measured at {calibrated}"
     sources: dict[str, str] = {}
 
     if same:
@@ -314,7 +314,7 @@ def plan_data(cal: Calibration, *, videos: int, frames: int, height: int, width:
     decode_s, encode_s = cal.shard_decode_cpu_s * t, cal.shard_encode_cpu_s * px
     clip_cpu_h = videos * (decode_s + encode_s) / 3600
     sources["shard_clip_cpu"] = measured if same else (
-        f"scaled {at}: decode etc. by frames x{t:.3g}, clip encode by pixels x{px:.3g}")
+        f"scaled from {calibrated}: decode etc. by frames x{t:.3g}, clip encode by pixels x{px:.3g}")
     cores = shard_nodes * shard_cores_per_node
     if embed_captions_per_s_per_gpu is None:
         embed_cpu_h, embed_gpu_h = videos * cal.shard_embed_cpu_s / 3600, None
@@ -332,7 +332,7 @@ def plan_data(cal: Calibration, *, videos: int, frames: int, height: int, width:
     loader_s = cal.loader_cpu_s_per_sample * px
     need = clips_per_s_per_gpu * loader_s
     workers = max(1, math.ceil(need * LOADER_HEADROOM - 1e-9))
-    sources["loader_cpu"] = (f"{measured}" if same else f"scaled by pixels x{px:.3g} {at}") + (
+    sources["loader_cpu"] = (measured if same else f"scaled by pixels x{px:.3g} from {calibrated}") + (
         f", 0 workers, {cal.loader_image_frames} joint image frames per clip")
 
     return DataPlan(
