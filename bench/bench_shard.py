@@ -43,7 +43,7 @@ CLIP_FRAMES, CLIP_FPS, SIZE = 16, 8.0, 64
 def make_videos(d: Path, n: int) -> Path:
     """n textured h264 videos of 2, 3, 5 and 6 s (cycled) at 320x240, 24 fps + a manifest."""
     from common.mp4 import write_video
-    from data_pipeline.synthetic import textured_clip
+    from data_pipeline.synthetic import textured_clip, write_manifest
 
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -53,12 +53,7 @@ def make_videos(d: Path, n: int) -> Path:
         path = d / f"v{i:04d}.mp4"
         write_video(path, textured_clip(rng, 24 * secs, 240, 320)[0], 24, crf="23", preset="veryfast")
         rows.append((f"v{i:04d}", str(path), f"a textured scene number {i} with a moving shape"))
-    manifest = d / "manifest.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "path", "caption"])
-        w.writerows(rows)
-    return manifest
+    return Path(write_manifest(d / "manifest.csv", rows))
 
 
 def _floor_one(path: str) -> int:

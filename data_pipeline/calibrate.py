@@ -32,7 +32,6 @@ the device it ran on (cuda when the config asks for it and a GPU is here, else c
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import logging
@@ -48,7 +47,8 @@ from pathlib import Path
 
 from common.config import ConfigError, load_config
 from common.logs import setup_logging
-from data_pipeline.config import ShardConfig
+from data_pipeline.config import ColumnsConfig, ShardConfig
+from data_pipeline.manifest import ManifestError
 
 CALIBRATION_VERSION = 1
 DEFAULT_CLIPS = 64
@@ -75,7 +75,7 @@ def make_sources(out_dir: Path, n: int, width: int, height: int, fps: float, sec
     import numpy as np
 
     from common.mp4 import write_video, x264_options
-    from data_pipeline.synthetic import textured_clip
+    from data_pipeline.synthetic import textured_clip, write_manifest
 
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -85,12 +85,7 @@ def make_sources(out_dir: Path, n: int, width: int, height: int, fps: float, sec
         path = out_dir / "videos" / f"src{i:05d}.mp4"
         write_video(path, frames, fps, **x264_options(crf=23))
         rows.append((f"src{i:05d}", str(path.resolve()), caption))
-    manifest = out_dir / "manifest.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "path", "caption"])
-        w.writerows(rows)
-    return manifest
+    return Path(write_manifest(out_dir / "manifest.csv", rows))
 
 
 def first_rows(manifest: str, n: int, cfg: ShardConfig, out_dir: Path) -> Path:
@@ -105,12 +100,10 @@ def first_rows(manifest: str, n: int, cfg: ShardConfig, out_dir: Path) -> Path:
     if any(r.spans for r in rows):
         raise CalibrationFailed(f"--manifest {manifest}: rows with clip spans are not supported by calibrate yet; "
                                 "pass a manifest with one clip per row")
-    path = out_dir / "manifest.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "path", "caption"])
-        w.writerows((r.raw_key, r.source, r.caption or "") for r in rows)  # sources already joined to the root
-    return path
+    from data_pipeline.synthetic import write_manifest
+
+    # sources come back already joined to the manifest's root, so the copy needs none
+    return Path(write_manifest(out_dir / "manifest.csv", ((r.raw_key, r.source, r.caption or "") for r in rows)))
 
 
 # ------------------------------------------------------------------------------------ measurements
@@ -219,6 +212,7 @@ def calibrate(cfg: ShardConfig, work: Path, *, clips: int, manifest: str | None,
     t0 = time.perf_counter()
     if manifest:
         cfg.manifest = str(first_rows(manifest, clips, cfg, work))
+        cfg.columns, cfg.manifest_format = ColumnsConfig(), "auto"  # the copy has our own key,path,caption columns
         src = {"kind": "manifest", "manifest": str(manifest), "videos": clips}
     else:
         w, h, fps, secs = source
@@ -337,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"{e}\n(no model hub here? pass --encoder minilm: a stand-in with the same uncased WordPiece "
                   "vocabulary; the planner rescales embedding bytes to the configured dim)", file=sys.stderr)
+            return 2
+        except ManifestError as e:
+            print(f"manifest error: {e}", file=sys.stderr)
             return 2
         except CalibrationFailed as e:
             print(f"calibration failed: {e}", file=sys.stderr)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +87,15 @@ def inside_start(rng: np.random.Generator, direction: str, height: int, width: i
     return start[0], start[1]
 
 
+def write_manifest(path: str | Path, rows: Iterable[tuple[str, str, str]]) -> str:
+    """(key, path, caption) rows → a csv manifest in our own column layout; returns its path."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "path", "caption"])
+        writer.writerows(rows)
+    return str(path)
+
+
 def textured_clip(rng: np.random.Generator, frames: int, height: int, width: int) -> tuple[np.ndarray, str]:
     """([T, H, W, 3] uint8, caption): a camera pan over a smooth random texture with a moving shape.
 
@@ -147,12 +156,7 @@ def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: i
         write_video(path, render_clip(shape, colour, direction, frames, h, w, start, travel=travel), fps, codec=codec,
                     **(x264_options() if codec == "libx264" else {}))
         rows.append((key, str(path.resolve()), f"a {colour} {shape} moving {direction}"))
-    manifest = out_dir / "manifest.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["key", "path", "caption"])
-        writer.writerows(rows)
-    return str(manifest)
+    return write_manifest(out_dir / "manifest.csv", rows)
 
 
 def main(argv: list[str] | None = None) -> None:

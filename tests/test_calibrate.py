@@ -4,6 +4,7 @@ loader; `data_pipeline.capacity` turns the unit costs into storage, sharding tim
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 import tarfile
@@ -75,8 +76,15 @@ def test_cli_bytes_per_sample_are_the_shard_files_over_their_samples(tmp_path, t
 
 def test_cli_on_a_manifest_with_npy_clips_stores_exactly_the_raw_frames(tmp_path, tiny_bert_dir, synthetic_videos):
     work, out = tmp_path / "work", tmp_path / "cal.json"
-    assert calibrate.main(TINY + ["--clips", "4", "--encoder", tiny_bert_dir, "--manifest", synthetic_videos,
-                                  "--set", "storage.format=npy", "--work-dir", str(work), "--out", str(out)]) == 0
+    webvid = tmp_path / "webvid.csv"  # WebVid's columns, mapped explicitly as a user's config would
+    with open(synthetic_videos, encoding="utf-8") as f, open(webvid, "w", newline="", encoding="utf-8") as g:
+        w = csv.writer(g)
+        w.writerow(["videoid", "contentUrl", "name"])
+        w.writerows((r["key"], r["path"], r["caption"]) for r in csv.DictReader(f))
+    columns = ["--set", "columns.key=videoid", "--set", "columns.source=contentUrl", "--set", "columns.caption=name"]
+    assert calibrate.main(TINY + columns + ["--clips", "4", "--encoder", tiny_bert_dir, "--manifest", str(webvid),
+                                            "--set", "storage.format=npy", "--work-dir", str(work),
+                                            "--out", str(out)]) == 0
     rec = json.loads(out.read_text())
     assert rec["source"]["kind"] == "manifest" and rec["counts"]["videos"] == 4 == rec["counts"]["samples"]
     assert rec["bytes_per_sample"]["video"] == 8 * 16 * 16 * 3 + 128  # uint8 [8,16,16,3] + the .npy header
@@ -84,12 +92,14 @@ def test_cli_on_a_manifest_with_npy_clips_stores_exactly_the_raw_frames(tmp_path
     assert keys == ["vid000000", "vid000001", "vid000002", "vid000003"]  # the manifest's first rows
 
 
-def test_cli_names_the_missing_encoder_and_the_stand_in(tmp_path, capsys):
+def test_cli_names_a_missing_encoder_with_the_stand_in_and_a_missing_manifest(tmp_path, capsys):
     assert calibrate.main(TINY + ["--clips", "2", "--encoder", str(tmp_path / "no_such_bert"),
                                   "--out", str(tmp_path / "c.json")]) == 2
     err = capsys.readouterr().err
     assert "no_such_bert" in err and "--encoder minilm" in err
     assert not (tmp_path / "c.json").exists()
+    assert calibrate.main(TINY + ["--manifest", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "c.json")]) == 2
+    assert "absent.csv does not exist" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- capacity arithmetic
