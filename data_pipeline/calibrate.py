@@ -210,6 +210,9 @@ def calibrate(cfg: ShardConfig, work: Path, *, clips: int, manifest: str | None,
     from data_pipeline.shard import run
 
     t0 = time.perf_counter()
+    if cfg.clip.height != cfg.clip.width:
+        raise CalibrationFailed(f"clip {cfg.clip.height}x{cfg.clip.width}: the training loader reads square clips "
+                                "(data.image_size); calibrate at a square geometry")
     if manifest:
         cfg.manifest = str(first_rows(manifest, clips, cfg, work))
         cfg.columns, cfg.manifest_format = ColumnsConfig(), "auto"  # the copy has our own key,path,caption columns
@@ -233,9 +236,6 @@ def calibrate(cfg: ShardConfig, work: Path, *, clips: int, manifest: str | None,
     b, cpu = shard_bytes(shard_dir), shard_cpu(shard_dir)
     n, videos = b["samples"], cpu["items"]
     c = cfg.clip
-    if c.height != c.width:
-        raise CalibrationFailed(f"clip {c.height}x{c.width}: the training loader reads square clips (data.image_size); "
-                                "calibrate at a square geometry")
     loader = loader_cpu(shard_dir, c.frames, c.height, image_frames, loader_batch, n)
     other_cpu = cpu["cpu_seconds"] - cpu["encode_cpu_seconds"] - cpu["embed_cpu_seconds"]
     return {
