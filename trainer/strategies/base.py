@@ -50,6 +50,15 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
                              **kwargs)
 
 
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` moved to `device`, or left as it is when every tensor is there already: a model built
+    under FakeTensorMode (trainer.plan's simulation) cannot be moved, even to its own device."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device == device for t in tensors):
+        return model
+    return model.to(device)
+
+
 class Strategy(abc.ABC):
     name: str = "base"
 

@@ -56,7 +56,7 @@ from model.precision import precision_dtype
 from trainer import async_write
 from trainer.checkpoint import is_complete, read_state, saved_zero_stage
 from trainer.strategies import deepspeed_compat as compat
-from trainer.strategies.base import Strategy
+from trainer.strategies.base import Strategy, on_device
 from trainer.strategies.process_group import ensure_process_group
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class DeepSpeedStrategy(Strategy):
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         self.ds_config = build_ds_config(self.cfg, self.dist.world_size, on_cpu=self.device.type == "cpu")
         self.stage = self.ds_config["zero_optimization"]["stage"]
-        model = model.to(self.device)
+        model = on_device(model, self.device)
         # bf16/fp16: the engine casts the module first and copies its fp32 master from the cast
         # weights, i.e. the initial weights would be rounded to 8 mantissa bits; keep the originals
         initial = ({n: p.detach().to("cpu", torch.float32, copy=True) for n, p in model.named_parameters()}

@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from model.precision import autocast_dtype
 from trainer.strategies import dcp_state
-from trainer.strategies.base import Strategy, make_optimizer
+from trainer.strategies.base import Strategy, make_optimizer, on_device
 from trainer.strategies.dcp_state import DCP_DIR
 from trainer.strategies.process_group import ensure_process_group
 
@@ -95,8 +96,17 @@ class FSDPStrategy(Strategy):
     name = "fsdp"
     saves_ema = True  # in the DCP state, as DTensors: reshards with the model
 
+    def device_mesh(self) -> DeviceMesh:
+        """The 1-D mesh of every rank, made once and handed to each fully_shard. Made explicitly (not
+        left to fully_shard's default) so that trainer.plan can make it before it enters FakeTensorMode,
+        where mesh creation fails on a data-dependent op."""
+        if getattr(self, "_mesh", None) is None:
+            ensure_process_group(self.dist, "fsdp")
+            self._mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        return self._mesh
+
     def setup(self, model: nn.Module) -> None:
-        ensure_process_group(self.dist, "fsdp")
+        mesh = self.device_mesh()
         precision = self.cfg.run.precision
         compute = autocast_dtype(precision)
         # reduce in fp32 whatever the compute dtype; only the root hands fp32 back (for the loss
@@ -104,10 +114,10 @@ class FSDPStrategy(Strategy):
         unit_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         root_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32,
                                            output_dtype=torch.float32 if compute is not None else None)
-        self.module = model.to(self.device)
+        self.module = on_device(model, self.device)
         for unit in shard_units(self.module):
-            fully_shard(unit, mp_policy=unit_policy)
-        fully_shard(self.module, mp_policy=root_policy)
+            fully_shard(unit, mesh=mesh, mp_policy=unit_policy)
+        fully_shard(self.module, mesh=mesh, mp_policy=root_policy)
         self.model = self.module
         self.optimizer = make_optimizer([p for p in self.module.parameters() if p.requires_grad], self.cfg)
         self.scaler = _LossScaler(enabled=precision == "fp16")

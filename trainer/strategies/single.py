@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.strategies import dcp_state
-from trainer.strategies.base import Strategy, make_optimizer
+from trainer.strategies.base import Strategy, make_optimizer, on_device
 
 MODEL_FILE = "model.pt"  # checkpoints written before DCP (still read)
 OPTIM_FILE = "optimizer.pt"
@@ -31,7 +31,7 @@ class SingleStrategy(Strategy):
     saves_ema = True  # in the DCP state, by parameter name: fsdp on any number of ranks reads it
 
     def setup(self, model: nn.Module) -> None:
-        self.module = model.to(self.device)
+        self.module = on_device(model, self.device)
         self.model = self._wrap(self.module)
         self.optimizer = make_optimizer(self.local_params(), self.cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.run.precision == "fp16")
