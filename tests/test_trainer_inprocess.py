@@ -177,3 +177,20 @@ def test_grad_accum_all_reduces_only_on_the_final_micro_step(tmp_path):
         per_sync = _all_reduces_in_one_step(tmp_path, accum=1)
         assert per_sync > 0
         assert _all_reduces_in_one_step(tmp_path, accum=3) == per_sync
+
+
+# ---------------------------------------------------------------------------------------- plan at start
+def test_the_run_logs_its_plan_beside_what_it_measures(tmp_path, capsys):
+    """run.plan_at_start: the planner runs on this run's own setting in a subprocess, and its per-rank
+    memory and step time are printed next to the measured ones at a log after it is ready."""
+    cfg = _cfg(tmp_path, run={"steps": 2, "log_every": 1, "plan_at_start": 1, "peak_tflops": 1.0,
+                              "ckpt_every": 1000})
+    trainer = _trainer(cfg)
+    trainer._plan._proc.wait(timeout=300)  # ready before the first log
+    trainer.train()
+    trainer.close()
+    out = capsys.readouterr().out
+    planned = [line for line in out.splitlines() if line.startswith("[plan]")]
+    assert len(planned) == 2, out[-3000:]
+    assert "planned per-rank peak" in planned[0] and "measured peak" in planned[0]
+    assert "planned step" in planned[1] and "at MFU" in planned[1]

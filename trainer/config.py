@@ -71,6 +71,11 @@ class RunConfig:
     # are timed and compared with the step's consumption after the first log interval (a starved GPU is
     # flagged). -1 = 8 on CUDA, off on CPU; 0 = off
     loader_probe_batches: int = -1
+    # log the plan of this run's own setting (python -m trainer.plan, computed in a subprocess at start)
+    # beside what the run measures, at the first log after it is ready. -1 = on CUDA, off on CPU; 0 = off;
+    # 1 = on. planned_mfu: the utilisation the plan assumes for its step time
+    plan_at_start: int = -1
+    planned_mfu: float = 0.4
     # regional torch.compile: each block's forward compiled once per distinct shape in the first step
     # (trainer/compile.py); compile time and any recompilation are logged. Off by default: on CPU it
     # costs minutes of compilation for no gain (see issue 11); on GPUs it fuses norms/activations/FiLM

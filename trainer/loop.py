@@ -182,6 +182,22 @@ class Trainer:
         self.metrics.print(f"[perf] peak {self.peak_tflops:g} TFLOP/s per device from {peak_source}"
                            if self.peak_tflops else f"[perf] perf/mfu not logged: {peak_source}")
         self._loader_rate: float | None = None  # clips/s of the start-up loader probe (nan: probe failed)
+        self._plan = self._start_plan()
+
+    def _start_plan(self):
+        """run.plan_at_start: the planner on this run's setting, in the background (trainer.plan)."""
+        on = self.cfg.run.plan_at_start
+        if self.rank != 0 or not (on > 0 or (on < 0 and self.dist.device.type == "cuda")):
+            return None
+        from trainer.plan import BackgroundPlan
+
+        memory_gb = (torch.cuda.get_device_properties(self.dist.device).total_memory / 1e9
+                     if self.dist.device.type == "cuda" else 80.0)
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", prefix="vdm-plan-", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)  # this run's settings, overrides included
+        return BackgroundPlan(f.name, self.world, self.peak_tflops or 0.0, self.cfg.run.planned_mfu, memory_gb)
 
     def _wrapped_model(self, warm_start: bool):
         """The model, built with the same seed on every rank (identical initial weights), warm-started
@@ -622,6 +638,8 @@ class Trainer:
                 self.metrics.print(f"[compile] WARNING: {new} graphs compiled after the first step (recompilation: "
                                    f"a shape changed, e.g. the caption length); see TORCH_LOGS=recompiles")
         self.metrics.scalars(scalars, self.step)
+        for line in (self._plan.comparison(mem, step_time, mfu) if self._plan is not None else None) or []:
+            self.metrics.print(line)
         elapsed = time.time() - t_start
         it_s = (self.step - step_start) / elapsed if elapsed > 0 else 0.0
         self.metrics.print(progress_line(self.step, self.cfg.run.steps, loss, out.lr, it_s,

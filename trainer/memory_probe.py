@@ -62,12 +62,24 @@ def measure(cfg: TrainConfig, dist_env, batch: int, text_len: int) -> dict:
     return out
 
 
+def _variant(cfg: TrainConfig, strategy: str | None, policy: str) -> TrainConfig:
+    """`cfg` with a planner strategy name (zeroN = deepspeed stage N) and a checkpoint policy."""
+    parallel = cfg.parallel
+    if strategy is not None:
+        name, stage = ("deepspeed", int(strategy[4:])) if strategy.startswith("zero") else (strategy, 2)
+        parallel = dataclasses.replace(parallel, strategy=name, zero_stage=stage)
+    model = dataclasses.replace(cfg.model, checkpoint_policy=policy, gradient_checkpointing=False)
+    return dataclasses.replace(cfg, parallel=parallel, model=model)
+
+
 def main(argv: list[str] | None = None) -> int:
     from trainer.distributed import exit_process, init_distributed
 
     p = argparse.ArgumentParser(prog="python -m trainer.memory_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--strategy", action="append",
+                   help="strategies to measure in turn (single|ddp|fsdp|zero1|zero2|zero3; default: the config's)")
     p.add_argument("--policy", action="append", help="checkpoint policies to measure (default: the config's)")
     p.add_argument("--batch", type=int, help="micro-batch (default data.batch_size)")
     p.add_argument("--json", help="write the results (rank 0) to this file")
@@ -75,15 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(TrainConfig, a.config, a.set)
     env = init_distributed(cfg.parallel.backend)
     results = []
-    for policy in a.policy or [cfg.model.activation_checkpointing]:
-        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint_policy=policy,
-                                                               gradient_checkpointing=False))
-        r = measure(c, env, a.batch or cfg.data.batch_size, cfg.data.max_text_len)
-        results.append(r)
-        if env.rank == 0:
-            print(f"[probe] {r['strategy']} x {r['world_size']} policy {policy} micro-batch {r['batch']}: peak "
-                  f"{r['peak'] / 2**20:.1f} MiB of tensors, peak RSS grew {r['rss_growth'] / 2**20:.1f} MiB",
-                  flush=True)
+    for strategy in a.strategy or [None]:
+        for policy in a.policy or [cfg.model.activation_checkpointing]:
+            c = _variant(cfg, strategy, policy)
+            r = measure(c, env, a.batch or cfg.data.batch_size, cfg.data.max_text_len)
+            results.append(r)
+            if env.rank == 0:
+                print(f"[probe] {strategy or r['strategy']} x {r['world_size']} policy {policy} micro-batch "
+                      f"{r['batch']}: peak {r['peak'] / 2**20:.1f} MiB of tensors, peak RSS grew "
+                      f"{r['rss_growth'] / 2**20:.1f} MiB", flush=True)
     if env.rank == 0 and a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 # ops whose outputs are communication buffers (FSDP2's all-gather/reduce-scatter staging, c10d)
 COMM_NAMESPACES = frozenset({"fsdp", "c10d", "_c10d_functional", "c10d_functional", "_dtensor"})
-PHASES = ("step", "comm")
+PHASES = ("state", "step", "comm")
 
 
 class LiveBytes(TorchDispatchMode):
@@ -51,7 +51,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self, sweep_every: int = 8):
         super().__init__()
-        self.phase = "step"
+        self.phase = "state"
         self.sweep_every = sweep_every
         self._live: dict[int, list] = {}  # storage key -> [weak ref, bytes, phase]
         self.by_phase: dict[str, int] = dict.fromkeys(PHASES, 0)
@@ -109,7 +109,8 @@ class LiveBytes(TorchDispatchMode):
         phase = "comm" if func.namespace in COMM_NAMESPACES else self.phase
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self._add(t.untyped_storage(), phase)
+                for storage in _storages(t):
+                    self._add(storage, phase)
         self._note_peak()
         return out
 
@@ -142,6 +143,20 @@ class LiveBytes(TorchDispatchMode):
     def __exit__(self, *exc):
         torch.UntypedStorage.resize_ = self._orig_resize
         return super().__exit__(*exc)
+
+
+def _storages(t: torch.Tensor):
+    """The storages that hold `t`'s data. A wrapper subclass (DTensor) reports a storage of its whole
+    logical size but holds none: its inner (local) tensors do, and the ops that made them ran below
+    this mode (a mode is off the stack while it handles an op), so they are taken from the wrapper."""
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            inner = getattr(t, name)
+            if isinstance(inner, torch.Tensor):
+                yield from _storages(inner)
+    else:
+        yield t.untyped_storage()
 
 
 @dataclass
@@ -197,10 +212,12 @@ def synthetic_batch(cfg, batch: int, text_len: int) -> dict:
             "num_video_frames": d.num_frames}
 
 
-def run_step(strategy, diffusion, ema, batch: dict, cfg, clip: bool = True) -> None:
+def run_step(strategy, diffusion, ema, batch: dict, cfg, clip: bool = True, optimizer: bool = True,
+             after_backward=None) -> None:
     """One optimizer step as the training loop takes it (grad accumulation, caption dropout, the
     motion measurement of motion-conditioned models, EMA update); shared by the simulation and the
-    measurement so both run the same ops. `clip=False` under fake tensors (the norm is data)."""
+    measurement so both run the same ops. `clip=False` under fake tensors (the norm is data);
+    `optimizer=False`: forward and backward only; `after_backward()` is called once every gradient exists."""
     from model.motion import global_motion
 
     accum = cfg.optim.grad_accum
@@ -216,10 +233,23 @@ def run_step(strategy, diffusion, ema, batch: dict, cfg, clip: bool = True) -> N
             with strategy.autocast():
                 per_sample, _ = diffusion.loss_terms(strategy.forward, x, **cond)
             strategy.backward(per_sample.mean() / accum)
-    if clip:
-        strategy.clip_grad_norm(cfg.optim.grad_clip)
+    if after_backward is not None:
+        after_backward()
+    if optimizer:
+        if clip:
+            strategy.clip_grad_norm(cfg.optim.grad_clip)
+        strategy.optimizer_step()
+        ema.update(strategy.local_params())
+    strategy.zero_grad()
+
+
+def warm_up_optimizer(strategy) -> None:
+    """An optimizer step on zero gradients, without forward or backward: AdamW creates its state in
+    its first step, and the simulation needs that state without paying for a whole step."""
+    for group in strategy.optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
     strategy.optimizer_step()
-    ema.update(strategy.local_params())
     strategy.zero_grad()
 
 
@@ -235,43 +265,32 @@ def storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def model_state_bytes(strategy, ema) -> dict[str, int]:
-    """Parameters (with buffers), optimizer state and EMA one rank holds, counted from the objects
-    themselves: what the strategy keeps, whatever it allocated on the way."""
-    module = strategy.unwrapped_model()
-    optimizer_tensors = [v for state in strategy.optimizer.state.values() for v in state.values()
-                         if isinstance(v, torch.Tensor)]
-    return {"parameters": storage_bytes([*module.parameters(), *module.buffers()]),
-            "optimizer": storage_bytes(optimizer_tensors),
-            "ema": storage_bytes(ema.shadow)}
+def _allocate_unsharded_buffers(module) -> None:
+    """FSDP2 allocates each unit's unsharded parameters at its first all-gather and from then on only
+    re-grows and frees their storage: unshard/reshard every unit once, as the first step would, so the
+    measured step sees them as the communication buffers they are."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.unshard()
+            unit.reshard()
 
 
-def measure_step(strategy, diffusion, ema, batch: dict, cfg, clip: bool) -> MemoryBreakdown:
-    """Breakdown of one more step of an already-stepped strategy: model states counted directly, the
-    step's own bytes (gradients, activations, communication buffers) by `LiveBytes` around it. Runs on
-    fake tensors (simulation) and real ones (trainer.memory_probe) alike."""
-    states = model_state_bytes(strategy, ema)
-    grads = _GradientWatch(strategy)
-    mem = LiveBytes()
-    with mem:
-        mem.phase = "step"
-        run_step(strategy, diffusion, ema, batch, cfg, clip=clip)
-        mem.sync()
-    transient = mem.peak
-    comm = mem.peak_by_phase["comm"]
-    gradients = grads.bytes
-    return MemoryBreakdown(gradients=gradients, activations=max(0, transient - gradients - comm), comm=comm,
-                           sources=dict.fromkeys(PARTS, "simulated"), **states)
+def _trainable(strategy) -> list:
+    return [p for group in strategy.optimizer.param_groups for p in group["params"]]
 
 
 PARTS = ("parameters", "gradients", "optimizer", "ema", "activations", "comm")
 
 
-def simulate_step(cfg, world_size: int, batch: int | None = None, text_len: int = 77) -> SimulatedStep:
+def simulate_step(cfg, world_size: int, batch: int | None = None, text_len: int = 77,
+                  states: bool = True) -> SimulatedStep:
     """Per-rank memory of `cfg`'s training step at `world_size` ranks and micro-batch `batch` (default
-    data.batch_size), by running it on fake tensors (module docstring): two optimizer steps, the
-    second measured (AdamW creates its state in the first). Strategies: single, fsdp; ddp is single
-    plus its buckets and deepspeed is computed (trainer.plan)."""
+    data.batch_size), by running it on fake tensors (module docstring): an optimizer step on zero
+    gradients (AdamW creates its state in its first step), then a whole step, measured. `states=False`:
+    forward and backward only, for the activations of a policy (the optimizer and EMA parts are then 0).
+    Strategies: single, fsdp; ddp is single plus its buckets and deepspeed is computed (trainer.plan)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from model.diffusion import GaussianDiffusion
@@ -292,40 +311,33 @@ def simulate_step(cfg, world_size: int, batch: int | None = None, text_len: int 
     if name == "fsdp":
         strategy.device_mesh()  # outside FakeTensorMode: mesh creation reads data
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    mem = LiveBytes()
+    grads: list[int] = []
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with FakeTensorMode(allow_non_fake_inputs=True), mem:
+            mem.phase = "state"
             strategy.setup(SpaceTimeUNet(cfg.model).train())
-            ema = EMA(strategy.local_params(), cfg.run.ema_decay)
+            parameters = mem.sync()
+            ema = EMA(strategy.local_params() if states else [], cfg.run.ema_decay)
+            ema_bytes = mem.sync() - parameters
+            if states:
+                warm_up_optimizer(strategy)
+            if name == "fsdp":
+                _allocate_unsharded_buffers(strategy.module)
+            optimizer = mem.sync() - parameters - ema_bytes  # AdamW's state and what the strategy keeps
+            mem.phase = "step"
             data = synthetic_batch(cfg, batch, text_len)
-            run_step(strategy, diffusion, ema, data, cfg, clip=False)
-            breakdown = measure_step(strategy, diffusion, ema, data, cfg, clip=False)
+            mem.reset_peak()
+            base, base_comm = mem.current - mem.by_phase["step"], mem.by_phase["comm"]
+            run_step(strategy, diffusion, ema, data, cfg, clip=False, optimizer=states,
+                     after_backward=lambda: grads.append(storage_bytes(p.grad for p in _trainable(strategy))))
+            mem.sync()
     finally:
         if name == "fsdp":
             dist.destroy_process_group()
+    comm = mem.peak_by_phase["comm"] - base_comm
+    transient = mem.peak - base  # the step's own bytes at its peak, the batch included
+    breakdown = MemoryBreakdown(parameters=parameters, gradients=grads[0], optimizer=optimizer, ema=ema_bytes,
+                                activations=max(0, transient - grads[0] - comm), comm=comm,
+                                sources=dict.fromkeys(PARTS, "simulated"))
     return SimulatedStep(breakdown, world_size, batch, name, cfg.model.activation_checkpointing)
-
-
-class _GradientWatch:
-    """Bytes of the gradients a step holds after its backward: read through a hook on the optimizer's
-    step (the moment every gradient exists and none has been freed yet)."""
-
-    def __init__(self, strategy):
-        self.bytes = 0
-        optimizer = strategy.optimizer
-        self._handle = optimizer.register_step_pre_hook(self._measure)
-
-    def _measure(self, optimizer, args, kwargs) -> None:
-        seen: set[int] = set()
-        total = 0
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                local = g.to_local() if hasattr(g, "to_local") else g
-                storage = local.untyped_storage()
-                if storage._cdata not in seen:
-                    seen.add(storage._cdata)
-                    total += storage.nbytes()
-        self.bytes = total
-        self._handle.remove()

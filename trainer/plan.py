@@ -38,8 +38,7 @@ ALLOCATOR_SHARE = 0.10  # caching-allocator fragmentation, as a share of the liv
 CONTEXT_GIB = 1.5  # CUDA context, cuBLAS/cuDNN workspaces and NCCL buffers per rank (computed)
 POLICIES = ("none", "selective", "attention", "resblocks", "every_k", "all")
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
-DEEPSPEED_BUCKET_DEFAULTS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8,
-                             "stage3_prefetch_bucket_size": 5e7}
+DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_param_persistence_threshold": 1e5}  # DeepSpeed's
 
 
 @dataclass
@@ -76,31 +75,33 @@ class PlanRow:
 
 
 # ------------------------------------------------------------------------------ DeepSpeed (computed)
-def deepspeed_states(params: int, world: int, stage: int, precision: str, ds_config: dict | None = None,
-                     largest_layer: int = 0) -> MemoryBreakdown:
-    """ZeRO model states per rank (the ZeRO paper's accounting, as DeepSpeed's estimators use it):
-    16-bit parameters and gradients (fp32 runs keep 4-byte ones and no separate master copy), fp32
-    master weights + AdamW's two moments partitioned over all ranks; ZeRO-2 partitions gradients,
-    ZeRO-3 parameters too. The trainer's EMA is fp32 over the parameters a rank holds. Buckets (comm)
-    come from the DeepSpeed config (defaults: DeepSpeed's). Activations are filled in by the caller."""
+def deepspeed_states(sizes: list[int], world: int, stage: int, precision: str,
+                     ds_config: dict | None = None) -> MemoryBreakdown:
+    """ZeRO model states per rank for parameters of `sizes` elements: the ZeRO paper's accounting as
+    DeepSpeed's estimators use it (16-bit: 2 bytes of parameters, and per partitioned element 2 of
+    16-bit and 4 of fp32 gradients, 4 of fp32 master weights, 8 of AdamW moments; ZeRO-3 drops the
+    16-bit gradients), with what measurement here added: an fp32 run keeps the fp32 master partition
+    and the fp32 gradient partition as well, and ZeRO-3 keeps parameters of at most
+    `stage3_param_persistence_threshold` elements whole on every rank. ZeRO-1 partitions the optimizer
+    state, ZeRO-2 the gradients too, ZeRO-3 the parameters too. The trainer's EMA is fp32 over the
+    parameters a rank holds. Buckets (comm) come from the DeepSpeed config (defaults: DeepSpeed's).
+    Activations are filled in by the caller."""
     w = 2 if precision in ("bf16", "fp16") else 4
-    master = 4 if w == 2 else 0
     zero = (ds_config or {}).get("zero_optimization") or {}
-    get = lambda k: float(zero.get(k, DEEPSPEED_BUCKET_DEFAULTS.get(k, 0)))  # noqa: E731
+    get = lambda k: float(zero.get(k, DEEPSPEED_DEFAULTS.get(k, 0)))  # noqa: E731
     part = lambda n: int(math.ceil(n / world))  # noqa: E731
-    param_bytes = w * (part(params) if stage == 3 else params)
-    grad_bytes = w * (params if stage == 1 else part(params))
-    optimizer = (master + 8) * part(params)
-    ema = 4 * (part(params) if stage == 3 else params)
-    if stage == 3:
-        comm = int(w * (get("stage3_prefetch_bucket_size") + largest_layer))
-    else:
-        comm = int(w * (get("reduce_bucket_size") + (get("allgather_bucket_size") if stage >= 1 else 0)))
-    why = f"computed: ZeRO-{stage} accounting (DeepSpeed's estimator split)"
-    return MemoryBreakdown(parameters=param_bytes, gradients=grad_bytes, optimizer=optimizer, ema=ema,
-                           activations=0, comm=min(comm, w * params),
+    params = sum(sizes)
+    persistent = sum(n for n in sizes if n <= get("stage3_param_persistence_threshold")) if stage == 3 else 0
+    held = params if stage < 3 else part(params - persistent) + persistent  # parameter elements on a rank
+    gradients = (w * (params if stage == 1 else part(params)) if stage < 3 else 0) + 4 * part(params)
+    # measured (trainer.memory_probe, 2 gloo ranks): every stage allocates one gradient bucket of
+    # reduce_bucket_size elements up front, whatever the model's size; nothing else of its buckets
+    comm = int(w * get("reduce_bucket_size"))
+    why = f"computed: ZeRO-{stage} accounting (DeepSpeed's estimators, checked against measurement)"
+    return MemoryBreakdown(parameters=w * held, gradients=gradients, optimizer=12 * part(params), ema=4 * held,
+                           activations=0, comm=comm,
                            sources={"parameters": why, "gradients": why, "optimizer": why, "ema": why,
-                                    "comm": "computed: DeepSpeed bucket sizes (config or DeepSpeed's defaults)",
+                                    "comm": "computed: DeepSpeed's reduce_bucket_size (its config or default)",
                                     "activations": "simulated (unwrapped model)"})
 
 
@@ -128,6 +129,12 @@ class PlanInputs:
     mfu: float = 0.4
     videos: int = 10_000_000
     only_config: bool = False
+    # the data side (data_pipeline.capacity): calibration JSON ("" = the shipped default), sharding cluster
+    calibration: str = ""
+    shard_nodes: int = 0  # 0 = as many nodes as the training job has
+    shard_cores_per_node: int = 64
+    embed_captions_per_s_per_gpu: float = 0.0  # 0 = text embedding planned on the shard nodes' CPUs
+    mean_tokens: float = 0.0  # 0 = the calibration's captions
 
 
 def _with(cfg: TrainConfig, strategy: str | None = None, policy: str | None = None) -> TrainConfig:
@@ -152,12 +159,18 @@ class Planner:
         self.text_len = cfg.data.max_text_len
         self._sims: dict[tuple, MemoryBreakdown] = {}
 
-    def _sim(self, strategy: str, policy: str, batch: int) -> MemoryBreakdown:
+    def _sim(self, strategy: str, policy: str, batch: int, states: bool = True) -> MemoryBreakdown:
+        """A simulated step, cached. `states=False`: forward and backward only (activations); a cached
+        whole step serves such a request too."""
         key = (strategy, policy, batch)
+        if key not in self._sims and not states and key + ("activations",) in self._sims:
+            return self._sims[key + ("activations",)]
         if key not in self._sims:
             t0 = time.perf_counter()
             world = self.inputs.gpus if strategy == "fsdp" else 1
-            step = simulate_step(_with(self.cfg, strategy, policy), world, batch, self.text_len)
+            step = simulate_step(_with(self.cfg, strategy, policy), world, batch, self.text_len, states=states)
+            if not states:
+                key = key + ("activations",)
             self._sims[key] = step.breakdown
             self.log(f"[plan] simulated {strategy} x {world}, policy {policy}, micro-batch {batch}: peak "
                      f"{step.breakdown.peak / GiB:.2f} GiB ({time.perf_counter() - t0:.1f} s)")
@@ -169,23 +182,25 @@ class Planner:
         from micro-batch 1 up: at small batches the peak is set by single large temporaries (a block's
         recompute, the text projection), so the first clips cost less than the later ones."""
         b0 = self.cfg.data.batch_size
-        a0 = self._sim("single", policy, b0).activations
+        a0 = self._sim("single", policy, b0, states=False).activations
         if batch == b0:
             return a0
         if batch > b0:
-            slope = (self._sim("single", policy, 2 * b0).activations - a0) / b0
+            slope = (self._sim("single", policy, 2 * b0, states=False).activations - a0) / b0
             return int(a0 + (batch - b0) * slope)
-        a1 = self._sim("single", policy, 1).activations
+        a1 = self._sim("single", policy, 1, states=False).activations
         return int(a1 + (batch - 1) * (a0 - a1) / max(b0 - 1, 1))
 
     def memory(self, strategy: str, policy: str, batch: int) -> MemoryBreakdown:
         cfg_policy = self.cfg.model.activation_checkpointing
+        if strategy == "ddp":  # the whole step first: its activations serve `activations` too
+            self._sim("single", cfg_policy, self.cfg.data.batch_size)
         acts = self.activations(policy, batch)
         if strategy == "fsdp":
             b0 = self.cfg.data.batch_size
             sim = self._sim("fsdp", cfg_policy, b0)
             # FSDP's own activation overhead (mixed-precision casts at unit boundaries) at the config policy
-            extra = sim.activations - self._sim("single", cfg_policy, b0).activations
+            extra = sim.activations - self._sim("single", cfg_policy, b0, states=False).activations
             m = dataclasses.replace(sim, activations=max(0, acts + extra), sources=dict(sim.sources))
             if policy != cfg_policy or batch != b0:
                 m.sources["activations"] = "simulated (unwrapped model at this policy, scaled to the micro-batch)"
@@ -198,10 +213,8 @@ class Planner:
             if batch != self.cfg.data.batch_size:
                 m.sources["activations"] = "simulated (at this policy, scaled to the micro-batch)"
             return m
-        stage = int(strategy[-1])
-        params = self.parameter_count()
-        m = deepspeed_states(params, self.inputs.gpus, stage, self.cfg.run.precision, self._ds_config(),
-                             self.largest_layer())
+        m = deepspeed_states(self._param_sizes(), self.inputs.gpus, int(strategy[-1]), self.cfg.run.precision,
+                             self._ds_config())
         return dataclasses.replace(m, activations=acts)
 
     def _ds_config(self) -> dict:
@@ -211,9 +224,6 @@ class Planner:
 
     def parameter_count(self) -> int:
         return sum(n for n in self._param_sizes())
-
-    def largest_layer(self) -> int:
-        return max(self._param_sizes())
 
     def _param_sizes(self) -> list[int]:
         if not hasattr(self, "_sizes"):
@@ -305,13 +315,13 @@ def recommend(rows: list[PlanRow], cfg: TrainConfig) -> tuple[PlanRow | None, st
 
 # ------------------------------------------------------------------------------ output
 def _gib(b: int) -> str:
-    return f"{b / GiB:.1f}"
+    return f"{b / GiB:.1f}" if b >= GiB / 10 or b == 0 else f"{b / GiB:.3f}"
 
 
 def table(rows: list[PlanRow]) -> str:
     head = ("| strategy | policy | params | grads | optim | EMA | activations | comm | reserve | total GiB | fits "
             "| max micro-batch | step s | clips/s | epoch h | GPU-h/epoch | MFU |")
-    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         m = r.memory
         lines.append(f"| {r.strategy} | {r.policy} | {_gib(m.parameters)} | {_gib(m.gradients)} | {_gib(m.optimizer)} "
@@ -321,7 +331,7 @@ def table(rows: list[PlanRow]) -> str:
     return "\n".join(lines)
 
 
-def plan(cfg: TrainConfig, inputs: PlanInputs, log=print) -> dict:
+def plan(cfg: TrainConfig, inputs: PlanInputs, log=print) -> tuple[dict, list[PlanRow]]:
     planner = Planner(cfg, inputs, log)
     rows = planner.rows()
     best, why = recommend(rows, cfg)
@@ -333,7 +343,25 @@ def plan(cfg: TrainConfig, inputs: PlanInputs, log=print) -> dict:
            "inputs": dataclasses.asdict(inputs), "rows": [r.as_dict() for r in rows],
            "recommended": None if best is None else {"strategy": best.strategy, "policy": best.policy},
            "why": why, "assumptions": {"allocator_share": ALLOCATOR_SHARE, "context_gib": CONTEXT_GIB}}
+    row = best or next((r for r in rows if (r.strategy, r.policy) == (_config_strategy(cfg),
+                                                                      cfg.model.activation_checkpointing)), rows[0])
+    data = plan_data_side(cfg, inputs, row.clips_per_second / inputs.gpus)
+    out["data"] = data.as_dict()
+    out["data_lines"] = data.lines()
     return out, rows
+
+
+def plan_data_side(cfg: TrainConfig, inputs: PlanInputs, clips_per_s_per_gpu: float):
+    """Storage, sharding time and loader cores (data_pipeline.capacity) at the planned step rate."""
+    from data_pipeline.capacity import load_calibration, plan_data
+
+    cal = load_calibration(inputs.calibration or None)
+    nodes = inputs.shard_nodes or max(1, math.ceil(inputs.gpus / inputs.gpus_per_node))
+    return plan_data(cal, videos=inputs.videos, frames=cfg.data.num_frames, height=cfg.data.image_size,
+                     width=cfg.data.image_size, text_dim=cfg.model.text_dim, clips_per_s_per_gpu=clips_per_s_per_gpu,
+                     gpus=inputs.gpus, shard_nodes=nodes, shard_cores_per_node=inputs.shard_cores_per_node,
+                     mean_tokens=inputs.mean_tokens or None, shard_gpus_per_node=inputs.gpus_per_node,
+                     embed_captions_per_s_per_gpu=inputs.embed_captions_per_s_per_gpu or None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,12 +376,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--videos", type=int, default=10_000_000, help="clips per epoch")
     p.add_argument("--only-config", action="store_true", help="only the config's strategy and checkpoint policy")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--calibration", default="", help="JSON of python -m data_pipeline.calibrate (default: shipped)")
+    p.add_argument("--shard-nodes", type=int, default=0, help="nodes sharding the data (default: the job's)")
+    p.add_argument("--shard-cores-per-node", type=int, default=64)
+    p.add_argument("--embed-captions-per-s-per-gpu", type=float, default=0.0,
+                   help="text-encoder throughput per GPU while sharding (default: embed on CPU cores)")
+    p.add_argument("--mean-tokens", type=float, default=0.0, help="caption tokens (default: the calibration's)")
     a = p.parse_args(argv)
     if a.gpus < 1 or not 0 < a.mfu <= 1:
         p.error("--gpus must be >= 1 and --mfu in (0, 1]")
     cfg = load_config(TrainConfig, a.config, a.set)
     inputs = PlanInputs(gpus=a.gpus, gpus_per_node=a.gpus_per_node, gpu_memory_gb=a.gpu_memory_gb,
-                        peak_tflops=a.peak_tflops, mfu=a.mfu, videos=a.videos, only_config=a.only_config)
+                        peak_tflops=a.peak_tflops, mfu=a.mfu, videos=a.videos, only_config=a.only_config,
+                        calibration=a.calibration, shard_nodes=a.shard_nodes,
+                        shard_cores_per_node=a.shard_cores_per_node,
+                        embed_captions_per_s_per_gpu=a.embed_captions_per_s_per_gpu, mean_tokens=a.mean_tokens)
     log = (lambda s: print(s, file=sys.stderr)) if a.json else print
     result, rows = plan(cfg, inputs, log)
     if a.json:
@@ -367,8 +404,54 @@ def main(argv: list[str] | None = None) -> int:
     rec = result["recommended"]
     print(f"\nrecommended: {rec['strategy']} with checkpoint policy {rec['policy']}: {result['why']}" if rec
           else f"\nno setting fits: {result['why']}")
+    print("\ndata side, at the step rate of " + ("that setting" if rec else "the config's setting") + ":")
+    for line in result["data_lines"]:
+        print(f"  {line}")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------------------------------------ plan vs measurement
+class BackgroundPlan:
+    """The plan of a run's own setting, computed in a subprocess while the run starts, so a user sees
+    in its first minutes whether it behaves as planned (`comparison` at each log until it is printed).
+
+    A subprocess, not a thread: the simulation needs a fake process group of its own, and the run's
+    real one must not be touched. Started by rank 0 only; a failed plan is reported, never fatal.
+    """
+
+    def __init__(self, config_file: str, world: int, peak_tflops: float, mfu: float, gpu_memory_gb: float):
+        import subprocess
+        import tempfile
+
+        self._out = tempfile.NamedTemporaryFile(prefix="vdm-plan-", suffix=".json", delete=False)
+        self._err = tempfile.TemporaryFile()
+        cmd = [sys.executable, "-m", "trainer.plan", "--config", config_file, "--gpus", str(world), "--only-config",
+               "--json", "--mfu", str(mfu), "--gpu-memory-gb", str(gpu_memory_gb)]
+        if peak_tflops:
+            cmd += ["--peak-tflops", str(peak_tflops)]
+        self._proc = subprocess.Popen(cmd, stdout=self._out, stderr=self._err)
+        self.done = False
+
+    def comparison(self, measured_peak_gib: float, step_seconds: float, mfu: float | None) -> list[str] | None:
+        """Lines comparing plan and measurement once the plan is ready (then None ever after)."""
+        if self.done or self._proc.poll() is None:
+            return None
+        self.done = True
+        if self._proc.returncode != 0:
+            self._err.seek(0)
+            tail = self._err.read().decode(errors="replace").strip().splitlines()[-1:]
+            return [f"[plan] the start-up plan failed ({' '.join(tail)}); run python -m trainer.plan to see why"]
+        with open(self._out.name) as f:
+            row = json.load(f)["rows"][0]
+        m = row["memory"]
+        lines = [f"[plan] planned per-rank peak {m['peak'] / GiB:.2f} GiB of tensors (parameters "
+                 f"{m['parameters'] / GiB:.2f}, gradients {m['gradients'] / GiB:.2f}, optimizer "
+                 f"{m['optimizer'] / GiB:.2f}, EMA {m['ema'] / GiB:.2f}, activations {m['activations'] / GiB:.2f}, "
+                 f"comm {m['comm'] / GiB:.2f}); measured peak {measured_peak_gib:.2f} GiB (perf/peak_mem_gb)",
+                 f"[plan] planned step {row['step_seconds']:.3g} s at MFU {row['mfu']:.2f}; measured "
+                 f"{step_seconds:.3g} s" + (f" at MFU {mfu:.2f}" if mfu is not None else "")]
+        return lines
