@@ -3,7 +3,8 @@
 # bf16 training step (step time, samples/s, model TFLOP/s, MFU, peak memory) for single, DDP over NCCL,
 # FSDP2 and DeepSpeed ZeRO-2, eager and regionally compiled, with two checkpoint policies; the
 # checkpoint-policy table on the GPU; BERT-large captions/s (the sharder's text stage); and the stall
-# of a synchronous vs a background (run.async_save) checkpoint.
+# of a synchronous vs a background (run.async_save) checkpoint; then trainer.plan's planned peak memory and
+# step time beside the measured ones (issue 19).
 #
 #   bash bench/gpu_check.sh                 # on a machine with one CUDA GPU, from the repo root
 #   bash bench/gpu_check.sh --dry-run       # CPU: the demo config, one step per case, no compile:
@@ -150,6 +151,12 @@ EOF
   fi
   timeout 180 "$PY" -m bench.bench_async_save --strategy single "${async_args[@]}" 2>/dev/null | grep '^{' \
     || echo "async-save bench failed or timed out"
+  echo
+  echo "## Planned (trainer.plan, MFU 0.4) vs measured, eager cases of the first table"
+  echo
+  peak=$("$PY" -c 'import torch; from trainer.perf import peak_tflops; print(peak_tflops(torch.device("cuda"), "bf16")[0] or 989.0 if torch.cuda.is_available() else 989.0)' 2>/dev/null || echo 989.0)
+  timeout 300 "$PY" -m bench.plan_vs_measured --config "$CONFIG" --batch "$BATCH" --peak-tflops "$peak" \
+      "$TMP"/*-0.log 2>/dev/null || echo "plan vs measured failed or timed out"
   echo
   echo "Total $(( $(date +%s) - START )) s."
 } >> "$TMP/table.md"
