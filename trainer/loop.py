@@ -56,6 +56,7 @@ from trainer.metrics import (
     progress_line,
 )
 from trainer.perf import BatchGeometry, StepFlops, peak_tflops
+from trainer.plan import start_background_plan
 from trainer.step_control import Interval, NonFiniteGuard, SaveSchedule, StepResult
 from trainer.strategies.base import build_strategy
 
@@ -182,22 +183,7 @@ class Trainer:
         self.metrics.print(f"[perf] peak {self.peak_tflops:g} TFLOP/s per device from {peak_source}"
                            if self.peak_tflops else f"[perf] perf/mfu not logged: {peak_source}")
         self._loader_rate: float | None = None  # clips/s of the start-up loader probe (nan: probe failed)
-        self._plan = self._start_plan()
-
-    def _start_plan(self):
-        """run.plan_at_start: the planner on this run's setting, in the background (trainer.plan)."""
-        on = self.cfg.run.plan_at_start
-        if self.rank != 0 or not (on > 0 or (on < 0 and self.dist.device.type == "cuda")):
-            return None
-        from trainer.plan import BackgroundPlan
-
-        memory_gb = (torch.cuda.get_device_properties(self.dist.device).total_memory / 1e9
-                     if self.dist.device.type == "cuda" else 80.0)
-        import tempfile
-
-        with tempfile.NamedTemporaryFile("w", prefix="vdm-plan-", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)  # this run's settings, overrides included
-        return BackgroundPlan(f.name, self.world, self.peak_tflops or 0.0, self.cfg.run.planned_mfu, memory_gb)
+        self._plan = start_background_plan(cfg, self.dist, self.peak_tflops)
 
     def _wrapped_model(self, warm_start: bool):
         """The model, built with the same seed on every rank (identical initial weights), warm-started

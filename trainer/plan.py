@@ -455,3 +455,23 @@ class BackgroundPlan:
                  f"[plan] planned step {row['step_seconds']:.3g} s at MFU {row['mfu']:.2f}; measured "
                  f"{step_seconds:.3g} s" + (f" at MFU {mfu:.2f}" if mfu is not None else "")]
         return lines
+
+
+def start_background_plan(cfg: TrainConfig, dist_env, peak_tflops: float | None) -> BackgroundPlan | None:
+    """run.plan_at_start for a run about to train: the plan of its own setting, started in the
+    background on rank 0 (None where it is off: other ranks, CPU runs unless asked)."""
+    on = cfg.run.plan_at_start
+    if dist_env.rank != 0 or not (on > 0 or (on < 0 and dist_env.device.type == "cuda")):
+        return None
+    import tempfile
+
+    import torch
+    import yaml
+
+    from common.config import to_dict
+
+    memory_gb = (torch.cuda.get_device_properties(dist_env.device).total_memory / 1e9
+                 if dist_env.device.type == "cuda" else 80.0)
+    with tempfile.NamedTemporaryFile("w", prefix="vdm-plan-", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)  # this run's settings, overrides included
+    return BackgroundPlan(f.name, dist_env.world_size, peak_tflops or 0.0, cfg.run.planned_mfu, memory_gb)
