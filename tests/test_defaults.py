@@ -107,7 +107,7 @@ def test_shared_constants_have_one_home():
     from data_pipeline import loader, plan
     from model import precision, text_encoder
     from slurm import launch
-    from trainer import evaluate, loop
+    from trainer import builder, evaluate, loop, seeding, validation
     from trainer.strategies import base
 
     assert base.autocast_dtype is precision.autocast_dtype
@@ -116,11 +116,12 @@ def test_shared_constants_have_one_home():
     with pytest.raises(ValueError, match="fp8"):
         precision.precision_dtype("fp8")
     assert launch.EXIT_REQUEUE is loop.EXIT_REQUEUE is exit_codes.EXIT_REQUEUE == 124
-    assert loop.loader_factory_or_default is evaluate.loader_factory_or_default
+    assert builder.loader_factory_or_default is evaluate.loader_factory_or_default
+    assert validation.loader_factory_or_default is evaluate.loader_factory_or_default
     assert evaluate.loader_factory_or_default(None) is loader.build_loader
     # the salts' values fix the data order and seeds of existing runs: renaming must not change them
     salts = (plan.SALT_SHARD_ORDER, plan.SALT_STREAM_ORDER, plan.SALT_TRAIN_IMAGE_FRAMES, plan.SALT_VAL_IMAGE_FRAMES,
-             loop.RANK_SEED_STRIDE, loop.SALT_VAL_NOISE, evaluate.FVD_BATCH_SEED_STRIDE)
+             seeding.RANK_SEED_STRIDE, validation.SALT_VAL_NOISE, evaluate.FVD_BATCH_SEED_STRIDE)
     assert salts == (0x5A4D, 0xB0F, 0x1A6E, 0x7A1, 1_000_003, 4242, 7919)
 
 
