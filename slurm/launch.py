@@ -328,10 +328,10 @@ def executor_kwargs(args: argparse.Namespace, folder: str) -> dict[str, Any]:
 
 
 def render_sbatch(folder: str, **kw: Any) -> str:
-    """The sbatch script submitit would submit for make_executor(folder, **kw), built without SLURM."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
+    """The sbatch script submitit would submit for make_executor(folder, **kw), built without SLURM
+    (through submitit's private renderer, behind slurm/submitit_compat.py's checks)."""
     from slurm.executor import _extra_params
+    from slurm.submitit_compat import make_sbatch_string
 
     min_nodes, node_range = node_params(kw["nodes"])
     params: dict[str, Any] = dict(job_name=kw["job_name"], nodes=min_nodes, ntasks_per_node=kw["tasks_per_node"],
@@ -345,7 +345,7 @@ def render_sbatch(folder: str, **kw: Any) -> str:
     params["additional_parameters"] = {**_extra_params(kw.get("extra_sbatch")), **node_range}
     params["srun_args"] = list(SRUN_ARGS)
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
-    return _make_sbatch_string(command=command, folder=folder, **params)
+    return make_sbatch_string(command=command, folder=folder, **params)
 
 
 def _finished(job: submitit.Job) -> bool:
