@@ -354,19 +354,6 @@ def fragment_span(p: nn.Parameter) -> tuple[int, int] | None:
     return int(addr.start), int(addr.numel)
 
 
-def optimizer_state_piece(optimizer, p: nn.Parameter, key: str, stage: int) -> Tensor:
-    """This rank's piece of the optimizer state `key` of `p`, laid out like its fp32 master piece
-    (fp32_partition / fragment): what tests/resume_dump.py gathers."""
-    if stage == 3:
-        return fp32_partition(optimizer, p, key)
-    mapping = _fragment_mapping(p)
-    if mapping is None:
-        return torch.empty(0)
-    flat = attribute(optimizer, "single_partition_of_fp32_groups")[attribute(mapping, "param_group_index")]
-    addr = attribute(mapping, "hp_fragment_address")
-    return attribute(optimizer, "optimizer").state[flat][key].narrow(0, addr.start, addr.numel)
-
-
 # ------------------------------------------------------------------ gradient norm and steps
 def _norm_method(stage: int) -> str:
     """The ZeRO optimizer method engine.step() calls for the global norm."""
