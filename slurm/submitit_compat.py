@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import warnings
 from typing import Any
 
-from packaging.specifiers import SpecifierSet
-from packaging.version import InvalidVersion, Version
+from common.tested_range import TestedRange, in_range
 
 TESTED = ">=1.5,<1.6"  # the submitit releases the renderer's keywords were checked against
 RENDERER = ("submitit.slurm.slurm", "_make_sbatch_string")
-_checked: str | None = None
 
 
 class SubmititVersionWarning(UserWarning):
     """The installed submitit is outside TESTED."""
+
+
+_RANGE = TestedRange(TESTED, SubmititVersionWarning, lambda version: (
+    f"submitit {version} is installed, but slurm.launch --dry-run is tested with submitit{TESTED} "
+    f"(slurm/submitit_compat.py)"))
 
 
 class SubmititInternalMissing(RuntimeError):
@@ -39,22 +41,12 @@ def installed_version() -> str:
 
 
 def is_tested(version: str) -> bool:
-    try:
-        return SpecifierSet(TESTED).contains(Version(version), prereleases=True)
-    except InvalidVersion:
-        return False
+    return in_range(version, TESTED)
 
 
 def check_version() -> str:
     """The installed submitit version; warns (once per version) when it is outside TESTED."""
-    global _checked
-    version = installed_version()
-    if version != _checked:
-        _checked = version
-        if not is_tested(version):
-            warnings.warn(f"submitit {version} is installed, but slurm.launch --dry-run is tested with "
-                          f"submitit{TESTED} (slurm/submitit_compat.py)", SubmititVersionWarning, stacklevel=2)
-    return version
+    return _RANGE.check(installed_version())
 
 
 def _missing(what: str, cause: BaseException | None = None) -> SubmititInternalMissing:

@@ -100,3 +100,14 @@ def test_the_trainer_takes_ready_parts(tmp_path):
     assert trainer.strategy is parts.strategy and trainer.checkpoints is parts.checkpoints
     assert trainer.train() == 0 and trainer.step == 1 == parts.state.step
     trainer.close()
+
+
+def test_the_step_reads_no_model_option():
+    """The step gets batch hooks and clip conditions from here; it must not grow `if cfg.model.x:`
+    branches again (issue 22)."""
+    import inspect
+
+    from trainer.loop import Trainer
+
+    source = inspect.getsource(Trainer.train_step)
+    assert "cfg.model" not in source and "motion" not in source and "compiled" not in source

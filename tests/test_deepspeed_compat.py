@@ -30,7 +30,7 @@ def deepspeed(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    monkeypatch.setattr(compat, "_checked", None)
+    monkeypatch.setattr(compat._RANGE, "checked", None)
     return deepspeed
 
 

@@ -52,7 +52,7 @@ def test_a_keyword_the_renderer_no_longer_takes_is_named(tmp_path, monkeypatch):
 
 
 def test_an_untested_version_warns_once(monkeypatch):
-    monkeypatch.setattr(compat, "_checked", None)
+    monkeypatch.setattr(compat._RANGE, "checked", None)
     monkeypatch.setattr(sys.modules["submitit"], "__version__", "2.0.0")
     with pytest.warns(compat.SubmititVersionWarning, match="submitit 2.0.0 is installed"):
         compat.check_version()

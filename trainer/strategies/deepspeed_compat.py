@@ -32,24 +32,28 @@ import os
 import pickle
 import subprocess
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from packaging.specifiers import SpecifierSet
-from packaging.version import InvalidVersion, Version
 from torch import Tensor, nn
+
+from common.tested_range import TestedRange, in_range
 
 log = logging.getLogger(__name__)
 
 TESTED = ">=0.19,<0.20"  # the DeepSpeed releases this module was checked against (CPU/gloo tests)
-_checked: str | None = None  # the version check_version() last looked at (it warns once per version)
 
 
 class DeepSpeedVersionWarning(UserWarning):
     """The installed DeepSpeed is outside TESTED."""
+
+
+_RANGE = TestedRange(TESTED, DeepSpeedVersionWarning, lambda version: (
+    f"DeepSpeed {version} is installed, but this trainer is tested with deepspeed{TESTED}: the DeepSpeed "
+    f"internals it uses (trainer/strategies/deepspeed_compat.py) may have changed. Install a tested version "
+    f"(pip install 'deepspeed{TESTED}') or see docs/strategies.md, 'DeepSpeed upgrades'"))
 
 
 class DeepSpeedInternalMissing(RuntimeError):
@@ -73,24 +77,12 @@ def installed_version() -> str:
 
 def is_tested(version: str) -> bool:
     """Whether `version` lies in TESTED (local builds and pre-releases of a tested release count)."""
-    try:
-        return SpecifierSet(TESTED).contains(Version(version), prereleases=True)
-    except InvalidVersion:
-        return False
+    return in_range(version, TESTED)
 
 
 def check_version() -> str:
     """The installed DeepSpeed version; warns (once per version) when it is outside TESTED."""
-    global _checked
-    version = installed_version()
-    if version != _checked:
-        _checked = version
-        if not is_tested(version):
-            warnings.warn(f"DeepSpeed {version} is installed, but this trainer is tested with deepspeed{TESTED}: "
-                          f"the DeepSpeed internals it uses (trainer/strategies/deepspeed_compat.py) may have "
-                          f"changed. Install a tested version (pip install 'deepspeed{TESTED}') or see "
-                          f"docs/strategies.md, 'DeepSpeed upgrades'", DeepSpeedVersionWarning, stacklevel=2)
-    return version
+    return _RANGE.check(installed_version())
 
 
 def missing(what: str, cause: BaseException | None = None) -> DeepSpeedInternalMissing:
