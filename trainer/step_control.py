@@ -38,7 +38,7 @@ class StepResult:
     ok: bool  # loss and gradient finite: the optimizer and the EMA were updated
     data_wait: float  # seconds this rank waited for batches
     videos: int  # clips this rank trained on
-    batch_digest: str  # the global batch's sorted sample keys, hashed (trainer.loop.batch_digest)
+    batch_digest: str  # the global batch's sorted sample keys, hashed (trainer.batches.batch_digest)
     overhead: float  # seconds of one-off start-up work inside the step (the FLOP count): not step time
 
     @property
