@@ -60,7 +60,7 @@ def requeue_turnaround(tmp: Path) -> float:
 
 
 def submitit_turnaround(tmp: Path) -> float:
-    from slurm.executor import make_executor
+    from common.submitit_executor import make_executor
 
     ex = make_executor(tmp / "submitit" / "%j", nodes=2, cpus_per_task=1, time_min=5)
     t0 = time.monotonic()

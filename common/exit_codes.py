@@ -3,4 +3,10 @@
 Dependency-free so a launcher on a submit host can import it without torch.
 """
 
-EXIT_REQUEUE = 124  # "checkpoint saved after SIGUSR1/SIGTERM, requeue me to continue"
+# "Requeue me": the run stopped early and its latest checkpoint is where it continues. The trainer
+# exits with it after a stop signal (SIGUSR1/SIGTERM) once that step's checkpoint is written; the
+# launchers also map a task killed by the signal during start-up (before its handler existed, so
+# nothing new was saved) to it, since the checkpoint the run started from is still intact.
+# 75 is sysexits.h's EX_TEMPFAIL ("temporary failure, retry"): it is not 1/2 (errors, usage), not
+# timeout(1)'s 124-127, not a shell's 126/127 and not 128+N (killed by signal N).
+EXIT_REQUEUE = 75

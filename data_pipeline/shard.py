@@ -180,7 +180,7 @@ def run_local(cfg: ShardConfig, todo: list[int], manifest: Manifest, progress: b
 
 
 def run_slurm(cfg: ShardConfig, todo: list[int]) -> None:
-    from slurm.executor import make_executor
+    from common.submitit_executor import make_executor
 
     sc = cfg.slurm
     per_task = sc.shards_per_task or max(1, -(-len(todo) // max(1, sc.array_tasks)))

@@ -108,10 +108,6 @@ def done_summary(out_dir: str | Path, shard: int, config_hash: str) -> dict | No
     return st if size == st.get("tar_bytes") else None
 
 
-def shard_done(out_dir: str | Path, shard: int, config_hash: str) -> bool:
-    return done_summary(out_dir, shard, config_hash) is not None
-
-
 def stats_text(st: dict) -> str:
     """Summary fields on the first line, then one failure per line (compact: C-speed json.dumps)."""
     head = {k: v for k, v in st.items() if k != "failures"}

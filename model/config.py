@@ -7,6 +7,7 @@ validate settings without building a network.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -83,11 +84,9 @@ class DiffusionConfig:
 
     The one source of the diffusion settings a user configures; `GaussianDiffusion.from_config`
     builds the diffusion of every run, CLI and checkpoint from it, and `GaussianDiffusion`'s own keyword
-    defaults for the λ range, loss weighting and shift are these fields. One deliberate difference:
-    `prediction` defaults to "eps" here (the paper's text-to-video setting, like every default of
-    this module's dataclasses) while `GaussianDiffusion(prediction="v")` keeps the library default
-    written in the design's interface. A config always wins: nothing that reads a config calls the
-    constructor without naming the prediction.
+    defaults for the λ range, loss weighting and shift are these fields. `prediction` defaults to
+    "eps" here (the paper's text-to-video setting, like every default of this module's dataclasses);
+    `GaussianDiffusion` itself has no default for it, so a direct caller always names it.
     """
 
     prediction: Literal["eps", "v", "x"] = "eps"
@@ -101,6 +100,12 @@ class DiffusionConfig:
     logsnr_shift: float = 0.0
 
 
+# The samplers of model.sampling.sample, listed once: the config's Literal, the tuple the library and
+# the CLIs' --sampler choices read (typing.get_args of it)
+SamplerName = Literal["ancestral", "ddim", "pc"]
+SAMPLERS: tuple[str, ...] = typing.get_args(SamplerName)
+
+
 @dataclass
 class SamplingConfig:
     """Defaults for sampling during training and in `trainer.sample` (paper: 256 steps, gamma 0.3).
@@ -112,11 +117,17 @@ class SamplingConfig:
     x̂ only when asked (`clip_x=False` there); clipping to the data range [-1, 1] is a policy of the
     callers that make images and videos, and this config turns it on for them (`generate`, the
     training samples, `trainer.sample`, `trainer.evaluate`): with ε-prediction the 1/α at high noise
-    otherwise gives huge x̂. `steps` is what `trainer.sample` uses; the periodic training samples and
-    the evaluation use the cheaper `run.sample_steps` (`eval.steps`) instead.
+    otherwise gives huge x̂.
+
+    Three step counts, each for its own use: `sampling.steps` is what a user's sampling takes
+    (`python -m trainer.sample`, whose --steps overrides it; the paper's 256); `run.sample_steps` is
+    for the samples a run writes to TensorBoard while it trains (cheaper, every `run.sample_every`);
+    `eval.steps` is for evaluation, in the loop (`run.eval_every`) and `python -m trainer.evaluate`
+    (0 = `run.sample_steps`, so a run's evaluations cost what its samples do). Everything else (the
+    sampler, gamma, guidance) comes from this section in all three.
     """
 
-    sampler: Literal["ancestral", "ddim", "pc"] = "ancestral"
+    sampler: SamplerName = "ancestral"
     steps: int = 256
     gamma: float = 0.3
     langevin_delta: float = 0.1

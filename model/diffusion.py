@@ -211,13 +211,14 @@ class GaussianDiffusion:
 
     Defaults: runs, CLIs and checkpoints build it with `from_config`, so `DiffusionConfig` (the
     `diffusion:` section) is where a user's defaults live and it always wins. The keyword defaults
-    here are that config's, except `prediction="v"`: the library default the design's interface
-    promises to direct callers, where the config keeps the paper's ε-prediction.
+    here are that config's. `prediction` has none: a bare construction would read a checkpoint trained
+    with the other parameterisation silently wrong (every number finite, every sample noise), so each
+    direct caller names it.
     """
 
     def __init__(
         self,
-        prediction: str = "v",
+        prediction: str,
         logsnr_min: float = _DEFAULT.logsnr_min,
         logsnr_max: float = _DEFAULT.logsnr_max,
         loss_weighting: str = _DEFAULT.loss_weighting,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common.config import warn_renamed
-from model.config import SamplingConfig
+from model.config import SAMPLERS, SamplingConfig
 from model.diffusion import (
     Denoiser,
     GaussianDiffusion,
@@ -31,7 +31,6 @@ from model.diffusion import (
 )
 from model.guidance import Guide, ReconstructionGuidance, Replacement, cfg_combine, frame_guide
 
-SAMPLERS = ("ancestral", "ddim", "pc")
 _DEFAULT = SamplingConfig  # field defaults of the `sampling:` config section (one source; not clip_x)
 
 __all__ = [

@@ -4,11 +4,11 @@
         --nodes 4 --gpus-per-node 8 --cpus-per-task 12 --partition gpu --time 2880 [--wait] [--dry-run]
 
 Why a subprocess per task instead of calling the trainer in-process: the trainer owns its signal
-handling (finish the step, save, exit 124), its process group and its CUDA context; submitit's
+handling (finish the step, save, exit EXIT_REQUEUE), its process group and its CUDA context; submitit's
 runner stays a thin supervisor that forwards signals, requeues and reports a crash with its log.
 
 Signals: submitit asks SLURM for USR2 `signal_delay_s` before the time limit. Every task forwards
-it to its trainer as USR1 (the trainer's "save and exit 124"); on rank 0 submitit then calls
+it to its trainer as USR1 (the trainer's "save and exit EXIT_REQUEUE"); on rank 0 submitit then calls
 `TrainTask.checkpoint()`, which waits for that save and hands submitit a fresh `DelayedSubmission`,
 and submitit runs `scontrol requeue`. A USR1 sent by hand (`scancel --signal=USR1 <job>`) takes the
 same save + requeue path.
@@ -43,10 +43,10 @@ import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from common.exit_codes import EXIT_REQUEUE  # the trainer's "saved, requeue me" (dependency-free)
+from common.exit_codes import EXIT_REQUEUE  # the trainer's "requeue me" (dependency-free)
 from common.logs import setup_logging
+from common.submitit_executor import SIGNAL_DELAY_S, SRUN_ARGS, make_executor, node_params, slurm_available
 from slurm import env as slurm_env
-from slurm.executor import SIGNAL_DELAY_S, SRUN_ARGS, make_executor, node_params, slurm_available
 
 TRAIN_MODULE_ENV = "VDM_TRAIN_MODULE"  # tests and debugging swap the trainer for a probe
 
@@ -328,10 +328,10 @@ def executor_kwargs(args: argparse.Namespace, folder: str) -> dict[str, Any]:
 
 
 def render_sbatch(folder: str, **kw: Any) -> str:
-    """The sbatch script submitit would submit for make_executor(folder, **kw), built without SLURM."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    from slurm.executor import _extra_params
+    """The sbatch script submitit would submit for make_executor(folder, **kw), built without SLURM
+    (through submitit's private renderer, behind slurm/submitit_compat.py's checks)."""
+    from common.submitit_executor import _extra_params
+    from slurm.submitit_compat import make_sbatch_string
 
     min_nodes, node_range = node_params(kw["nodes"])
     params: dict[str, Any] = dict(job_name=kw["job_name"], nodes=min_nodes, ntasks_per_node=kw["tasks_per_node"],
@@ -345,7 +345,7 @@ def render_sbatch(folder: str, **kw: Any) -> str:
     params["additional_parameters"] = {**_extra_params(kw.get("extra_sbatch")), **node_range}
     params["srun_args"] = list(SRUN_ARGS)
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
-    return _make_sbatch_string(command=command, folder=folder, **params)
+    return make_sbatch_string(command=command, folder=folder, **params)
 
 
 def _finished(job: submitit.Job) -> bool:

@@ -16,7 +16,7 @@
 # - Preemption / time limit: SLURM sends USR1 to the training processes 120 s before the end
 #   (--signal=USR1@120; with --signal=B:USR1@.. it reaches this script, which forwards it to srun,
 #   and srun forwards it to every task). The trainer finishes its step, saves a checkpoint and exits
-#   124 = "saved, requeue me" (EXIT_REQUEUE in common/exit_codes.py); this script then runs
+#   75 = "requeue me" (EXIT_REQUEUE in common/exit_codes.py); this script then runs
 #   `scontrol requeue`, the job restarts with the
 #   same id and the trainer resumes from the latest checkpoint in run.out_dir. The log file is
 #   appended to, not replaced. `scancel --signal=USR1 <job>` triggers the same save + requeue by hand.
@@ -24,7 +24,7 @@
 #   trainer saves, but the job is NOT requeued by this script (a cancel must stay a cancel; with
 #   PreemptMode=REQUEUE SLURM requeues a preempted job by itself). A preempted partition with
 #   GraceTime>0 signals only the tasks (SIGTERM, or the --signal one with preempt_send_user_signal):
-#   the trainer saves and exits 124, and this script requeues the job as after USR1 (both tested in
+#   the trainer saves and exits 75, and this script requeues the job as after USR1 (both tested in
 #   tests/test_slurm_cluster.py). A USR1 that arrives while the trainer is still starting (before it
 #   has its handler) kills it with 128+10; that also requeues: the last checkpoint is intact.
 # - Logs: the job's output file (default <submit dir>/<job name>-<job id>.out), linked from
@@ -45,6 +45,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 set -uo pipefail
+EXIT_REQUEUE=75  # the trainer's "requeue me", as in common/exit_codes.py (tests/test_defaults.py checks they agree)
 
 log() { echo "[train.sh $(date -u +%H:%M:%S) job ${SLURM_JOB_ID:-none}] $*"; }
 die() { log "ERROR: $*"; exit 1; }
@@ -139,22 +140,22 @@ if [ "$rc" = 138 ]; then
   # handler, e.g. a job started close to its time limit). Nothing new was saved, but the last
   # checkpoint is intact, so requeueing and resuming from it is still the right thing to do.
   log "the tasks died from SIGUSR1 during start-up; requeueing to resume from the last checkpoint"
-  rc=124
+  rc=$EXIT_REQUEUE
 fi
-if [ "$rc" = 124 ]; then
+if [ "$rc" = "$EXIT_REQUEUE" ]; then
   restarts=${SLURM_RESTART_COUNT:-0}
   if [ -z "${SLURM_JOB_ID:-}" ]; then
-    log "checkpoint saved; not under SLURM, so not requeued"; exit 124
+    log "checkpoint saved; not under SLURM, so not requeued"; exit "$EXIT_REQUEUE"
   elif [ "$GOT_TERM" = 1 ]; then
     # scancel (or a preemption without grace time, which SLURM requeues by itself) sent SIGTERM to
     # this script too: requeueing here would undo a user's cancel.
-    log "checkpoint saved; job was cancelled or preempted by SLURM, not requeueing it here"; exit 124
+    log "checkpoint saved; job was cancelled or preempted by SLURM, not requeueing it here"; exit "$EXIT_REQUEUE"
   elif [ "$restarts" -ge "${VDM_MAX_REQUEUES:-100}" ]; then
-    log "checkpoint saved; restart count $restarts reached VDM_MAX_REQUEUES, not requeueing"; exit 124
+    log "checkpoint saved; restart count $restarts reached VDM_MAX_REQUEUES, not requeueing"; exit "$EXIT_REQUEUE"
   fi
   log "checkpoint saved; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
   if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
   log "scontrol requeue failed (job cancelled, or requeue not allowed); resume by resubmitting with the same run.out_dir"
-  exit 124
+  exit "$EXIT_REQUEUE"
 fi
 exit "$rc"

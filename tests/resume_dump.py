@@ -43,16 +43,30 @@ def optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
+def _deepspeed_state_piece(optimizer, p: torch.nn.Parameter, key: str, stage: int) -> torch.Tensor:
+    """This rank's piece of the AdamW state `key` of `p`, laid out like its fp32 master piece
+    (deepspeed_compat.fp32_partition / fragment): ZeRO-3 the partition, ZeRO-1/2 the fragment cut from
+    the flat group's state (empty where this rank owns none of `p`)."""
+    from trainer.strategies import deepspeed_compat as compat
+
+    if stage == 3:
+        return compat.fp32_partition(optimizer, p, key)
+    mapping = compat.attribute(p, "_hp_mapping", "ZeRO-1/2 parameter")
+    if mapping is None:
+        return torch.empty(0)
+    flat = compat.attribute(optimizer, "single_partition_of_fp32_groups")[compat.attribute(mapping, "param_group_index")]
+    addr = compat.attribute(mapping, "hp_fragment_address")
+    return compat.attribute(optimizer, "optimizer").state[flat][key].narrow(0, addr.start, addr.numel)
+
+
 def deepspeed_optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     """The AdamW moments of every parameter, cut from the ZeRO optimizer's flat fp32 state the way
     local_params() cuts the master weights, then gathered by the strategy (collective); plus the
     distinct step counts of the flat groups under `steps`."""
-    from trainer.strategies import deepspeed_compat
-
     s = trainer.strategy
     out = {}
     for key in ("exp_avg", "exp_avg_sq"):
-        pieces = [deepspeed_compat.optimizer_state_piece(s.optimizer, p, key, s.stage) for p in s._params]
+        pieces = [_deepspeed_state_piece(s.optimizer, p, key, s.stage) for p in s._params]
         full = s.gather_full_state(pieces)
         if trainer.rank == 0:
             out.update({f"{name}.{key}": full[name] for name in s._names})

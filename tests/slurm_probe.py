@@ -1,7 +1,7 @@
 """Stand-in for `trainer.train` in the SLURM launch tests (VDM_TRAIN_MODULE=slurm_probe).
 
 Takes the trainer's CLI, records the rank/rendezvous environment it was started with, and behaves
-like the trainer's signal contract: on SIGUSR1/SIGTERM it "saves" and exits 124. Env knobs:
+like the trainer's signal contract: on SIGUSR1/SIGTERM it "saves" and exits EXIT_REQUEUE. Env knobs:
 PROBE_SECONDS (run this long on the first start, default 0), PROBE_EXIT (exit code, default 0),
 PROBE_STARTUP_S (sleep this long before installing the signal handlers, like a slow start-up),
 PROBE_CRASH_RANK (this rank exits 3 at once while the others run on), PROBE_STEPS (instead of
@@ -18,6 +18,7 @@ import sys
 import time
 
 from common.config import load_config
+from common.exit_codes import EXIT_REQUEUE
 from trainer.config import TrainConfig
 
 args = sys.argv[1:]
@@ -65,7 +66,7 @@ with open(os.path.join(cfg.run.out_dir, f"probe-rank{rec['RANK']}-restart{restar
     json.dump(rec, f)
 if got:
     print(f"PROBE saved after {got}", flush=True)
-    sys.exit(124)
+    sys.exit(EXIT_REQUEUE)
 code = int(os.environ.get("PROBE_EXIT", "0"))
 print(f"PROBE done, exit {code}", flush=True)
 sys.exit(code)

@@ -30,7 +30,7 @@ def deepspeed(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    monkeypatch.setattr(compat, "_checked", None)
+    monkeypatch.setattr(compat._RANGE, "checked", None)
     return deepspeed
 
 
@@ -176,28 +176,164 @@ def test_grad_norms_and_the_forced_overflow(deepspeed):
     assert float(opt.scaled_global_norm()) == 3.0
 
 
+def _record_files(deepspeed, folder: Path) -> tuple[Path, Path, Path]:
+    """(good, bad, unknown): DeepSpeed records only; a non-DeepSpeed class; a DeepSpeed class outside
+    the allow-list (e.g. from a newer release)."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    folder.mkdir(parents=True, exist_ok=True)
+    good, bad, unknown = folder / "good.pt", folder / "bad.pt", folder / "unknown.pt"
+    torch.save({"stage": ZeroStageEnum.gradients, "addr": fragment_address(numel=3, start=1),
+                "t": torch.arange(3)}, good)
+    torch.save({"args": argparse.Namespace(x=1)}, bad)
+    torch.save({"config": deepspeed.runtime.zero.config.DeepSpeedZeroConfig()}, unknown)
+    return good, bad, unknown
+
+
 def test_checkpoint_records_load_weights_only_and_nothing_else(deepspeed, tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     classes = compat.checkpoint_record_classes()
     assert ZeroStageEnum in classes and fragment_address in classes and len(classes) == 4
-    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
-    torch.save({"stage": ZeroStageEnum.gradients, "addr": fragment_address(numel=3, start=1),
-                "t": torch.arange(3)}, good)
-    torch.save({"args": argparse.Namespace(x=1)}, bad)
-    unknown = tmp_path / "unknown.pt"  # a DeepSpeed class outside the allow-list, e.g. from a newer release
-    torch.save({"config": deepspeed.runtime.zero.config.DeepSpeedZeroConfig()}, unknown)
+    good, bad, unknown = _record_files(deepspeed, tmp_path)
     original = torch.load
-    with compat.weights_only_torch_load():
-        state = torch.load(good, weights_only=False)  # as DeepSpeed calls it
-        assert state["stage"] == ZeroStageEnum.gradients and state["addr"].start == 1
-        with pytest.raises(pickle.UnpicklingError) as e:
-            torch.load(bad, weights_only=False)
-        assert "deepspeed_compat" not in str(e.value)
-        with pytest.raises(pickle.UnpicklingError, match="checkpoint_record_classes"):
-            torch.load(unknown, weights_only=False)
+    state = compat.load_weights_only(good)
+    assert state["stage"] == ZeroStageEnum.gradients and state["addr"].start == 1
+    with pytest.raises(pickle.UnpicklingError) as e:
+        compat.load_weights_only(bad)
+    assert "deepspeed_compat" not in str(e.value)
+    with pytest.raises(pickle.UnpicklingError, match="checkpoint_record_classes"):
+        compat.load_weights_only(unknown)
+    assert torch.load is original  # nothing process-wide was swapped
+
+
+def test_an_engine_reads_its_checkpoint_files_weights_only(deepspeed, tmp_path):
+    from types import SimpleNamespace
+
+    good, bad, _ = _record_files(deepspeed, tmp_path)
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=lambda path, map_location=None: "unsafe"))
+    other = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=lambda path, map_location=None: "unsafe"))
+    compat.load_checkpoints_weights_only(engine)
+    assert engine.checkpoint_engine.load(str(good), map_location="cpu")["t"].tolist() == [0, 1, 2]
+    with pytest.raises(pickle.UnpicklingError):
+        engine.checkpoint_engine.load(str(bad))
+    assert other.checkpoint_engine.load(str(bad)) == "unsafe"  # only that engine
+
+
+def test_a_universal_load_checks_its_files_and_gives_the_flag_back(deepspeed, tmp_path):
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=True))  # set by the user
+    good, _, _ = _record_files(deepspeed, tmp_path / "clean" / "zero" / "w")
+    for f in good.parent.glob("*.pt"):
+        if f != good:
+            f.unlink()
+    with compat.universal_checkpoint_loading(engine, None):
+        assert engine._config.load_universal_checkpoint is False
+    assert engine._config.load_universal_checkpoint is True  # its previous value, not False
+    engine._config.load_universal_checkpoint = False
+    with compat.universal_checkpoint_loading(engine, tmp_path / "clean"):
+        assert engine._config.load_universal_checkpoint is True
+    assert engine._config.load_universal_checkpoint is False
+    _record_files(deepspeed, tmp_path / "tampered" / "zero" / "w")
+    with pytest.raises(pickle.UnpicklingError):
+        with compat.universal_checkpoint_loading(engine, tmp_path / "tampered"):
+            raise AssertionError("a folder with an unsafe file must not reach DeepSpeed's loader")
+    assert engine._config.load_universal_checkpoint is False
+
+
+def test_the_converter_runs_weights_only_in_its_own_process(deepspeed, tmp_path):
+    """DeepSpeed's converter calls torch.load(weights_only=False) itself; in its process every load is
+    weights_only, so a checkpoint holding a pickled object fails there, naming the class."""
+    original = torch.load
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save({"args": argparse.Namespace(x=1)}, src / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(RuntimeError, match=r"Weights only load failed[\s\S]*argparse\.Namespace"):
+        compat.ds_to_universal(str(src), str(tmp_path / "dst"))
+    torch.save({"config": deepspeed.runtime.zero.config.DeepSpeedZeroConfig()}, src / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(pickle.UnpicklingError, match="checkpoint_record_classes"):
+        compat.ds_to_universal(str(src), str(tmp_path / "dst"))
     assert torch.load is original
+
+
+def test_a_converter_that_changed_its_arguments_is_named(deepspeed, tmp_path, monkeypatch):
+    """Were DeepSpeed's ds_to_universal to drop or rename an argument we pass (or require a new one),
+    its own parser rejects the command line: DeepSpeedToolChanged naming the arguments, not an
+    AttributeError deep inside the conversion."""
+    monkeypatch.setattr(compat, "CONVERTER_ARGS", [*compat.CONVERTER_ARGS, "--merge_workers_renamed", "1"])
+    with pytest.raises(compat.DeepSpeedToolChanged) as e:
+        compat.ds_to_universal(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert isinstance(e.value, compat.DeepSpeedInternalMissing)
+    assert "--merge_workers_renamed" in str(e.value) and "CONVERTER_ARGS" in str(e.value)
+
+
+def test_the_converter_process_refuses_to_run_without_forced_weights_only(deepspeed, monkeypatch):
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+    assert compat._convert_in_this_process(["--input_folder", "a", "--output_folder", "b"]) == 1
+
+
+class CountingZero12Optimizer(Zero12Optimizer):
+    calls = 0
+
+    def scaled_global_norm(self, norm_type=2):
+        CountingZero12Optimizer.calls += 1
+        return super().scaled_global_norm(norm_type)
+
+
+class FakeEngine:
+    """An engine's step() as far as the strategy sees it: asks the optimizer for the norm and skips
+    on a non-finite one, counting the skip (or, `broken`, applies the step anyway)."""
+
+    def __init__(self, optimizer, broken: bool = False):
+        self.optimizer, self.broken = optimizer, broken
+        self.skipped_steps, self._applied, self.norms = 0, False, []
+
+    def step(self):
+        norm = float(self.optimizer.scaled_global_norm())
+        self.norms.append(norm)
+        self._applied = math.isfinite(norm) or self.broken
+        if not self._applied:
+            self.skipped_steps += 1
+
+    def was_step_applied(self) -> bool:
+        return self._applied
+
+
+def _strategy(engine, optimizer):
+    from trainer.strategies.deepspeed import DeepSpeedStrategy
+
+    s = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # the step methods only; setup needs a process group
+    s.engine, s.optimizer, s.stage, s._norm_parts = engine, optimizer, 2, None
+    return s
+
+
+def test_the_step_reuses_the_norm_the_clip_computed(deepspeed):
+    CountingZero12Optimizer.calls = 0
+    opt = CountingZero12Optimizer(3.0)
+    engine = FakeEngine(opt)
+    s = _strategy(engine, opt)
+    assert s.clip_grad_norm(1.0) == 1.5 and opt.clip_grad == 1.0
+    s.optimizer_step()
+    assert CountingZero12Optimizer.calls == 1 and engine.norms == [3.0]  # computed once, used by the step
+    assert "scaled_global_norm" not in vars(opt)  # the class's method again
+    s.optimizer_step()  # no clip before it: the engine computes the norm itself
+    assert CountingZero12Optimizer.calls == 2
+
+
+def test_a_skipped_step_is_verified_and_an_applied_one_raises(deepspeed):
+    opt = Zero12Optimizer(3.0)
+    s = _strategy(FakeEngine(opt), opt)
+    s.clip_grad_norm(1.0)
+    s.skip_step()
+    assert s.engine.skipped_steps == 1 and not s.engine.was_step_applied()
+    broken = _strategy(FakeEngine(opt, broken=True), opt)  # a DeepSpeed whose step ignores the NaN norm
+    with pytest.raises(compat.NonFiniteStepApplied, match=r"skipped_steps 0 -> 0"):
+        broken.skip_step()
+    with pytest.raises(compat.DeepSpeedInternalMissing, match=r"has no DeepSpeedEngine\.skipped_steps"):
+        compat.skipped_steps(object())
 
 
 def test_background_writes_go_through_the_checkpoint_engine_only_inside_the_context(deepspeed):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,11 +31,11 @@ def test_sample_takes_its_defaults_from_sampling_config_but_stays_unclipped():
     assert _defaults(guidance.frame_guide)["weight"] == cfg.reconstruction_weight
 
 
-def test_gaussian_diffusion_defaults_are_the_config_s_but_prediction():
+def test_gaussian_diffusion_defaults_are_the_config_s_and_prediction_has_none():
     d, cfg = _defaults(GaussianDiffusion.__init__), DiffusionConfig()
     for name in ("logsnr_min", "logsnr_max", "loss_weighting", "logsnr_shift"):
         assert d[name] == getattr(cfg, name), name
-    assert d["prediction"] == "v"  # the design's library default
+    assert "prediction" not in d  # required: a bare construction must not misread an eps checkpoint as v
     assert GaussianDiffusion.from_config(cfg).prediction == cfg.prediction == "eps"  # a config always wins
     c = _defaults(cosine_logsnr)
     assert (c["logsnr_min"], c["logsnr_max"], c["shift"]) == (cfg.logsnr_min, cfg.logsnr_max, cfg.logsnr_shift)
@@ -107,7 +108,7 @@ def test_shared_constants_have_one_home():
     from data_pipeline import loader, plan
     from model import precision, text_encoder
     from slurm import launch
-    from trainer import evaluate, loop
+    from trainer import builder, evaluate, loop, seeding, validation
     from trainer.strategies import base
 
     assert base.autocast_dtype is precision.autocast_dtype
@@ -115,12 +116,15 @@ def test_shared_constants_have_one_home():
     assert text_encoder.PRECISION_DTYPES is precision.PRECISION_DTYPES
     with pytest.raises(ValueError, match="fp8"):
         precision.precision_dtype("fp8")
-    assert launch.EXIT_REQUEUE is loop.EXIT_REQUEUE is exit_codes.EXIT_REQUEUE == 124
-    assert loop.loader_factory_or_default is evaluate.loader_factory_or_default
+    assert launch.EXIT_REQUEUE is loop.EXIT_REQUEUE is exit_codes.EXIT_REQUEUE == 75
+    train_sh = (Path(__file__).resolve().parents[1] / "slurm" / "train.sh").read_text()
+    assert f"EXIT_REQUEUE={exit_codes.EXIT_REQUEUE} " in train_sh and "124" not in train_sh
+    assert builder.loader_factory_or_default is evaluate.loader_factory_or_default
+    assert validation.loader_factory_or_default is evaluate.loader_factory_or_default
     assert evaluate.loader_factory_or_default(None) is loader.build_loader
     # the salts' values fix the data order and seeds of existing runs: renaming must not change them
     salts = (plan.SALT_SHARD_ORDER, plan.SALT_STREAM_ORDER, plan.SALT_TRAIN_IMAGE_FRAMES, plan.SALT_VAL_IMAGE_FRAMES,
-             loop.RANK_SEED_STRIDE, loop.SALT_VAL_NOISE, evaluate.FVD_BATCH_SEED_STRIDE)
+             seeding.RANK_SEED_STRIDE, validation.SALT_VAL_NOISE, evaluate.FVD_BATCH_SEED_STRIDE)
     assert salts == (0x5A4D, 0xB0F, 0x1A6E, 0x7A1, 1_000_003, 4242, 7919)
 
 
@@ -144,3 +148,18 @@ def test_caption_and_output_defaults_have_one_home():
                                           video_io.video_summary)} == {video_io.OUTPUT_FPS}
     assert parse_args(["--checkpoint", "c", "--prompt", "p", "--out", "o.mp4"]).fps is None  # -> OUTPUT_FPS
     assert _defaults(metrics.band_edges).keys() == {"width"}
+
+
+def test_sampler_names_are_listed_once(capsys):
+    """The config's Literal, the library's check and the CLI's --sampler choices read one list."""
+    import typing
+
+    from model import config, sampling
+    from trainer import sample
+
+    assert sampling.SAMPLERS is config.SAMPLERS == ("ancestral", "ddim", "pc")
+    assert typing.get_args(typing.get_type_hints(config.SamplingConfig)["sampler"]) == config.SAMPLERS
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--checkpoint", "c", "--prompt", "p", "--out", "o.mp4", "--sampler", "euler"])
+    error = capsys.readouterr().err
+    assert "invalid choice: 'euler'" in error and all(f"'{name}'" in error for name in config.SAMPLERS)

@@ -246,6 +246,8 @@ def test_from_config_and_bad_names():
     assert d.logsnr(torch.tensor(0.0)).item() == pytest.approx(15.0, abs=1e-4)
     with pytest.raises(ValueError, match="prediction='score'"):
         GaussianDiffusion("score")
+    with pytest.raises(TypeError, match="prediction"):  # no default: an eps checkpoint must not be read as v
+        GaussianDiffusion()
     with pytest.raises(ValueError, match="loss_weighting='l1'"):
         GaussianDiffusion("eps", loss_weighting="l1")
     with pytest.raises(ValueError, match="expected"):

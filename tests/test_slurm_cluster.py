@@ -1,7 +1,7 @@
 """Both launch paths on the real local SLURM cluster (2 virtual nodes), with a probe as the trainer.
 
 The probe (tests/slurm_probe.py) keeps the trainer's contract: same CLI, SIGUSR1/SIGTERM -> "save"
-and exit 124. These tests prove the launch mechanics (ranks, rendezvous, signal forwarding,
+and exit 75. These tests prove the launch mechanics (ranks, rendezvous, signal forwarding,
 requeue, crash reports); tests/test_slurm_training.py runs the real trainer the same way.
 """
 
@@ -116,7 +116,7 @@ def _wait_ranks_ready(run: Path, job: str, ready: str = "-restart0.started") -> 
 
 
 def test_train_sh_usr1_saves_requeues_and_restarts(tmp_path):
-    """USR1 reaches the python tasks; exit 124 -> scontrol requeue -> same job restarts (restart 1)."""
+    """USR1 reaches the python tasks; exit 75 -> scontrol requeue -> same job restarts (restart 1)."""
     run = tmp_path / "run"
     job = _probe_job(tmp_path, run, PROBE_SECONDS="60")
     subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
@@ -206,7 +206,7 @@ def test_train_sh_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
     urgent job is done, the same job id resumes at that step. Who requeues depends on debug's GraceTime:
     0 (the default): SLURM signals the batch script too (SIGTERM, SIGKILL after KillWait) and requeues
     the job itself; train.sh must not. >0: only the tasks get SIGTERM, at once; the batch script is not
-    signalled, so train.sh sees a saved trainer (exit 124) and requeues the job (SLURM would only once
+    signalled, so train.sh sees a saved trainer (exit 75) and requeues the job (SLURM would only once
     the grace time ran out). GraceTime only acts on preempted jobs, which only these tests make."""
     require_partition("urgent")
     before = grace_time("debug")
@@ -236,7 +236,7 @@ def test_train_sh_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
     assert "restart 0:" in log and "restart 1:" in log
     if grace_s == 0:
         assert attempts == ["PREEMPTED", "COMPLETED"], attempts
-        # srun, signalled too, exits 124 (then train.sh says "not requeueing it here") or 143 (a race)
+        # srun, signalled too, exits 75 (then train.sh says "not requeueing it here") or 143 (a race)
         assert "received SIGTERM, forwarding" in log and "requeueing job" not in log, log
     else:
         assert attempts == ["REQUEUED", "COMPLETED"], attempts  # as after `scontrol requeue`
@@ -343,7 +343,7 @@ def test_launch_wait_reports_a_job_killed_without_a_result(tmp_path):
 
 def _submit_probe(tmp_path, **env):
     """Submit through the library (as slurm.launch does) so the test holds the submitit Job."""
-    from slurm.executor import make_executor
+    from common.submitit_executor import make_executor
     from slurm.launch import TrainTask
 
     old = dict(os.environ)
@@ -378,7 +378,7 @@ def test_launch_usr1_saves_requeues_and_finishes(tmp_path):
 
 def test_launch_dry_run_matches_what_submitit_submits(tmp_path):
     """--dry-run renders the script without SLURM; it must equal the real executor's script."""
-    from slurm.executor import make_executor
+    from common.submitit_executor import make_executor
     from slurm.launch import render_sbatch
 
     folder = str(tmp_path / "%j")
@@ -482,7 +482,7 @@ def test_train_sh_stops_requeueing_at_the_limit(tmp_path):
     run = tmp_path / "run"
     job = _probe_job(tmp_path, run, PROBE_SECONDS="60", VDM_MAX_REQUEUES="0")
     subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
-    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "FAILED"  # exit 124, not requeued
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "FAILED"  # exit 75, not requeued
     assert "reached VDM_MAX_REQUEUES" in (tmp_path / f"vdm-train-{job}.out").read_text()
     assert not list(run.glob("probe-rank*-restart1.*"))
 

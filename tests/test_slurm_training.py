@@ -197,7 +197,7 @@ def test_cancelled_job_saves_is_not_requeued_and_a_resubmission_resumes(tmp_path
     assert wait_batch_step_ended(job, 120) == "CANCELLED", _text(out)[-3000:]
     log = _text(out)
     assert f"[signal] checkpoint at step {HOLD + 1} written" in log, log[-3000:]
-    assert "training tasks exited with code 124" in log and "not requeueing it here" in log, log[-3000:]
+    assert "training tasks exited with code 75" in log and "not requeueing it here" in log, log[-3000:]
     assert "requeueing job" not in log and "restart 1:" not in log, log[-3000:]
     assert (run / "checkpoints" / f"step-{HOLD + 1:06d}" / "trainer_state.json").exists()
     assert logged_steps(run) == list(range(HOLD + 1))
@@ -244,7 +244,7 @@ def _wait_for_the_hold(job) -> None:
 
 def test_submitit_timeout_signal_checkpoints_through_the_trainer_and_resumes(tmp_path, tiny_shards, monkeypatch):
     """submitit's pre-timeout USR2 -> trainer saves (USR1) -> checkpoint() -> requeue -> exact resume."""
-    from slurm.executor import make_executor
+    from common.submitit_executor import make_executor
     from slurm.launch import TrainTask, wait_for
 
     run, steps = tmp_path / "run", 8
@@ -258,7 +258,7 @@ def test_submitit_timeout_signal_checkpoints_through_the_trainer_and_resumes(tmp
     log = job.paths.stdout.read_text() + job.paths.stderr.read_text()
     assert ok, f"{results}\n{log[-4000:]}"
     assert [r["restarts"] for r in results] == [1, 1], results
-    assert "checkpoint(): trainer exited with code 124 (saved)" in log  # submitit's Checkpointable path
+    assert "checkpoint(): trainer exited with code 75 (saved)" in log  # submitit's Checkpointable path
     assert "[signal] checkpoint at step " in log, log[-4000:]
     saved = int(log.split("[signal] checkpoint at step ", 1)[1].split()[0])
     assert saved == HOLD + 1 and f"at step {saved}" in log.split("[resume]", 1)[1].splitlines()[0]
@@ -271,7 +271,7 @@ def test_submitit_preempted_trainer_saves_requeues_and_resumes(tmp_path, tiny_sh
     """slurm.launch's job preempted at step HOLD by an `urgent` job (debug's GraceTime 0 and 30): the
     real trainer saves at HOLD + 1 on SIGTERM (twice with GraceTime=0, and SIGKILL KillWait later), the
     same job resumes there, and wait_for reports both ranks' results of the second attempt."""
-    from slurm.executor import make_executor
+    from common.submitit_executor import make_executor
     from slurm.launch import TrainTask, wait_for
 
     require_partition("urgent")

@@ -9,8 +9,8 @@ import sys
 import pytest
 from slurm_helpers import REPO, probe_env
 
+from common.submitit_executor import _extra_params, make_executor
 from slurm import env as slurm_env
-from slurm.executor import _extra_params, make_executor
 
 
 def test_expand_nodelist_matches_slurm_syntax():
@@ -75,7 +75,7 @@ def test_dry_run_prints_the_sbatch_script_without_submitting(tmp_path):
 
 
 def test_a_node_range_reaches_sbatch_while_submitit_counts_the_minimum(tmp_path):
-    from slurm.executor import node_params, parse_nodes
+    from common.submitit_executor import node_params, parse_nodes
 
     assert parse_nodes(4) == parse_nodes("4") == (4, 4) and parse_nodes("1-2") == (1, 2)
     assert node_params("2") == (2, {}) and node_params("1-3") == (1, {"nodes": "1-3"})

@@ -114,4 +114,4 @@ def test_shifted_schedule_keeps_the_ends_and_inverts():
     d = GaussianDiffusion(prediction="v", logsnr_shift=-3.0)
     torch.testing.assert_close(d.t_of_logsnr(d.logsnr(t)), t)
     with pytest.raises(ValueError, match="logsnr_shift"):
-        GaussianDiffusion(logsnr_shift=25.0)
+        GaussianDiffusion("v", logsnr_shift=25.0)

@@ -1,5 +1,5 @@
 """A stop signal at the end of training: the run is complete and saved, so it must exit 0, not ask
-for a requeue (124) and not die from the signal while shutting down (128+10 reads as "requeue me" to
+for a requeue (75) and not die from the signal while shutting down (128+10 reads as "requeue me" to
 slurm/train.sh and slurm.launch). Found in CI: a USR1 landing after the last step requeued a finished
 job, which then resumed at its last step just to exit."""
 
@@ -40,7 +40,7 @@ def test_usr1_during_the_last_step_and_during_shutdown_finishes_with_exit_0(tmp_
             proc.kill()
     output = "".join(lines) + rest
     assert proc.returncode == 0, output
-    assert "exiting with 0 (finished, not requeued)" in output and "exiting with 124" not in output
+    assert "exiting with 0 (finished, not requeued)" in output and "exiting with 75" not in output
     latest = find_latest(out)
     assert latest.name == f"step-{steps:06d}" and read_state(latest)["step"] == steps
     assert sorted(step_log(out)) == list(range(steps))

@@ -1,5 +1,5 @@
 """`python -m trainer.train` in one process on real shards: TensorBoard output, exact resume after
-kill -9, SIGUSR1/SIGTERM → checkpoint + exit 124, a kill during a checkpoint write, and the NaN guard."""
+kill -9, SIGUSR1/SIGTERM → checkpoint + exit 75, a kill during a checkpoint write, and the NaN guard."""
 
 from __future__ import annotations
 
@@ -119,9 +119,9 @@ def test_kill9_of_trainer_takes_its_forkserver_loader_workers_down(tmp_path, tra
 
 @pytest.mark.parametrize("sig,async_save", [(signal.SIGUSR1, False), (signal.SIGTERM, True)],
                          ids=["usr1", "term-async-save"])
-def test_stop_signal_checkpoints_and_exits_124_then_resumes(tmp_path, trainer_shards, sig, async_save):
+def test_stop_signal_checkpoints_and_exits_75_then_resumes(tmp_path, trainer_shards, sig, async_save):
     """SIGUSR1 (preemption notice) and SIGTERM (scancel, preemption): the real trainer saves and exits
-    124 either way; whether to requeue is the launcher's decision (TERM: never, see test_slurm_cluster).
+    75 either way; whether to requeue is the launcher's decision (TERM: never, see test_slurm_cluster).
     With run.async_save the stop checkpoint is written in the background and waited for before exit."""
     shards, _ = trainer_shards
     out = tmp_path / "run"
@@ -133,8 +133,8 @@ def test_stop_signal_checkpoints_and_exits_124_then_resumes(tmp_path, trainer_sh
     proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=120)
     output = "".join(lines) + rest
-    assert proc.returncode == 124, output
-    assert f"received {sig.name}" in output and "exiting with 124" in output
+    assert proc.returncode == 75, output
+    assert f"received {sig.name}" in output and "exiting with 75" in output
     assert ("in the background" in output) == async_save
     latest = find_latest(out)
     step = read_state(latest)["step"]

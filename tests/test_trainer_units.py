@@ -81,7 +81,7 @@ def test_band_training_weights_match_how_often_training_draws_each_band():
     """val/loss weights = the share of training's t ~ U[0,1] draws landing in each band (Monte Carlo)."""
     from model.diffusion import GaussianDiffusion
 
-    diffusion = GaussianDiffusion()
+    diffusion = GaussianDiffusion("v")
     edges = band_edges(-20, 20)
     weights = band_training_weights(edges, diffusion.t_of_logsnr)
     drawn = band_index(diffusion.logsnr(torch.rand(400_000, generator=torch.Generator().manual_seed(0))), edges)

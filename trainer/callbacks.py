@@ -1,7 +1,7 @@
 """Callbacks: code a run carries into the training loop without the loop knowing it (`run.callbacks`).
 
 A research engineer adds a profiler window, a custom metric or a fault injection by naming a class
-in the config (`run.callbacks: ["my_pkg.hooks:Profiler"]`) instead of editing `trainer/loop.py`.
+in the config (`run.callbacks: ["my_pkg.hooks:Profiler"]`) instead of editing the loop (`trainer/loop.py`).
 The trainer's own tests inject NaN batches, kills and held steps this way
 (`testing/fault_injection.py`), so the production loop carries no test switches.
 

@@ -55,7 +55,9 @@ class RunConfig:
     val_batches: int = 4
     sample_every: int = 0  # 0 = never
     sample_prompts: list[str] = field(default_factory=list)
-    sample_steps: int = 64  # sampling steps for the periodic TensorBoard samples
+    # sampling steps of the periodic TensorBoard samples (and of evaluation when eval.steps is 0);
+    # trainer.sample uses sampling.steps (model/config.py SamplingConfig says which applies when)
+    sample_steps: int = 64
     max_nonfinite_in_row: int = 5  # then roll back to the last checkpoint
     text_encoder: str = ""  # encoder for sample prompts (name or local path); "" = from the shards' index
     # warm start: an exported .safetensors (or a single/ddp checkpoint) whose EMA weights become this

@@ -214,20 +214,18 @@ def synthetic_batch(cfg, batch: int, text_len: int) -> dict:
 
 def run_step(strategy, diffusion, ema, batch: dict, cfg, clip: bool = True, optimizer: bool = True,
              after_backward=None) -> None:
-    """One optimizer step as the training loop takes it (grad accumulation, caption dropout, the
-    motion measurement of motion-conditioned models, EMA update); shared by the simulation and the
+    """One optimizer step as the training loop takes it (grad accumulation, the loop's `Conditioning`:
+    caption dropout and what the model measures on the clip, EMA update); shared by the simulation and the
     measurement so both run the same ops. `clip=False` under fake tensors (the norm is data);
     `optimizer=False`: forward and backward only; `after_backward()` is called once every gradient exists."""
-    from model.motion import global_motion
+    from model.conditioning import clip_conditions
+    from trainer.batches import Conditioning
 
+    conditioning = Conditioning(strategy.device, cfg.run.caption_dropout, clip_conditions(cfg.model))
     accum = cfg.optim.grad_accum
     for micro in range(accum):
         x = batch["video"].to(strategy.device).float()
-        cond = {"text_emb": batch["text_emb"].to(strategy.device),
-                "text_mask": batch["text_mask"].to(strategy.device),
-                "num_video_frames": int(batch["num_video_frames"])}
-        if cfg.model.motion_conditioning:
-            cond["motion"] = global_motion(x[:, :, :cond["num_video_frames"]])
+        cond = conditioning.for_training(batch, x)
         sync = strategy.no_sync() if micro < accum - 1 else contextlib.nullcontext()
         with sync:
             with strategy.autocast():

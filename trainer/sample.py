@@ -18,13 +18,15 @@ from pathlib import Path
 
 import torch
 
+from model.config import SAMPLERS
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="exported .safetensors, a run dir or a checkpoint dir")
     p.add_argument("--prompt", action="append", required=True, help="caption (repeatable)")
     p.add_argument("--out", required=True, help="output .mp4 path (a .gif is written next to it)")
-    p.add_argument("--sampler", choices=["ancestral", "ddim", "pc"])
+    p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance-weight", type=float)
     p.add_argument("--gamma", type=float)

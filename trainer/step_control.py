@@ -13,6 +13,21 @@ import math
 from dataclasses import dataclass
 
 
+@dataclass
+class TrainState:
+    """The counters a checkpoint carries besides the weights, shared by the loop (which advances them)
+    and the checkpoint manager (which saves, resumes and rolls them back)."""
+
+    step: int = 0  # optimizer steps done
+    skipped_steps: int = 0  # non-finite steps skipped, over the whole run (rollbacks included)
+    rollbacks: int = 0
+    text_encoder: str = ""  # the encoder the shards' captions were embedded with (sampling, evaluation)
+
+    def checkpoint_fields(self) -> dict:
+        """What trainer_state.json holds of these (the step is written by the checkpoint itself)."""
+        return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks, "text_encoder": self.text_encoder}
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one optimizer step reports to the loop."""
@@ -23,7 +38,7 @@ class StepResult:
     ok: bool  # loss and gradient finite: the optimizer and the EMA were updated
     data_wait: float  # seconds this rank waited for batches
     videos: int  # clips this rank trained on
-    batch_digest: str  # the global batch's sorted sample keys, hashed (trainer.loop.batch_digest)
+    batch_digest: str  # the global batch's sorted sample keys, hashed (trainer.batches.batch_digest)
     overhead: float  # seconds of one-off start-up work inside the step (the FLOP count): not step time
 
     @property

@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node 2 -m trainer.train --config ... --set parallel.strategy=ddp
 
 A run whose run.out_dir already holds a checkpoint resumes from it. Exit codes: 0 = finished,
-124 = stopped by SIGUSR1/SIGTERM after writing a checkpoint (requeue the job to continue),
+75 = stopped by SIGUSR1/SIGTERM after writing a checkpoint (EXIT_REQUEUE: requeue the job to continue),
 2 = bad config, 1 = any other error.
 """
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ignore_stop_signals() -> None:
-    """The run has ended and says how (0 finished, 124 saved and "requeue me", else failed). From here
+    """The run has ended and says how (0 finished, EXIT_REQUEUE saved and "requeue me", else failed). From here
     to the exit, the ranks' last barrier included, a late USR1 (a scheduler's "save and requeue") or a
     repeated SIGTERM (SLURM sends a preempted task two) must not replace that code with 128+N."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)

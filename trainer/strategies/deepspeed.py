@@ -7,7 +7,7 @@ everything our loop depends on (batch sizes, accumulation, clipping, stage, prec
 hyper-parameters) always comes from TrainConfig: see `build_ds_config`.
 
 Everything beyond DeepSpeed's public API (ZeRO optimizer and parameter internals, the universal
-checkpoint converter, monkeypatches) goes through trainer/strategies/deepspeed_compat.py, which checks
+checkpoint converter, overrides scoped to one engine object and one call) goes through trainer/strategies/deepspeed_compat.py, which checks
 the installed version against the tested range and names any internal that is missing.
 
 Facts this file relies on (DeepSpeed 0.19, checked on CPU with gloo):
@@ -22,8 +22,9 @@ Facts this file relies on (DeepSpeed 0.19, checked on CPU with gloo):
   computes its λ embedding in fp32 and casts only the features.
 - The engine computes the grad norm, clips and skips non-finite steps inside `engine.step()`; the loop
   wants the norm *before* stepping, so `clip_grad_norm` evaluates the same norm function the engine
-  will use, and `skip_step` makes the engine take its own overflow path (no update, gradients
-  dropped, fp16 loss scale backed off).
+  will use and hands that value to the step (computed once); `skip_step` makes the engine take its
+  own overflow path (no update, gradients dropped, fp16 loss scale backed off) and checks that it did
+  (the engine's skipped-step count moved, `was_step_applied()` is False), raising if not.
 
 EMA shards: under ZeRO-3 each rank's trainable tensors are its fp32 master partitions
 (`compat.local_fp32_param`); under ZeRO-1/2 they are the fragments of the fp32 master that this rank's
@@ -87,7 +88,7 @@ def join_pieces(pieces: list[Tensor], numel: int, stage: int) -> Tensor:
 
 
 def convert_to_universal(src: Path, target: Path) -> None:
-    """deepspeed.checkpoint.ds_to_universal in this process (no worker pool), into target atomically."""
+    """deepspeed.checkpoint.ds_to_universal (a process of its own, no worker pool), into target atomically."""
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     compat.ds_to_universal(str(src), str(tmp))
@@ -200,6 +201,7 @@ class DeepSpeedStrategy(Strategy):
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self.ds_config, dist_init_required=False)
         self.engine = engine
+        self._norm_parts = None  # clip_grad_norm's norm, reused by the step that follows
         compat.load_checkpoints_weights_only(engine)
         self.model = engine
         self.module = engine.module
@@ -251,19 +253,28 @@ class DeepSpeedStrategy(Strategy):
             self.engine.step()  # only advances the engine's micro-step counter
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """The global norm `engine.step()` is about to compute and clip (the engine clips; 0 = off)."""
+        """The global norm `engine.step()` is about to clip to `max_norm` (the engine clips; 0 = off),
+        computed once: the step reuses it (compat.step_takes_grad_norm)."""
         compat.set_clip(self.optimizer, max_norm)
-        return compat.global_grad_norm(self.optimizer, self.stage)
+        self._norm_parts = compat.grad_norm_parts(self.optimizer, self.stage)
+        return compat.grad_norm_value(self._norm_parts, self.optimizer, self.stage)
 
     def optimizer_step(self) -> None:
-        self.engine.step()
+        parts, self._norm_parts = self._norm_parts, None
+        with (compat.step_takes_grad_norm(self.optimizer, self.stage, parts) if parts is not None
+              else contextlib.nullcontext()):
+            self.engine.step()
 
     def skip_step(self) -> None:
         """Let the engine take its overflow path: no update, partitioned grads dropped, fp16 scale
         backed off. Forced by reporting an invalid norm for this one step, so a step whose loss was
-        non-finite but whose gradients happened to be finite is dropped as well."""
+        non-finite but whose gradients happened to be finite is dropped as well; then checked: a step
+        DeepSpeed applied anyway raises (compat.NonFiniteStepApplied) instead of being trained on."""
+        self._norm_parts = None
+        skipped = compat.skipped_steps(self.engine)
         with compat.invalid_grad_norm(self.optimizer, self.stage):
             self.engine.step()
+        compat.check_step_skipped(self.engine, skipped)
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -304,7 +315,7 @@ class DeepSpeedStrategy(Strategy):
         saved = saved_topology(ckpt_dir)
         universal = saved is not None and saved != (self.dist.world_size, self.stage)
         tag = self._universal_tag(ckpt_dir) if universal else TAG
-        with compat.universal_checkpoint_loading(self.engine, universal), compat.weights_only_torch_load():
+        with compat.universal_checkpoint_loading(self.engine, ckpt_dir / tag if universal else None):
             path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
         if path is None:

@@ -2,7 +2,9 @@
 
 Why a shared helper: the training launcher (`slurm.launch`) and the sharding array job
 (`data_pipeline.shard --slurm`) must agree on log layout, signal timing and requeue limits, and a
-user who learns one set of flags should find the same meaning in the other.
+user who learns one set of flags should find the same meaning in the other. It lives in common/
+(it imports submitit and none of our packages) so that both may import it: data_pipeline must not
+depend on slurm, the layer above it.
 """
 
 from __future__ import annotations
