@@ -288,14 +288,22 @@ def reserve(peak: int) -> int:
     return int(ALLOCATOR_SHARE * peak + CONTEXT_GIB * GiB)
 
 
+# Gradient/parameter traffic per step relative to DDP's all-reduce (2x the gradients): ZeRO-1/2 move the
+# same (reduce-scatter + all-gather); FSDP2 and ZeRO-3 gather the parameters again for backward (1.5x).
+# The planner does not time communication; among settings of equal compute it prefers less traffic.
+COMM_VOLUME = {"ddp": 1.0, "zero1": 1.0, "zero2": 1.0, "fsdp": 1.5, "zero3": 1.5}
+
+
 def recommend(rows: list[PlanRow], cfg: TrainConfig) -> tuple[PlanRow | None, str]:
-    """The fastest row that fits at the config's micro-batch (ties: less memory); or why none does."""
+    """The fastest row that fits at the config's micro-batch (ties: less communication, then less
+    memory); or why none does."""
     fitting = [r for r in rows if r.fits]
     if fitting:
-        best = min(fitting, key=lambda r: (round(r.step_seconds, 6), r.total))
+        best = min(fitting, key=lambda r: (round(r.step_seconds, 6), COMM_VOLUME[r.strategy], r.total))
         why = (f"fits at micro-batch {best.micro_batch} ({best.total / GiB:.1f} of {best.budget / GiB:.1f} GiB) "
                f"with the least recompute ({best.hardware_flops_per_sample / best.model_flops_per_sample - 1:.0%} "
-               f"extra FLOPs) and the least memory among equally fast settings")
+               f"extra FLOPs), and among equally fast settings the least communication "
+               f"({COMM_VOLUME[best.strategy]:g}x DDP's traffic), then memory")
         return best, why
     some = [r for r in rows if r.max_micro_batch > 0]
     if some:
