@@ -5,6 +5,8 @@ deepspeed), and gradient accumulation skipping DDP's all-reduce on non-final mic
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from process_group import gloo_group_of_one
@@ -186,9 +188,11 @@ def test_the_run_logs_its_plan_beside_what_it_measures(tmp_path, capsys):
     cfg = _cfg(tmp_path, run={"steps": 2, "log_every": 1, "plan_at_start": 1, "peak_tflops": 1.0,
                               "ckpt_every": 1000})
     trainer = _trainer(cfg)
-    trainer._plan._proc.wait(timeout=300)  # ready before the first log
+    plan = trainer._plan
+    plan._proc.wait(timeout=300)  # ready before the first log
     trainer.train()
     trainer.close()
+    assert not Path(plan._out.name).exists() and not Path(plan._config_file).exists()  # no files left behind
     out = capsys.readouterr().out
     planned = [line for line in out.splitlines() if line.startswith("[plan]")]
     assert len(planned) == 2, out[-3000:]

@@ -329,6 +329,8 @@ class Trainer:
     def close(self) -> None:
         self.batches.restart()  # a multi-process loader's workers stop now, not at interpreter exit
         self.metrics.close()
+        if self._plan is not None:
+            self._plan.close()
         for sig, handler in self._handlers_before_run.items():
             signal.signal(sig, handler)
         self._handlers_before_run = {}

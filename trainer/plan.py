@@ -22,6 +22,7 @@ Where each number comes from (every memory part says so in `sources`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -435,6 +436,7 @@ class BackgroundPlan:
         import subprocess
         import tempfile
 
+        self._config_file = config_file  # removed with the plan's output in close()
         self._out = tempfile.NamedTemporaryFile(prefix="vdm-plan-", suffix=".json", delete=False)
         self._err = tempfile.TemporaryFile()
         cmd = [sys.executable, "-m", "trainer.plan", "--config", config_file, "--gpus", str(world), "--only-config",
@@ -452,9 +454,11 @@ class BackgroundPlan:
         if self._proc.returncode != 0:
             self._err.seek(0)
             tail = self._err.read().decode(errors="replace").strip().splitlines()[-1:]
+            self.close()
             return [f"[plan] the start-up plan failed ({' '.join(tail)}); run python -m trainer.plan to see why"]
         with open(self._out.name) as f:
             row = json.load(f)["rows"][0]
+        self.close()
         m = row["memory"]
         lines = [f"[plan] planned per-rank peak {m['peak'] / GiB:.2f} GiB of tensors (parameters "
                  f"{m['parameters'] / GiB:.2f}, gradients {m['gradients'] / GiB:.2f}, optimizer "
@@ -463,6 +467,19 @@ class BackgroundPlan:
                  f"[plan] planned step {row['step_seconds']:.3g} s at MFU {row['mfu']:.2f}; measured "
                  f"{step_seconds:.3g} s" + (f" at MFU {mfu:.2f}" if mfu is not None else "")]
         return lines
+
+    def close(self) -> None:
+        """Stop a plan still running (the run ended first) and remove its files."""
+        import os
+
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._out.close()
+        self._err.close()
+        for path in (self._out.name, self._config_file):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def start_background_plan(cfg: TrainConfig, dist_env, peak_tflops: float | None) -> BackgroundPlan | None:
