@@ -94,3 +94,21 @@ def test_evaluate_task_scores_a_tiny_model_against_truth_and_baseline():
             torch.testing.assert_close(ex["completed"][:, :4], ex["truth"][:, :4])
         # an untrained model is no better than the baseline (the comparison is not rigged)
         assert m[f"{task.name}_psnr"] < m[f"{task.name}_psnr_baseline"]
+
+
+def test_examples_are_written_without_pickle_and_drawn_as_labelled_rows(tmp_path):
+    from bench.demo_picture import UPSCALE, conditional_picture
+    from trainer.conditional_eval import observed_for_display, write_examples
+
+    truth = _synthetic_clips(1)[0]
+    tasks = {"interpolate": Task("interpolate", 8, 16), "upsample": Task("upsample", 8, 16)}
+    examples = {name: {"observed": task.observe(truth[None])[0], "completed": truth, "truth": truth}
+                for name, task in tasks.items()}
+    shown = observed_for_display(tasks["interpolate"], examples["interpolate"]["observed"])
+    assert (shown[:, 1::2] == -1).all() and torch.equal(shown[:, 0::2], truth[:, 0::2])
+    assert observed_for_display(tasks["upsample"], examples["upsample"]["observed"]).shape == truth.shape
+    assert len(write_examples(examples, tasks, tmp_path)) == 6
+    assert np.load(tmp_path / "upsample.truth.npy", allow_pickle=False).shape == (8, 16, 16, 3)
+    image = conditional_picture(tmp_path, tmp_path / "c.png")
+    assert image.height == 2 * 3 * 16 * UPSCALE  # 2 tasks x (observed, generated, truth), one row of 8 frames each
+    assert (tmp_path / "c.png").is_file()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,37 @@ def baseline(task: Task, observed: Tensor) -> Tensor:
     flat = observed.transpose(1, 2).reshape(b * t, c, h, w)
     up = F.interpolate(flat, scale_factor=task.factor, mode="bicubic", align_corners=False)
     return up.reshape(b, t, c, h * task.factor, w * task.factor).transpose(1, 2).clamp(-1, 1)
+
+
+def observed_for_display(task: Task, observed: Tensor) -> Tensor:
+    """What a task observes of one clip [C, n, h, w], laid out as the full clip [C, window, H, W] for
+    a picture: unobserved frames black (-1), low-resolution frames repeated up to full size."""
+    c = observed.shape[0]
+    if task.name == "upsample":
+        return task.operator().lift(observed[None])[0]
+    shown = torch.full((c, task.window, task.size, task.size), -1.0, dtype=observed.dtype)
+    shown[:, task.operator().indices] = observed
+    return shown
+
+
+def write_examples(examples: dict[str, dict[str, Tensor]], tasks: dict[str, Task], out_dir) -> list:
+    """One held-out clip per task as uint8 [T, H, W, 3] arrays (no pickle): {task}.{observed,completed,
+    truth}.npy in out_dir, the observed part laid out by `observed_for_display`."""
+    import numpy as np
+
+    from trainer.video_io import to_uint8_frames
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, ex in examples.items():
+        shown = {"observed": observed_for_display(tasks[name], ex["observed"]), "completed": ex["completed"],
+                 "truth": ex["truth"]}
+        for part, video in shown.items():
+            path = out_dir / f"{name}.{part}.npy"
+            np.save(path, to_uint8_frames(video), allow_pickle=False)
+            written.append(path)
+    return written
 
 
 @dataclass

@@ -260,6 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--observed-frames", type=int, help="predict: frames observed (eval.observed_frames)")
     p.add_argument("--factor", type=int, help="interpolate and upsample factor (eval.interpolate_factor, "
                    "eval.upsample_factor)")
+    p.add_argument("--examples", help="write each task's first held-out clip (observed, completed, truth) as .npy here")
     p.add_argument("--synthetic-reader", action="store_true",
                    help="read colour/direction of the completions vs the truth (eval.task_reader)")
     p.add_argument("--seeds", type=int, help="copies of the synthetic prompt grid (eval.seeds)")
@@ -309,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in result.lines:
         print(line)
     print(f"[eval] {result.summary()}")
+    if a.examples and evaluator.examples:
+        from trainer.conditional_eval import write_examples
+
+        write_examples(evaluator.examples, {name: evaluator.task(name) for name in evaluator.examples}, a.examples)
+        print(f"wrote one held-out clip per task to {a.examples}")
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump({"checkpoint": str(a.checkpoint), "metrics": result.metrics, "info": result.info}, f, indent=2)
