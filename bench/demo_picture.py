@@ -1,7 +1,11 @@
 """python -m bench.demo_picture DEMO_OUT [--step N] [--out docs/img/demo_samples.png]: the README's
 picture of a finished `make demo`: one row per training-time sample at step N (the config's
 `run.sample_prompts`), then the CLI's extended sample (`cli_sample.mp4`), 8 frames per row, each frame
-upscaled 4x."""
+upscaled 4x.
+
+python -m bench.demo_picture DEMO_OUT --conditional [--out docs/img/demo_conditional.png]: the demo's
+conditional generation, one held-out clip per task (DEMO_OUT/conditional/, written by
+`trainer.evaluate --examples`): rows observed, generated, truth, drawn the same way, labelled."""
 
 from __future__ import annotations
 
@@ -35,12 +39,52 @@ def rows_of(video: np.ndarray) -> list[np.ndarray]:
     return rows
 
 
+CONDITIONAL_TASKS = ("predict", "interpolate", "upsample")
+CONDITIONAL_PARTS = (("observed", "observed"), ("completed", "generated"), ("truth", "truth"))
+LABEL_WIDTH = 150  # px left of each row (after upscaling) for its label
+
+
+def conditional_picture(examples_dir: Path, out: Path) -> Image.Image:
+    """Per task (the ones in examples_dir): its observed, generated and true frames as three labelled
+    rows, frames upscaled UPSCALE x (nearest, so low-resolution input stays visibly blocky)."""
+    from PIL import ImageDraw
+
+    rows, labels = [], []
+    for task in CONDITIONAL_TASKS:
+        if not (examples_dir / f"{task}.truth.npy").is_file():
+            continue
+        for part, label in CONDITIONAL_PARTS:
+            video = np.load(examples_dir / f"{task}.{part}.npy", allow_pickle=False)
+            rows += rows_of(video)
+            labels.append((f"{task}: {label}", len(rows_of(video))))
+    if not rows:
+        raise SystemExit(f"{examples_dir} holds no task examples: run trainer.evaluate --task ... --examples DIR")
+    grid = np.concatenate(rows, axis=0)
+    up = Image.fromarray(grid).resize((grid.shape[1] * UPSCALE, grid.shape[0] * UPSCALE), Image.NEAREST)
+    image = Image.new("RGB", (up.width + LABEL_WIDTH, up.height), (255, 255, 255))
+    image.paste(up, (LABEL_WIDTH, 0))
+    draw, row_height, y = ImageDraw.Draw(image), rows[0].shape[0] * UPSCALE, 0
+    for text, n in labels:
+        draw.text((6, y + row_height // 2 - 6), text, fill=(0, 0, 0))
+        y += n * row_height
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    return image
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("demo_out", type=Path)
     p.add_argument("--step", type=int, help="training sample step (default: the last one)")
-    p.add_argument("--out", type=Path, default=Path("docs/img/demo_samples.png"))
+    p.add_argument("--out", type=Path, help="default: docs/img/demo_samples.png (--conditional: demo_conditional.png)")
+    p.add_argument("--conditional", action="store_true", help="draw the conditional-generation picture instead")
     a = p.parse_args(argv)
+    if a.conditional:
+        out = a.out or Path("docs/img/demo_conditional.png")
+        image = conditional_picture(a.demo_out / "conditional", out)
+        print(f"wrote {out} ({image.width}x{image.height}) from {a.demo_out / 'conditional'}")
+        return 0
+    a.out = a.out or Path("docs/img/demo_samples.png")
     steps = sorted((a.demo_out / "run" / "samples").glob("step-*"))
     if not steps:
         raise SystemExit(f"{a.demo_out}/run/samples has no step-* folders: run `make demo` first")

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from model.config import SamplingConfig
 from model.diffusion import alpha_sigma, broadcast_to
+from model.observation import FrameSelection, Observation
 
 
 def cfg_combine(out_cond: Tensor, out_uncond: Tensor, weight: float) -> Tensor:
@@ -131,20 +132,67 @@ class ReconstructionGuidance:
         return x if self.replacement is None else self.replacement.finalize(x)
 
 
+class ProjectionReplacement:
+    """Replacement for an observation whose values are not coordinates of x (average pooling): after
+    every update the component of z in the operator's row space is set from a fresh draw of
+    q(H z_t | y) = N(α_t y, σ_t² c² I), the rest of z kept; the result gets H x = y the same way.
+
+    `op` is a `model.observation.Observation` with H Hᵀ = c² I (c = op.noise_scale), so its `lift`
+    H⁺ makes H⁺H the orthogonal projection onto the row space: z + H⁺(target − H z) changes only
+    that component (ILVR, Choi et al. 2021). For a frame selection this is exactly `Replacement`.
+    """
+
+    def __init__(self, y: Tensor, op: Observation) -> None:
+        self.x_a = y  # named like the other guides' observed tensor (sample() reads its device)
+        self.op = op
+
+    def replace(self, z: Tensor, logsnr: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        alpha, sigma = alpha_sigma(torch.as_tensor(logsnr, dtype=torch.float64))
+        y = self.x_a.to(device=z.device, dtype=z.dtype)
+        noise = torch.randn(y.shape, generator=generator, device=z.device, dtype=z.dtype)
+        target = alpha.to(z.dtype) * y + (sigma * self.op.noise_scale).to(z.dtype) * noise
+        return z + self.op.lift(target - self.op.observe(z))
+
+    def predict_x(self, predict: Callable[[Tensor], Tensor], z: Tensor, logsnr: Tensor) -> Tensor:
+        return predict(z)
+
+    def finalize(self, x: Tensor) -> Tensor:
+        return x + self.op.lift(self.x_a.to(device=x.device, dtype=x.dtype) - self.op.observe(x))
+
+
+GUIDANCE_KINDS = ("reconstruction", "replacement")
+
+
+def replacement_for(op: Observation, y: Tensor) -> Replacement | ProjectionReplacement:
+    """The replacement baseline for observation `op` and observed tensor y: a full-shaped x_a and a
+    mask where the operator selects coordinates (it has `mask()`), a projection otherwise."""
+    if hasattr(op, "mask"):
+        return Replacement(op.lift(y), op.mask(y.device))
+    return ProjectionReplacement(y, op)
+
+
+def observation_guide(op: Observation, y: Tensor, kind: str = "reconstruction",
+                      weight: float = SamplingConfig.reconstruction_weight, replace: bool = True) -> Guide:
+    """The guide for one conditional task: observation operator `op` (`model.observation`) and the
+    observed tensor y = op.observe(truth).
+
+    kind "replacement": the baseline alone. kind "reconstruction": eq. 7/8 with weight w_r on
+    `op.observe`, and (replace=True, as the paper does for the conditioning frames of extension) the
+    replacement on top, so the observed part of the result is y exactly.
+    """
+    if y.ndim != 5:
+        raise ValueError(f"observed tensor must be [B, C, T, H, W], got shape {tuple(y.shape)}")
+    if kind not in GUIDANCE_KINDS:
+        raise ValueError(f"guidance={kind!r} is not one of {', '.join(GUIDANCE_KINDS)}")
+    replacement = replacement_for(op, y)
+    if kind == "replacement":
+        return replacement
+    return ReconstructionGuidance(y, op.observe, weight, replacement=replacement if replace else None)
+
+
 def frame_guide(
     context: Tensor, window_frames: int, kind: str = "reconstruction", weight: float = SamplingConfig.reconstruction_weight
 ) -> Guide:
-    """Guide for a window of `window_frames` frames whose first frames are `context` [B, C, k, H, W]."""
-    b, c, k, h, w = context.shape
-    if not 0 < k < window_frames:
-        raise ValueError(f"context has {k} frames; need 0 < k < window_frames={window_frames}")
-    x_full = torch.zeros((b, c, window_frames, h, w), dtype=context.dtype, device=context.device)
-    x_full[:, :, :k] = context
-    mask = torch.zeros((1, 1, window_frames, 1, 1), dtype=torch.bool, device=context.device)
-    mask[:, :, :k] = True
-    replacement = Replacement(x_full, mask)
-    if kind == "replacement":
-        return replacement
-    if kind == "reconstruction":
-        return ReconstructionGuidance(context, lambda x: x[:, :, :k], weight, replacement=replacement)
-    raise ValueError(f"guidance={kind!r} is not one of reconstruction, replacement")
+    """Guide for a window of `window_frames` frames whose first frames are `context` [B, C, k, H, W]:
+    extension, i.e. the prediction operator applied to the model's own frames."""
+    return observation_guide(FrameSelection.first(context.shape[2], window_frames), context, kind, weight)

@@ -40,6 +40,7 @@ __all__ = [
     "Replacement",
     "ancestral_step",
     "cfg_output",
+    "continue_video",
     "ddim_step",
     "extend",
     "langevin_step",
@@ -327,9 +328,36 @@ def extend(
     if "guide" in sample_kwargs:
         raise ValueError("extend() builds its own guide; pass guidance=/reconstruction_weight= instead")
     video = sample(denoiser, diffusion, window_shape, **sample_kwargs)
+    return continue_video(denoiser, diffusion, video, window_shape, total_frames, context_frames=context_frames,
+                          guidance=guidance, reconstruction_weight=reconstruction_weight, **sample_kwargs)
+
+
+def continue_video(
+    denoiser: Denoiser,
+    diffusion: GaussianDiffusion,
+    video: Tensor,
+    window_shape: tuple[int, int, int, int, int],
+    total_frames: int,
+    *,
+    context_frames: int,
+    guidance: str = "reconstruction",
+    reconstruction_weight: float = _DEFAULT.reconstruction_weight,
+    **sample_kwargs: Any,
+) -> Tensor:
+    """`video` [B, C, F, H, W] continued to total_frames, window by window: each window of
+    window_shape[2] frames observes the last frames so far through the prediction operator
+    (`frame_guide`: the first frames of the window) and adds the rest.
+
+    Extension continues the model's own first window; prediction continues observed real frames (F may
+    be shorter than a window: the first window then observes all F). A window observes
+    `context_frames` frames, more in the last one so every window has the full length.
+    """
+    t = window_shape[2]
+    if not 0 < context_frames < t:
+        raise ValueError(f"context_frames={context_frames} must be in [1, {t - 1}] for windows of {t} frames")
     while video.shape[2] < total_frames:
         n_new = min(t - context_frames, total_frames - video.shape[2])
-        k = t - n_new
+        k = min(t - n_new, video.shape[2])
         guide = frame_guide(video[:, :, -k:], t, guidance, reconstruction_weight)
         window = sample(denoiser, diffusion, window_shape, guide=guide, **sample_kwargs)
         video = torch.cat([video, window[:, :, k:].to(video.dtype)], dim=2)

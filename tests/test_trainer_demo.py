@@ -30,6 +30,14 @@ def test_demo_runs_end_to_end_and_is_idempotent(tmp_path):
     assert len(list((out / "run" / "samples" / "step-000004").glob("*.mp4"))) == 2
     assert (out / "model.safetensors").is_file() and (out / "cli_sample.gif").is_file()
     assert list((out / "run" / "tb").glob("events.out.tfevents.*"))
+    # conditional generation from the held-out clips: three scored tasks and their picture
+    assert "conditional generation from held-out clips" in r.stdout
+    for title, baseline in (("prediction", "repeat last frame"), ("interpolation", "linear blend"),
+                            ("super-resolution", "bicubic")):
+        line = next(x for x in r.stdout.splitlines() if x.startswith(f"[demo]   {title} ("))
+        assert "8 clips" in line and f"({baseline})" in line, line
+    assert "keeps the observed direction in" in r.stdout
+    assert (out / "conditional.png").is_file() and len(list((out / "conditional").glob("*.npy"))) == 9
 
     r = _demo(out, "--steps", "5")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

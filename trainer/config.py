@@ -114,6 +114,23 @@ class EvalConfig:
     steps: int = 0  # sampling steps; 0 = run.sample_steps
     batch_size: int = 32  # clips sampled per forward
     seed: int = 0  # noise seed of the generated clips (logged with the scores)
+    # conditional generation scored on held-out clips of data.val_shards (trainer/conditional_eval.py):
+    # any of predict, interpolate, upsample; PSNR/SSIM against the clip and the task's baseline, FVD with
+    # fvd_detector
+    tasks: list[str] = field(default_factory=list)
+    task_clips: int = 16  # held-out clips per task (the first ones of data.val_shards)
+    observed_frames: int = 0  # predict: frames observed (0 = half a clip)
+    interpolate_factor: int = 2  # interpolate: every factor-th frame observed
+    upsample_factor: int = 2  # upsample: observed at 1/factor of the model's size
+    task_captions: bool = True  # condition on each held-out clip's caption (false: no caption)
+    # read colour and direction of the completed clips against the truth's (data_pipeline.synthetic_reader):
+    # only meaningful for data_pipeline.synthetic videos
+    task_reader: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in ("predict", "interpolate", "upsample")]
+        if unknown:
+            raise ValueError(f"eval.tasks: {unknown} not among predict, interpolate, upsample")
 
 
 @dataclass

@@ -1,8 +1,16 @@
-"""Evaluate a trained model: synthetic-task accuracy (colour, shape, direction) and FVD.
+"""Evaluate a trained model: synthetic-task accuracy (colour, shape, direction), FVD, and conditional
+generation (prediction, interpolation, super-resolution) against held-out truth.
 
     python -m trainer.evaluate --checkpoint RUN|CKPT|FILE.safetensors [--synthetic] [--extension]
         [--fvd-detector i3d_torchscript.pt|URL --val-shards DIR --fvd-clips 256]
-        [--seeds 2 --steps 64 --seed 0] [--set eval.key=value ...] [--json metrics.json]
+        [--task predict|interpolate|upsample ... --val-shards DIR --task-clips 16 --observed-frames K
+         --factor F --synthetic-reader] [--seeds 2 --steps 64 --seed 0] [--set eval.key=value ...]
+        [--json metrics.json]
+
+--task (repeatable) gives each held-out clip's observed part to the model (trainer/conditional.py)
+and scores the completion against the clip with PSNR and SSIM, next to the task's baseline
+(trainer/conditional_eval.py), plus FVD with --fvd-detector and the synthetic reader's colour and
+direction check with --synthetic-reader.
 
 The same `Evaluator` runs inside training every `run.eval_every` steps on the EMA weights
 (TensorBoard `eval/*`, an `[eval]` line in the log), so a number seen during training is the number
@@ -43,6 +51,10 @@ class EvalResult:
                          f"shape {m['shape_acc']:.0%} colour+direction {m['colour_direction_acc']:.0%}")
         if "extension_direction_acc" in m:
             parts.append(f"extension direction {m['extension_direction_acc']:.0%}")
+        for task in ("predict", "interpolate", "upsample"):
+            if f"{task}_psnr" in m:
+                parts.append(f"{task} PSNR {m[f'{task}_psnr']:.2f} dB (baseline {m[f'{task}_psnr_baseline']:.2f})"
+                             + (f" direction {m[f'{task}_direction_acc']:.0%}" if f"{task}_direction_acc" in m else ""))
         if "fvd" in m:
             parts.append(f"FVD {m['fvd']:.2f} ({self.info['fvd_clips']} clips, seed {self.info['seed']}, "
                          f"{self.info['fvd_detector']})")
@@ -66,22 +78,29 @@ class Evaluator:
         self._encoder = None
         self._extractor = None
         self._real = None  # (FeatureStats, [(text_emb, text_mask), ...]) of the real clips
+        self._task_clips = None  # held-out clips of eval.tasks, read once
+        self.examples: dict = {}  # task -> observed / completed / baseline / truth of its first clip (last run)
 
     @property
     def enabled(self) -> bool:
-        return self.cfg.eval.synthetic or bool(self.cfg.eval.fvd_detector)
+        return self.cfg.eval.synthetic or bool(self.cfg.eval.fvd_detector) or bool(self.cfg.eval.tasks)
 
     def check(self) -> None:
         """Fail now, naming the setting, on what would fail at the first evaluation."""
         ev = self.cfg.eval
         if not self.enabled:
-            raise ValueError("run.eval_every is set but the eval: section measures nothing: set eval.synthetic=true "
-                             "and/or eval.fvd_detector")
+            raise ValueError("run.eval_every is set but the eval: section measures nothing: set eval.synthetic=true, "
+                             "eval.fvd_detector and/or eval.tasks")
         if ev.seeds < 1 or ev.batch_size < 1 or ev.fvd_clips < 2:
             raise ValueError(f"eval.seeds ({ev.seeds}) and eval.batch_size ({ev.batch_size}) must be >= 1, "
                              f"eval.fvd_clips ({ev.fvd_clips}) >= 2")
         if ev.synthetic:
             self._text_encoder()
+        if ev.tasks:
+            if not self.cfg.data.val_shards:
+                raise ValueError(f"eval.tasks={ev.tasks} needs held-out clips: set data.val_shards")
+            for name in ev.tasks:
+                self.task(name)
         if ev.fvd_detector:
             if not self.cfg.data.val_shards:
                 raise ValueError("eval.fvd_detector needs real clips: set data.val_shards")
@@ -111,7 +130,36 @@ class Evaluator:
             self._synthetic(model, diffusion, result)
         if self.cfg.eval.fvd_detector:
             self._fvd(model, diffusion, result)
+        if self.cfg.eval.tasks:
+            self._tasks(model, diffusion, result)
         return result
+
+    # ------------------------------------------------------------------ conditional tasks
+    def task(self, name: str):
+        """The `trainer.conditional.Task` `name` with the eval section's factors, for this model."""
+        from trainer.conditional import Task
+
+        ev, data = self.cfg.eval, self.cfg.data
+        factor = ev.interpolate_factor if name == "interpolate" else ev.upsample_factor
+        return Task(name, window=data.num_frames, size=data.image_size, factor=factor,
+                    observed_frames=ev.observed_frames)
+
+    def _tasks(self, model, diffusion, result: EvalResult) -> None:
+        """Each of eval.tasks on the first eval.task_clips held-out clips; FVD per task with a detector."""
+        from trainer.conditional_eval import evaluate_task
+
+        ev = self.cfg.eval
+        if self._task_clips is None:
+            self._task_clips = list(self._real_clips(ev.task_clips))
+        extractor = self._feature_extractor() if ev.fvd_detector else None
+        for name in ev.tasks:
+            report = evaluate_task(model, diffusion, self.task(name), self._task_clips, sampling=self.sampling(),
+                                   seed=ev.seed, batch=ev.batch_size, captions=ev.task_captions,
+                                   reader=ev.task_reader, extractor=extractor, device=self.device)
+            result.metrics.update(report.metrics)
+            result.info.update(report.info)
+            result.lines += report.lines
+            self.examples[name] = report.examples
 
     # ------------------------------------------------------------------ synthetic task
     def _text_encoder(self):
@@ -147,14 +195,15 @@ class Evaluator:
                          f"({report.clips / max(report.seconds, 1e-9):.2f} clips/s)"]
 
     # ------------------------------------------------------------------ FVD
-    def _real_clips(self):
-        """Batches of the first eval.fvd_clips clips of data.val_shards (video frames only)."""
+    def _real_clips(self, count: int | None = None):
+        """Batches (video, text_emb, text_mask) of the first `count` (default eval.fvd_clips) clips of
+        data.val_shards (video frames only)."""
         cfg = self.cfg
         if not cfg.data.val_shards:
-            raise ValueError("FVD needs real clips: set data.val_shards (or pass --val-shards)")
+            raise ValueError("held-out clips needed (FVD, eval.tasks): set data.val_shards (or pass --val-shards)")
         factory = loader_factory_or_default(self._loader_factory)
         val_cfg = type(cfg.data)(**{**cfg.data.__dict__, "shards": cfg.data.val_shards, "num_image_frames": 0})
-        left = cfg.eval.fvd_clips
+        left = cfg.eval.fvd_clips if count is None else count
         for batch in factory(val_cfg, rank=0, world_size=1, train=False):
             take = min(left, batch["video"].shape[0])
             yield (batch["video"][:take, :, :cfg.data.num_frames], batch["text_emb"][:take],
@@ -205,6 +254,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fvd-detector", help="TorchScript I3D file or URL (eval.fvd_detector)")
     p.add_argument("--val-shards", help="real clips for FVD (data.val_shards)")
     p.add_argument("--fvd-clips", type=int, help="eval.fvd_clips")
+    p.add_argument("--task", action="append", choices=["predict", "interpolate", "upsample"],
+                   help="conditional task scored on --val-shards (repeatable; eval.tasks)")
+    p.add_argument("--task-clips", type=int, help="held-out clips per task (eval.task_clips)")
+    p.add_argument("--observed-frames", type=int, help="predict: frames observed (eval.observed_frames)")
+    p.add_argument("--factor", type=int, help="interpolate and upsample factor (eval.interpolate_factor, "
+                   "eval.upsample_factor)")
+    p.add_argument("--examples", help="write each task's first held-out clip (observed, completed, truth) as .npy here")
+    p.add_argument("--synthetic-reader", action="store_true",
+                   help="read colour/direction of the completions vs the truth (eval.task_reader)")
     p.add_argument("--seeds", type=int, help="copies of the synthetic prompt grid (eval.seeds)")
     p.add_argument("--steps", type=int, help="sampling steps (eval.steps)")
     p.add_argument("--seed", type=int, help="noise seed (eval.seed)")
@@ -219,7 +277,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _overrides(a: argparse.Namespace) -> list[str]:
     flags = {"eval.synthetic": a.synthetic or None, "eval.extension": a.extension or None,
              "eval.fvd_detector": a.fvd_detector, "data.val_shards": a.val_shards, "eval.fvd_clips": a.fvd_clips,
-             "eval.seeds": a.seeds, "eval.steps": a.steps, "eval.seed": a.seed}
+             "eval.seeds": a.seeds, "eval.steps": a.steps, "eval.seed": a.seed,
+             "eval.tasks": f"[{','.join(a.task)}]" if a.task else None, "eval.task_clips": a.task_clips,
+             "eval.observed_frames": a.observed_frames, "eval.interpolate_factor": a.factor,
+             "eval.upsample_factor": a.factor, "eval.task_reader": a.synthetic_reader or None}
     return [f"{k}={v}" for k, v in flags.items() if v is not None] + a.overrides
 
 
@@ -238,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     evaluator = Evaluator(cfg, a.text_encoder or meta.get("text_encoder") or cfg.run.text_encoder, a.device)
     if not evaluator.enabled:
-        print("evaluate: nothing to evaluate: pass --synthetic and/or --fvd-detector (or set eval.* in the "
-              "config)", file=sys.stderr)
+        print("evaluate: nothing to evaluate: pass --synthetic, --fvd-detector and/or --task (or set eval.* in "
+              "the config)", file=sys.stderr)
         return 2
     try:
         result = evaluator.run(model)
@@ -249,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in result.lines:
         print(line)
     print(f"[eval] {result.summary()}")
+    if a.examples and evaluator.examples:
+        from trainer.conditional_eval import write_examples
+
+        write_examples(evaluator.examples, {name: evaluator.task(name) for name in evaluator.examples}, a.examples)
+        print(f"wrote one held-out clip per task to {a.examples}")
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump({"checkpoint": str(a.checkpoint), "metrics": result.metrics, "info": result.info}, f, indent=2)

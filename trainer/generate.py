@@ -6,6 +6,8 @@ what you see during training is exactly what the CLI produces for the same weigh
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -37,6 +39,36 @@ def null_text_branch(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"text_emb": torch.zeros_like(cond["text_emb"]), "text_mask": torch.zeros_like(cond["text_mask"])}
 
 
+@contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode for sampling, back in its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def sampling_setup(model: nn.Module, sc: SamplingConfig, text_emb: torch.Tensor | None, text_mask: torch.Tensor | None,
+                   device: torch.device, cfg_batched: bool | None = None) -> tuple:
+    """(denoiser, keywords of `model.sampling.sample` but the generator) for `model` with captions
+    text_emb/text_mask (None: no caption; the model's null branch, and no classifier-free guidance,
+    which would compare the null branch with itself). cfg_batched: see `generate`."""
+    def denoiser(z, logsnr, **c):
+        return model(z, logsnr, **c).float()
+
+    kwargs = dict(sc.sample_kwargs(), device=device)
+    if text_emb is None:
+        return denoiser, dict(kwargs, guidance_weight=0.0, cond={}, uncond={})
+    cond = {"text_emb": text_emb.to(device), "text_mask": text_mask.to(device)}
+    if cfg_batched is None:
+        cfg_batched = device.type == "cuda"
+    # text None cannot be merged with the caption's tensors, so the sampler makes two calls
+    uncond = null_text_branch(cond) if cfg_batched else {"text_emb": None, "text_mask": None}
+    return denoiser, dict(kwargs, cond=cond, uncond=uncond)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, diffusion: GaussianDiffusion, text_emb: torch.Tensor, text_mask: torch.Tensor, *,
              frames: int, height: int, width: int, channels: int = 3, sampling: SamplingConfig | None = None,
@@ -61,27 +93,13 @@ def generate(model: nn.Module, diffusion: GaussianDiffusion, text_emb: torch.Ten
         sampler=sampler, steps=steps, gamma=gamma, langevin_delta=langevin_delta, guidance_weight=guidance_weight,
         clip_x=clip_x, reconstruction_weight=reconstruction_weight)
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    b = text_emb.shape[0]
-    cond = {"text_emb": text_emb.to(device), "text_mask": text_mask.to(device)}
-    if cfg_batched is None:
-        cfg_batched = device.type == "cuda"
-    # text None cannot be merged with the caption's tensors, so the sampler makes two calls
-    uncond = null_text_branch(cond) if cfg_batched else {"text_emb": None, "text_mask": None}
-
-    def denoiser(z, logsnr, **c):
-        return model(z, logsnr, **c).float()
-
+    denoiser, kwargs = sampling_setup(model, sc, text_emb, text_mask, device, cfg_batched)
     generator = torch.Generator(device=device).manual_seed(seed)
-    kwargs = dict(sc.sample_kwargs(), cond=cond, uncond=uncond, generator=generator, device=device)
-    shape = (b, channels, frames, height, width)
-    try:
+    shape = (text_emb.shape[0], channels, frames, height, width)
+    with eval_mode(model):
         if extend_to is not None and extend_to > frames:
             out = extend(denoiser, diffusion, shape, extend_to, guidance="reconstruction",
-                         reconstruction_weight=sc.reconstruction_weight, **kwargs)
+                         reconstruction_weight=sc.reconstruction_weight, generator=generator, **kwargs)
         else:
-            out = sample(denoiser, diffusion, shape, **kwargs)
-    finally:
-        model.train(was_training)
+            out = sample(denoiser, diffusion, shape, generator=generator, **kwargs)
     return out.clamp(-1, 1)
