@@ -3,10 +3,10 @@
 Why simulate instead of adding up a formula: what a rank holds at its peak depends on what the code
 really does — FSDP2's unsharded units and their all-gather/reduce-scatter buffers, the mixed-precision
 copies, which activations a checkpoint policy keeps, the optimizer's lazily created state. So the
-model, the strategy's own `setup()` and two optimizer steps run under `FakeTensorMode` (shapes and
-dtypes, no data, no memory) with torch's fake process group standing in for `world_size` ranks, and
-`LiveBytes` watches every storage the step creates. Planning the 1.27B model for 512 ranks this way
-takes seconds on a laptop CPU.
+model, the strategy's own `setup()`, an optimizer step on zero gradients and a whole training step
+run under `FakeTensorMode` (shapes and dtypes, no data, no memory) with torch's fake process group
+standing in for `world_size` ranks, and `LiveBytes` watches every storage they create. One such
+simulation of the 1.27B model takes 10-60 s on one CPU core, whatever the world size.
 
 What cannot run on fake tensors is said, and computed instead (`MemoryBreakdown.sources`):
 - DDP's C++ reducer touches real data, so DDP is the single-process step plus its gradient buckets
@@ -16,6 +16,8 @@ What cannot run on fake tensors is said, and computed instead (`MemoryBreakdown.
   and the activations from the simulated step of the unwrapped model.
 - The grad-norm clip reads the norm as a Python float (data-dependent): it is skipped; its temporaries
   are one gradient at a time.
+- The batch is shaped like the loader's with captions of data.max_text_len tokens (the loader pads to
+  the longest caption of a batch, so this is the worst case).
 
 The same `LiveBytes` counter runs around real steps (`trainer.memory_probe`), which is how the
 simulation is checked against measurement (tests/test_plan_memory.py, BENCHMARKS.md).
