@@ -26,6 +26,7 @@ import torch
 
 from common.config import load_config
 from trainer.config import TrainConfig
+from trainer.plan import variant
 
 
 def _max_rss() -> int:
@@ -62,16 +63,6 @@ def measure(cfg: TrainConfig, dist_env, batch: int, text_len: int) -> dict:
     return out
 
 
-def _variant(cfg: TrainConfig, strategy: str | None, policy: str) -> TrainConfig:
-    """`cfg` with a planner strategy name (zeroN = deepspeed stage N) and a checkpoint policy."""
-    parallel = cfg.parallel
-    if strategy is not None:
-        name, stage = ("deepspeed", int(strategy[4:])) if strategy.startswith("zero") else (strategy, 2)
-        parallel = dataclasses.replace(parallel, strategy=name, zero_stage=stage)
-    model = dataclasses.replace(cfg.model, checkpoint_policy=policy, gradient_checkpointing=False)
-    return dataclasses.replace(cfg, parallel=parallel, model=model)
-
-
 def main(argv: list[str] | None = None) -> int:
     from trainer.distributed import exit_process, init_distributed
 
@@ -89,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for strategy in a.strategy or [None]:
         for policy in a.policy or [cfg.model.activation_checkpointing]:
-            c = _variant(cfg, strategy, policy)
+            c = variant(cfg, strategy, policy)
             r = measure(c, env, a.batch or cfg.data.batch_size, cfg.data.max_text_len)
             results.append(r)
             if env.rank == 0:

@@ -138,8 +138,12 @@ class PlanInputs:
     mean_tokens: float = 0.0  # 0 = the calibration's captions
 
 
-def _with(cfg: TrainConfig, strategy: str | None = None, policy: str | None = None) -> TrainConfig:
-    parallel = cfg.parallel if strategy is None else dataclasses.replace(cfg.parallel, strategy=strategy)
+def variant(cfg: TrainConfig, strategy: str | None = None, policy: str | None = None) -> TrainConfig:
+    """`cfg` with a strategy (a plan name: zeroN = deepspeed at ZeRO stage N) and a checkpoint policy."""
+    parallel = cfg.parallel
+    if strategy is not None:
+        name, stage = ("deepspeed", int(strategy[4:])) if strategy.startswith("zero") else (strategy, None)
+        parallel = dataclasses.replace(parallel, strategy=name, zero_stage=stage or parallel.zero_stage)
     model = cfg.model if policy is None else dataclasses.replace(cfg.model, checkpoint_policy=policy,
                                                                   gradient_checkpointing=False)
     return dataclasses.replace(cfg, parallel=parallel, model=model)
@@ -169,7 +173,7 @@ class Planner:
         if key not in self._sims:
             t0 = time.perf_counter()
             world = self.inputs.gpus if strategy == "fsdp" else 1
-            step = simulate_step(_with(self.cfg, strategy, policy), world, batch, self.text_len, states=states)
+            step = simulate_step(variant(self.cfg, strategy, policy), world, batch, self.text_len, states=states)
             if not states:
                 key = key + ("activations",)
             self._sims[key] = step.breakdown
