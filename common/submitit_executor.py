@@ -9,6 +9,7 @@ depend on slurm, the layer above it.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,12 @@ SIGNAL_DELAY_S = 120
 MAX_NUM_TIMEOUT = 20
 # srun --wait: seconds the other tasks may outlive the first task that exits. A crashed rank then
 # cannot leave the others blocked in a collective until the process-group timeout (30 min).
-SRUN_ARGS = ["--wait=120"]
+# VDM_SRUN_WAIT overrides it, as for slurm/train.sh.
+SRUN_WAIT_S = 120
+
+
+def srun_args() -> list[str]:
+    return [f"--wait={int(os.environ.get('VDM_SRUN_WAIT', SRUN_WAIT_S))}"]
 
 
 def parse_nodes(nodes: int | str) -> tuple[int, int]:
@@ -124,7 +130,7 @@ def make_executor(
         if array_parallelism:
             params["slurm_array_parallelism"] = int(array_parallelism)
         params["slurm_additional_parameters"] = {**_extra_params(extra_sbatch), **node_range}
-        params["slurm_srun_args"] = list(SRUN_ARGS)
+        params["slurm_srun_args"] = srun_args()
         if setup:
             params["slurm_setup"] = list(setup)
     ex.update_parameters(**params)

@@ -45,7 +45,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from common.exit_codes import EXIT_REQUEUE  # the trainer's "requeue me" (dependency-free)
 from common.logs import setup_logging
-from common.submitit_executor import SIGNAL_DELAY_S, SRUN_ARGS, make_executor, node_params, slurm_available
+from common.submitit_executor import SIGNAL_DELAY_S, make_executor, node_params, slurm_available, srun_args
 from slurm import env as slurm_env
 
 TRAIN_MODULE_ENV = "VDM_TRAIN_MODULE"  # tests and debugging swap the trainer for a probe
@@ -343,7 +343,7 @@ def render_sbatch(folder: str, **kw: Any) -> str:
     if kw.get("partition"):
         params["partition"] = kw["partition"]
     params["additional_parameters"] = {**_extra_params(kw.get("extra_sbatch")), **node_range}
-    params["srun_args"] = list(SRUN_ARGS)
+    params["srun_args"] = srun_args()
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
     return make_sbatch_string(command=command, folder=folder, **params)
 

@@ -293,6 +293,37 @@ def test_launch_crash_is_reported_failed_with_log_path(tmp_path):
     assert log_path.startswith(str(tmp_path / "run" / "slurm")) and "PROBE done, exit 3" in open(log_path).read()
 
 
+def test_launch_node_range_starts_on_the_nodes_there_are(tmp_path):
+    """`--nodes 2-3` on the 2-node cluster: the job starts on the 2 nodes there are instead of pending
+    for a third, every task's rendezvous describes that allocation (world size = the nodes SLURM
+    allocated, one master, one port), and `--wait` reports the job COMPLETED. (SLURM gives a range
+    with idle nodes its minimum, so this is how a range beyond the minimum is seen here.)"""
+    r = _launch(tmp_path, "--nodes", "2-3", "--wait", "--wait-timeout", "120")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "COMPLETED" in r.stdout, r.stdout + r.stderr
+    job = r.stdout.split("submitted job ", 1)[1].split()[0]
+    allocated = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "NNodes"], capture_output=True,
+                               text=True, timeout=30).stdout.split()[0]
+    recs = _records(tmp_path / "run")
+    assert allocated == "2" and [x["RANK"] for x in recs] == ["0", "1"], (allocated, recs)
+    assert {x["WORLD_SIZE"] for x in recs} == {allocated} and {x["SLURM_JOB_ID"] for x in recs} == {job}
+    assert {x["MASTER_ADDR"] for x in recs} == {"n1"} and {x["SLURMD_NODENAME"] for x in recs} == {"n1", "n2"}
+    assert len({x["MASTER_PORT"] for x in recs}) == 1
+
+
+def test_launch_one_crashed_rank_fails_the_job_and_stops_the_others(tmp_path):
+    """Rank 1 dies at start, rank 0 would run for 5 minutes: srun --wait (VDM_SRUN_WAIT, as for
+    train.sh) stops rank 0 soon after the crash, `--wait` reports the job FAILED and exits 1 well
+    before its own timeout, and nothing is requeued."""
+    r = _launch(tmp_path, "--wait", "--wait-timeout", "200",
+                env=probe_env(PROBE_SECONDS="300", PROBE_CRASH_RANK="1", VDM_SRUN_WAIT="5"), timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAILED" in r.stderr and "not cancelled" not in r.stderr, r.stderr
+    run = tmp_path / "run"
+    assert (run / "probe-rank1-restart0.started").exists() and not list(run.glob("probe-rank*-restart1.*"))
+    assert not (run / "probe-rank0-restart0.json").exists()  # rank 0 was stopped, not left to finish its 300 s
+
+
 def _pids(module: str, arg: str) -> list[int]:
     """Pids of this host's `python -m <module> ... <arg> ...` processes (not the srun that starts them)."""
     pids = []
