@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from process_group import MULTI_PROCESS_TIMEOUT_S
 from trainer_helpers import run_in_group, step_log, tiny_config, torchrun_cmd, train_cmd
 
 from trainer.checkpoint import find_latest, read_state
 from trainer.strategies.dcp_state import read_full
 
-TIMEOUT = 600
+TIMEOUT = MULTI_PROCESS_TIMEOUT_S
 # the same global batch (2) on 1 and 2 ranks
 LAYOUT = {1: {"batch_size": 2}, 2: {"batch_size": 1}}
 
