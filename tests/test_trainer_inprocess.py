@@ -88,6 +88,20 @@ def test_nan_guard_gives_up_after_three_rollbacks_to_the_same_checkpoint(tmp_pat
     assert trainer.loader.served == 2 + 4 * 2
 
 
+def test_a_non_finite_step_updates_neither_the_weights_nor_the_ema(tmp_path):
+    """docs/trainer.md, one training step: a step whose loss is not finite is skipped, "no optimizer or
+    EMA update" (an EMA moved toward unchanged weights would drift on every skipped step)."""
+    trainer = _trainer(_cfg(tmp_path, run={"steps": 4, "ckpt_every": 0}), nan_from=1)
+    assert trainer.train_step().ok  # a finite step first: the EMA now trails the weights
+    weights = [p.detach().clone() for p in trainer.strategy.local_params()]
+    ema = [e.clone() for e in trainer.ema.shadow]
+    assert any(not torch.equal(w, e) for w, e in zip(weights, ema))
+    out = trainer.train_step()
+    assert not out.ok and trainer.state.skipped_steps == 1
+    assert all(torch.equal(w, p) for w, p in zip(weights, trainer.strategy.local_params()))
+    assert all(torch.equal(e, now) for e, now in zip(ema, trainer.ema.shadow))
+
+
 # ---------------------------------------------------------------------------------------- late signals
 @pytest.mark.parametrize("late", ["SIGTERM", "SIGUSR1"])
 def test_a_stop_signal_after_the_run_ended_is_logged_not_fatal_until_close(tmp_path, caplog, late):
