@@ -30,7 +30,8 @@ LAYOUT = {1: {"batch_size": 2}, 2: {"batch_size": 1}}
 
 
 # the killed 2-rank fsdp and ZeRO-3 runs also validate, sample and evaluate at step 2 (before their step-2
-# checkpoint, on the weights it holds): test_two_rank_runs_validate_sample_and_evaluate_like_one_process
+# checkpoint, on the weights it holds): test_two_rank_fsdp_validates_samples_and_evaluates_like_one_process
+# and the zero3 case of test_deepspeed_two_ranks_resume_on_one_rank_through_the_universal_checkpoint
 CHECKS_AT = 2
 CHECKS_RUN = {"val_every": CHECKS_AT, "val_batches": 1, "sample_every": CHECKS_AT, "sample_steps": 2,
               "sample_prompts": ["a red square moving right"], "eval_every": CHECKS_AT}

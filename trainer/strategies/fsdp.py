@@ -127,8 +127,8 @@ class FSDPStrategy(Strategy):
     def forward(self, *args, **kwargs) -> Tensor:
         """A forward without autograd (validation) is resharded at once: FSDP2 keeps the root unit's
         parameters gathered after its forward for the backward that would follow, and with none coming
-        they stayed full, plain tensors, so local_params(), gather_full_state() and save() read full
-        tensors as this rank's shards (a 2-rank run with val_every and sample_every crashed on it)."""
+        they stayed full, plain tensors, and gather_full_state() took the EMA shards for full tensors
+        (a 2-rank run with val_every and sample_every crashed there: tests/test_elastic_checkpoint.py)."""
         out = self.model(*args, **kwargs)
         if not torch.is_grad_enabled():
             self.module.reshard()
