@@ -51,7 +51,11 @@ START_COLUMNS = ("start", "start_time", "Start_timestamp", "clip_start")
 END_COLUMNS = ("end", "end_time", "End_timestamp", "clip_end")
 
 BATCH_ROWS = 65536  # rows per record batch (parquet / jsonl); CSV batches are CSV_BLOCK_BYTES of text
-CSV_BLOCK_BYTES = 16 << 20
+# pyarrow's streaming CSV reader reads blocks well ahead of the consumer (at 16 MiB blocks it held the
+# whole of a 300 MB manifest before the second batch), so peak memory is a multiple of this: 1 MiB
+# (pyarrow's own default) kept a 240 MiB manifest's build at +56 MiB over a tiny one's, and
+# built a 1M-row copy in 3.3 s vs 6.4 s at 16 MiB on our 2 cores (tests/test_manifest_cache.py bounds it)
+CSV_BLOCK_BYTES = 1 << 20
 IDENTITY_SPAN = 1 << 20  # bytes hashed at each end of the manifest for its identity
 CACHE_VERSION = 3  # bump when the mapped layout or the parsing changes: old copies are then rebuilt
 ROWS_FILE, DUP_FILE, META_FILE = "rows.arrow", "occurrence.npy", "meta.json"
@@ -174,7 +178,7 @@ Batches = Iterator[tuple[pa.Array, pa.Array, pa.Array]]
 
 
 def _read_csv(path: str, cols: ColumnsConfig) -> tuple[tuple[str, str, str], Batches]:
-    """Block-wise (pyarrow.csv.open_csv): peak memory is a few blocks, not the whole file."""
+    """Block-wise (pyarrow.csv.open_csv): peak memory is the blocks read ahead, not the whole file."""
     import pyarrow.csv as pcsv
 
     picked = _pick3(_csv_header(path), cols, path)

@@ -14,6 +14,11 @@ import signal
 import subprocess
 import tempfile
 
+# The wall-clock limit of every multi-process command the tests run (torchrun, a DeepSpeed launch, ranks
+# started by hand): one number, sized for a loaded 2-core machine (a 2-rank launch of the tiny model
+# takes 20-90 s there), so that a hang fails the test instead of holding the suite for ever.
+MULTI_PROCESS_TIMEOUT_S = 600
+
 
 def run(cmd, *, timeout: float | None = None, capture_output: bool = False, check: bool = False,
         **popen_kwargs) -> subprocess.CompletedProcess:

@@ -8,7 +8,10 @@ PROBE_CRASH_RANK (this rank exits 3 at once while the others run on), PROBE_STEP
 PROBE_SECONDS: "train" this many steps, PROBE_STEP_S each on the first start and none after a
 restart, appending each finished step to probe-rank<R>-steps.txt as "<step> <restart>"; a signal
 stops it after the current step and saves the next step to probe-rank<R>.ckpt, where a restart
-resumes).
+resumes), PROBE_HOLD_AT_STEP (with PROBE_STEPS, on the first start: that step writes
+probe-rank<R>.held and waits for the signal, up to PROBE_HOLD_S = 120 s, like the trainer's
+VDM_TEST_HOLD_AT_STEP: a test that preempts once both ranks hold knows the save lands at exactly
+that step + 1, however slow the cluster is to deliver the signal).
 """
 
 import json
@@ -45,9 +48,15 @@ if steps:
     ckpt = os.path.join(cfg.run.out_dir, f"probe-rank{rec['RANK']}.ckpt")
     step = rec["resumed_at"] = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
     step_s = float(os.environ.get("PROBE_STEP_S", "0.1")) if restart == "0" else 0.0
+    hold_at = int(os.environ.get("PROBE_HOLD_AT_STEP", "-1")) if restart == "0" else -1
     with open(os.path.join(cfg.run.out_dir, f"probe-rank{rec['RANK']}-steps.txt"), "a") as log:
         while step < steps and not got:
             time.sleep(step_s)
+            if step == hold_at:
+                open(os.path.join(cfg.run.out_dir, f"probe-rank{rec['RANK']}.held"), "w").close()
+                deadline = time.monotonic() + float(os.environ.get("PROBE_HOLD_S", "120"))
+                while not got and time.monotonic() < deadline:
+                    time.sleep(0.05)
             log.write(f"{step} {restart}\n")
             log.flush()
             step += 1

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from process_group import MULTI_PROCESS_TIMEOUT_S
 from torch import nn
 from trainer_helpers import run_in_group, step_log, tiny_config, train_cmd
 
@@ -30,7 +31,7 @@ from trainer.checkpoint import (
 )
 from trainer.strategies.dcp_state import read_full
 
-TIMEOUT = 600
+TIMEOUT = MULTI_PROCESS_TIMEOUT_S
 
 
 # ------------------------------------------------------------------ in-process (one rank)

@@ -76,6 +76,81 @@ def test_save_then_resume_in_a_fresh_manager_restores_weights_ema_loader_and_cou
     assert f"[resume] {path} at step 7" in capsys.readouterr().out
 
 
+def test_a_checkpoint_directory_without_its_state_file_is_not_complete(tmp_path):
+    """trainer/checkpoint.py: trainer_state.json is written last, "so its presence marks a complete
+    checkpoint". A step directory holding every other file (weights, EMA, RNG, loader) but no state file,
+    even one `latest` names, is passed over by the resume, the rollback, the retention count and
+    resolve_checkpoint (trainer.sample/evaluate/export --checkpoint)."""
+    import shutil
+
+    from trainer import checkpoint as ckpt
+
+    m = _manager(tmp_path)
+    _set_weights(m, 1.0)
+    m.state.step, m.loader.pos = 2, 5
+    good = m.save()
+    root = good.parent
+    partial = root / "step-000003"
+    shutil.copytree(good, partial)
+    (partial / ckpt.STATE_FILE).unlink()
+    assert {p.name for p in partial.iterdir()} >= {"dcp", "rng-rank0.pt", "loader-rank0.json"}
+    (root / ckpt.LATEST).write_text("step-000003\n")
+    assert m.latest() == good
+    assert ckpt.list_checkpoints(m.out_dir) == [good]
+    assert ckpt.resolve_checkpoint(m.out_dir) == good
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ckpt.resolve_checkpoint(partial)
+    fresh = _manager(tmp_path)
+    assert fresh.resume(fresh.latest()) == good and fresh.state.step == 2
+    _set_weights(m, float("nan"))
+    m.state.step = 4
+    assert m.rollback() == good
+    # retention counts complete checkpoints only: keep_last 2 keeps step 2 beside step 5 (were the
+    # partial directory counted, step 2 would be pruned for it)
+    m.cfg.run.keep_last = 2
+    m.state.step = 5
+    newest = m.save()
+    assert ckpt.list_checkpoints(m.out_dir) == [good, newest] and good.exists()
+
+
+class _UsedAndUnused(nn.Module):
+    """`unused` gets no gradient (like the null caption embedding before the first dropped caption)."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_a_parameter_never_stepped_has_no_adamw_state_after_the_load(tmp_path):
+    """docs/trainer.md: "A parameter the saved run never stepped has no AdamW state and still has none
+    after the load" (AdamW must not start it at step 1 of a schedule it never followed); the stepped
+    ones load theirs."""
+    def manager(seed: int) -> CheckpointManager:
+        cfg = TrainConfig()
+        cfg.run.out_dir, cfg.run.precision = str(tmp_path / "run"), "fp32"
+        strategy = build_strategy(cfg, DistEnv(0, 1, 0, torch.device("cpu"), None))
+        torch.manual_seed(seed)
+        strategy.setup(_UsedAndUnused())
+        return CheckpointManager(cfg, strategy, EMA(strategy.local_params(), 0.5), Position(), TrainState(),
+                                 Metrics(tmp_path / "run", enabled=True), rank=0)
+
+    a = manager(0)
+    a.strategy.forward(torch.randn(4, 3)).square().sum().backward()
+    a.strategy.optimizer_step()
+    a.state.step = 1
+    a.save()
+    b = manager(1)
+    b.resume(b.latest())
+    for m in (a, b):
+        stepped = {n for n, p in m.strategy.module.named_parameters() if p in m.strategy.optimizer.state}
+        assert stepped == {"used.weight", "used.bias"}, stepped
+    assert all(torch.equal(b.strategy.optimizer.state[p]["exp_avg"], a.strategy.optimizer.state[q]["exp_avg"])
+               for p, q in zip(b.strategy.module.used.parameters(), a.strategy.module.used.parameters()))
+
+
 def test_during_write_runs_before_the_checkpoint_is_renamed(tmp_path):
     m = _manager(tmp_path)
     m.state.step = 1

@@ -96,7 +96,7 @@ def test_compile_under_two_process_strategies_matches_eager(tmp_path, trainer_sh
         out = tmp_path / name
         cfg = tiny_config(tmp_path / f"{name}.yaml", shards, out, parallel={"strategy": strategy},
                           run={"steps": 3, "ckpt_every": 0, "compile": compile_on, "compile_backend": "aot_eager"})
-        r = run_train(cfg, nproc=2, timeout=600)
+        r = run_train(cfg, nproc=2)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         losses[name] = [rec["loss"] for _, rec in sorted(step_log(out).items())]
         if compile_on:

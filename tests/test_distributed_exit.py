@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from process_group import MULTI_PROCESS_TIMEOUT_S
 from trainer_helpers import PY, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def _start_ranks(tmp: Path, world_size: int, code: int) -> list[subprocess.Popen
 
 def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
     try:
-        return [(p.returncode, out) for p in procs for out, _ in [p.communicate(timeout=120)]]
+        return [(p.returncode, out) for p in procs for out, _ in [p.communicate(timeout=MULTI_PROCESS_TIMEOUT_S)]]
     finally:
         for p in procs:
             if p.poll() is None:

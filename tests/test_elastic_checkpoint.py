@@ -18,19 +18,42 @@ from pathlib import Path
 
 import pytest
 import torch
+from process_group import MULTI_PROCESS_TIMEOUT_S
 from trainer_helpers import run_in_group, step_log, tiny_config, torchrun_cmd, train_cmd
 
 from trainer.checkpoint import find_latest, read_state
 from trainer.strategies.dcp_state import read_full
 
-TIMEOUT = 600
+TIMEOUT = MULTI_PROCESS_TIMEOUT_S
 # the same global batch (2) on 1 and 2 ranks
 LAYOUT = {1: {"batch_size": 2}, 2: {"batch_size": 1}}
 
 
-def _config(path: Path, shards: str, out: Path, strategy: str, nproc: int, zero_stage: int = 2) -> Path:
-    return tiny_config(path, shards, out, parallel={"strategy": strategy, "zero_stage": zero_stage},
-                       data=LAYOUT[nproc], run={"steps": 4, "ckpt_every": 2})
+# the killed 2-rank fsdp and ZeRO-3 runs also validate, sample and evaluate at step 2 (before their step-2
+# checkpoint, on the weights it holds): test_two_rank_fsdp_validates_samples_and_evaluates_like_one_process
+# and the zero3 case of test_deepspeed_two_ranks_resume_on_one_rank_through_the_universal_checkpoint
+CHECKS_AT = 2
+CHECKS_RUN = {"val_every": CHECKS_AT, "val_batches": 1, "sample_every": CHECKS_AT, "sample_steps": 2,
+              "sample_prompts": ["a red square moving right"], "eval_every": CHECKS_AT}
+
+
+def _eval_section(detector: str) -> dict:
+    """The synthetic-task scores, FVD with the stand-in detector, and upsampling of 2 held-out clips (FVD
+    needs 2)."""
+    return {"synthetic": True, "seeds": 1, "steps": 1, "fvd_detector": detector, "fvd_clips": 2, "batch_size": 8,
+            "tasks": ["upsample"], "task_clips": 2}
+
+
+def _config(path: Path, shards: str, out: Path, strategy: str, nproc: int, zero_stage: int = 2,
+            detector: str | None = None) -> Path:
+    """With `detector` (the FVD stand-in), validation, samples and evaluation run at step CHECKS_AT."""
+    run, data, sections = {"steps": 4, "ckpt_every": 2}, dict(LAYOUT[nproc]), {}
+    if detector is not None:
+        run.update(CHECKS_RUN)
+        data["val_shards"] = shards
+        sections["eval"] = _eval_section(detector)
+    return tiny_config(path, shards, out, parallel={"strategy": strategy, "zero_stage": zero_stage}, data=data,
+                       run=run, **sections)
 
 
 def _train(config: Path, nproc: int, **env: str):
@@ -43,10 +66,13 @@ def _digests(out_dir: Path) -> list[str]:
     return [log[s]["batch_digest"] for s in sorted(log)]
 
 
-def _killed_run(tmp: Path, shards: str, strategy: str, nproc: int, zero_stage: int = 2) -> Path:
-    """out_dir of a run SIGKILLed before step 3, i.e. after its step-2 checkpoint."""
+def _killed_run(tmp: Path, shards: str, strategy: str, nproc: int, zero_stage: int = 2,
+                detector: str | None = None) -> Path:
+    """out_dir of a run SIGKILLed before step 3, i.e. after its step-2 checkpoint (with `detector`: see
+    _config; its config stays in out_dir/../run.yaml)."""
     out = tmp / "run"
-    r = _train(_config(tmp / "run.yaml", shards, out, strategy, nproc, zero_stage), nproc, VDM_TEST_KILL_AT_STEP="3")
+    r = _train(_config(tmp / "run.yaml", shards, out, strategy, nproc, zero_stage, detector), nproc,
+               VDM_TEST_KILL_AT_STEP="3")
     assert r.returncode != 0, r.stdout + r.stderr
     ckpt = find_latest(out)
     assert ckpt.name == "step-000002", r.stdout + r.stderr
@@ -66,8 +92,8 @@ def reference_digests(tmp_path_factory, trainer_shards) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def fsdp2_killed(tmp_path_factory, trainer_shards) -> Path:
-    return _killed_run(tmp_path_factory.mktemp("fsdp2"), trainer_shards[0], "fsdp", 2)
+def fsdp2_killed(tmp_path_factory, trainer_shards, standin_i3d_file) -> Path:
+    return _killed_run(tmp_path_factory.mktemp("fsdp2"), trainer_shards[0], "fsdp", 2, detector=str(standin_i3d_file))
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +161,89 @@ def test_fsdp_checkpoint_resumes_under_ddp(tmp_path, trainer_shards, fsdp2_kille
 
 def test_ddp_checkpoint_resumes_under_fsdp_on_one_rank(tmp_path, trainer_shards, ddp2_killed, reference_digests):
     _resume_elsewhere(tmp_path, ddp2_killed, trainer_shards[0], "fsdp", 1, reference_digests)
+
+
+def _one_process_periodic_checks(run: Path, out: Path, model: dict, ema: dict) -> dict[str, float]:
+    """Validation, samples and evaluation at step CHECKS_AT by the trainer's own components in this one
+    process (single strategy, plain model) on the given full weights and EMA, with `run`'s config
+    (out_dir moved to `out`). Returns the val/* and eval/* scalars."""
+    from common.config import load_config
+    from model.diffusion import GaussianDiffusion
+    from model.unet import SpaceTimeUNet
+    from trainer.config import TrainConfig
+    from trainer.distributed import DistEnv
+    from trainer.ema import EMA
+    from trainer.metrics import Metrics
+    from trainer.strategies.base import build_strategy
+    from trainer.validation import InLoopEvaluation, TrainingSamples, Validator
+
+    cfg = load_config(TrainConfig, run.parent / "run.yaml", ["parallel.strategy=single", f"run.out_dir={out}"])
+    net = SpaceTimeUNet(cfg.model)
+    net.load_state_dict(model)
+    strategy = build_strategy(cfg, DistEnv(0, 1, 0, torch.device("cpu"), None))
+    strategy.setup(net)
+    shadow = EMA(strategy.local_params(), cfg.run.ema_decay)
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert sorted(names) == sorted(ema)
+    with torch.no_grad():
+        for tensor, name in zip(shadow.shadow, names):
+            tensor.copy_(ema[name])
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    metrics = Metrics(out, enabled=True)
+    encoder = read_state(find_latest(run))["text_encoder"]
+    scalars = Validator(cfg, strategy, diffusion, metrics, "cpu").run(CHECKS_AT)
+    TrainingSamples(cfg, strategy, shadow, diffusion, metrics, "cpu", 0, text_encoder=encoder).run(CHECKS_AT)
+    scalars.update(InLoopEvaluation.for_run(cfg, strategy, shadow, metrics, "cpu", 0, text_encoder=encoder)
+                   .run(CHECKS_AT))
+    metrics.close()
+    return scalars
+
+
+def _assert_periodic_checks_like_one_process(run: Path, out: Path, model: dict, ema: dict) -> None:
+    """The 2-rank run `run` validated, sampled and evaluated at step CHECKS_AT (TensorBoard events read
+    back with TensorBoard's reader, sample files, eval_log.jsonl), with what one process gives on the
+    weights (`model`) and EMA (`ema`) it checkpointed at that step: the same val loss per band (every
+    rank runs the same batches through the sharded model), bitwise the same sample GIFs and the same
+    eval scores (rank 0 works on the gathered EMA)."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert read_state(run / "checkpoints" / f"step-{CHECKS_AT:06d}")["step"] == CHECKS_AT
+    one = _one_process_periodic_checks(run, out, model, ema)
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    logged = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"] if tag.startswith(("val/", "eval/"))}
+    val_tags = {t for t in one if t.startswith("val/")}
+    eval_tags = {t for t in one if t.startswith("eval/")}
+    assert len([t for t in val_tags if t.startswith("val/loss_band/")]) == 8 and "val/loss" in val_tags
+    assert {"eval/colour_acc", "eval/direction_acc", "eval/fvd", "eval/upsample_psnr"} <= eval_tags, eval_tags
+    assert set(logged) == val_tags | eval_tags, sorted(set(logged) ^ (val_tags | eval_tags))
+    timings = {t for t in eval_tags if t.endswith(("_seconds", "_per_s"))}  # how fast, not what
+    assert timings and len(timings) < len(eval_tags) / 2, timings
+    for tag, events in logged.items():
+        assert [e.step for e in events] == [CHECKS_AT], (tag, events)
+        if tag not in timings:
+            assert events[0].value == pytest.approx(one[tag], rel=1e-5, abs=1e-7), tag
+    records = [json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [CHECKS_AT]
+    for tag in eval_tags - timings:
+        assert records[0][tag.removeprefix("eval/")] == pytest.approx(one[tag], rel=1e-6, abs=1e-9), tag
+    assert [e.step for e in acc.Images("samples/0")] == [CHECKS_AT]
+    name = f"samples/step-{CHECKS_AT:06d}"
+    gifs = sorted((run / name).glob("*.gif"))
+    assert [p.name for p in gifs] == [p.name for p in sorted((out / name).glob("*.gif"))] and len(gifs) == 1
+    assert all(p.read_bytes() == (out / name / p.name).read_bytes() for p in gifs), "samples differ from one process'"
+    assert len(list((run / name).glob("*.mp4"))) == 1
+
+
+def test_two_rank_fsdp_validates_samples_and_evaluates_like_one_process(tmp_path, fsdp2_killed):
+    """Issue 22: run.val_every, sample_every and eval_every on 2 FSDP2 ranks (the killed run, at step 2),
+    against one process on the weights and EMA of its step-2 checkpoint. ZeRO-3: in
+    test_deepspeed_two_ranks_resume_on_one_rank_through_the_universal_checkpoint[zero3]."""
+    ckpt = fsdp2_killed / "checkpoints" / f"step-{CHECKS_AT:06d}"
+    _assert_periodic_checks_like_one_process(fsdp2_killed, tmp_path / "one_process", read_full(ckpt, "model"),
+                                             read_full(ckpt, "ema"))
 
 
 def test_global_batch_change_resumes_with_a_warning_naming_both_sizes(tmp_path, trainer_shards, fsdp2_killed):
@@ -219,15 +328,16 @@ def test_checkpoint_from_before_dcp_still_loads_in_single(tmp_path):
 
 # ------------------------------------------------------------------ DeepSpeed: universal checkpoint
 @pytest.fixture(scope="module")
-def deepspeed_killed(tmp_path_factory, trainer_shards):
+def deepspeed_killed(tmp_path_factory, trainer_shards, standin_i3d_file):
     """(stage, nproc) -> out_dir of an nproc-rank ZeRO-<stage> run killed after its step-2 checkpoint
-    (made on demand, once per module)."""
+    (made on demand, once per module); the 2-rank ZeRO-3 one also validates, samples and evaluates."""
     made: dict[tuple[int, int], Path] = {}
 
     def get(stage: int, nproc: int = 2) -> Path:
         if (stage, nproc) not in made:
             tmp = tmp_path_factory.mktemp(f"zero{stage}-{nproc}rank")
-            made[stage, nproc] = _killed_run(tmp, trainer_shards[0], "deepspeed", nproc, stage)
+            detector = str(standin_i3d_file) if (stage, nproc) == (3, 2) else None
+            made[stage, nproc] = _killed_run(tmp, trainer_shards[0], "deepspeed", nproc, stage, detector)
         return made[stage, nproc]
 
     return get
@@ -257,11 +367,12 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 def _resume_deepspeed_elsewhere(tmp: Path, killed: Path, shards: str, saved: tuple[int, int], new: tuple[int, int],
-                                reference: list[str]) -> None:
+                                reference: list[str]) -> dict:
     """`killed` (saved = (ranks, ZeRO stage)) resumed on new = (ranks, stage): converted automatically to
     DeepSpeed's universal checkpoint; the fp32 master weights, AdamW moments and EMA the new topology holds
     equal, bitwise, what the saved topology loads from the same checkpoint (gathered in full); the run
-    finishes with the uninterrupted run's batch_digest at every step."""
+    finishes with the uninterrupted run's batch_digest at every step. Returns what the saved topology
+    loads (tests/resume_dump.py)."""
     same, _, _ = _dump(tmp, killed, shards, *saved, "same")
     moved, out, config = _dump(tmp, killed, shards, *new, "moved")
     assert (find_latest(out) / "deepspeed_universal" / "zero").is_dir()
@@ -271,14 +382,20 @@ def _resume_deepspeed_elsewhere(tmp: Path, killed: Path, shards: str, saved: tup
     assert "[resume]" in r.stdout and "step-000002" in r.stdout
     assert _digests(out) == reference
     assert read_state(find_latest(out))["step"] == 4
+    return same
 
 
 @pytest.mark.parametrize("saved_stage,new_stage", [(2, 2), (3, 3), (2, 1)], ids=["zero2", "zero3", "zero2-to-zero1"])
 def test_deepspeed_two_ranks_resume_on_one_rank_through_the_universal_checkpoint(
         tmp_path, trainer_shards, deepspeed_killed, reference_digests, saved_stage, new_stage):
-    """A 2-rank ZeRO checkpoint resumed by 1 rank (and another stage)."""
-    _resume_deepspeed_elsewhere(tmp_path, deepspeed_killed(saved_stage), trainer_shards[0], (2, saved_stage),
-                                (1, new_stage), reference_digests)
+    """A 2-rank ZeRO checkpoint resumed by 1 rank (and another stage). The 2-rank ZeRO-3 run also
+    validated, sampled and evaluated at step 2: the same as one process on the weights and EMA its
+    checkpoint holds (gathered in full here), folded into this test to reuse its launches."""
+    killed = deepspeed_killed(saved_stage)
+    saved = _resume_deepspeed_elsewhere(tmp_path, killed, trainer_shards[0], (2, saved_stage), (1, new_stage),
+                                        reference_digests)
+    if saved_stage == 3:
+        _assert_periodic_checks_like_one_process(killed, tmp_path / "one_process", saved["model"], saved["ema"])
 
 
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])

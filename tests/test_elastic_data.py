@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
+from process_group import MULTI_PROCESS_TIMEOUT_S
 from trainer_helpers import run_train, saved_tensors, step_log, tiny_config
 
 from trainer.loop import batch_digest, batch_keys
@@ -42,7 +43,7 @@ def test_one_and_two_ranks_and_zero_and_two_workers_consume_the_same_samples(tmp
     for name, (kw, nproc) in runs.items():
         out = tmp_path / name
         sections = {**common, **kw}
-        r = run_train(tiny_config(tmp_path / f"{name}.yaml", shards, out, **sections), nproc=nproc, timeout=900)
+        r = run_train(tiny_config(tmp_path / f"{name}.yaml", shards, out, **sections), nproc=nproc)
         assert r.returncode == 0, r.stdout + r.stderr
         digests[name] = _digests(out)
     ref = digests["single-w0"]
@@ -71,9 +72,9 @@ def test_ddp_two_ranks_killed_resume_on_one_rank_with_the_same_samples_and_state
     two = dict(parallel={"strategy": "ddp"}, data={"batch_size": 1}, run={"steps": 4, "ckpt_every": 2})
     one = dict(parallel={"strategy": "single"}, data={"batch_size": 2}, run={"steps": 4, "ckpt_every": 2})
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
-    r = run_train(tiny_config(tmp_path / "a.yaml", shards, straight, **two), nproc=2, timeout=900)
+    r = run_train(tiny_config(tmp_path / "a.yaml", shards, straight, **two), nproc=2)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = run_train(tiny_config(tmp_path / "b.yaml", shards, elastic, **two), nproc=2, timeout=900,
+    r = run_train(tiny_config(tmp_path / "b.yaml", shards, elastic, **two), nproc=2,
                   VDM_TEST_KILL_AT_STEP="3")
     assert r.returncode != 0
     ckpt = find_latest(elastic)
@@ -99,7 +100,7 @@ def test_ddp_two_ranks_killed_resume_on_one_rank_with_the_same_samples_and_state
     trainer.close()
     del trainer
 
-    r = run_train(cfg1, nproc=1, timeout=900)
+    r = run_train(cfg1, nproc=1, timeout=MULTI_PROCESS_TIMEOUT_S)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "[resume]" in r.stdout and "step-000002" in r.stdout
     a, b = _digests(straight), _digests(elastic)
@@ -115,11 +116,11 @@ def test_single_process_killed_resume_on_two_ddp_ranks_with_the_same_samples(tmp
     one = dict(parallel={"strategy": "single"}, data={"batch_size": 2}, run={"steps": 4, "ckpt_every": 2})
     two = dict(parallel={"strategy": "ddp"}, data={"batch_size": 1}, run={"steps": 4, "ckpt_every": 2})
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
-    r = run_train(tiny_config(tmp_path / "a.yaml", shards, straight, **one), timeout=900)
+    r = run_train(tiny_config(tmp_path / "a.yaml", shards, straight, **one), timeout=MULTI_PROCESS_TIMEOUT_S)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = run_train(tiny_config(tmp_path / "b.yaml", shards, elastic, **one), timeout=900, VDM_TEST_KILL_AT_STEP="3")
+    r = run_train(tiny_config(tmp_path / "b.yaml", shards, elastic, **one), timeout=MULTI_PROCESS_TIMEOUT_S, VDM_TEST_KILL_AT_STEP="3")
     assert r.returncode != 0
-    r = run_train(tiny_config(tmp_path / "c.yaml", shards, elastic, **two), nproc=2, timeout=900)
+    r = run_train(tiny_config(tmp_path / "c.yaml", shards, elastic, **two), nproc=2)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "[resume]" in r.stdout and "step-000002" in r.stdout
     a, b = _digests(straight), _digests(elastic)

@@ -202,6 +202,32 @@ def test_two_ranks_two_workers_disjoint_and_complete_per_epoch(tmp_path, counts)
     assert epochs[0] != epochs[1]  # reshuffled per epoch
 
 
+def _shard_order_per_epoch(shards: Path, seed: int, epochs: int, per_shard: int, n_shards: int) -> list[list[int]]:
+    """The order in which one stream (one rank, batch 1, no sample shuffle) reads the shards, per epoch."""
+    loader = build_loader(cfg(shards, batch_size=1, shuffle_buffer=1, seed=seed), train=True)
+    keys = [b["keys"][0] for b in take(loader, epochs * per_shard * n_shards)]
+    shards_read = [key_id(k) // per_shard for k in keys]
+    per_epoch = per_shard * n_shards
+    return [list(dict.fromkeys(shards_read[e * per_epoch:(e + 1) * per_epoch])) for e in range(epochs)]
+
+
+def test_shard_order_is_a_new_permutation_each_epoch_and_seed(tmp_path):
+    """docs/loader.md, step 1: "each epoch the non-empty shards are permuted with seed + epoch". Read with
+    no sample shuffle (shuffle_buffer 1), so the sample shuffle cannot hide a shard order that repeats
+    every epoch or ignores the seed (the per-epoch check in the test above passes either way)."""
+    from data_pipeline.plan import shard_permutation
+
+    n_shards, per_shard = 6, 2
+    write_shards(tmp_path / "s", [per_shard] * n_shards)
+    orders = _shard_order_per_epoch(tmp_path / "s", 3, 3, per_shard, n_shards)
+    for epoch, order in enumerate(orders):
+        assert sorted(order) == list(range(n_shards)), order  # each shard read whole, once per epoch
+        assert order == shard_permutation([per_shard] * n_shards, 3, epoch)
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2], orders
+    other_seed = _shard_order_per_epoch(tmp_path / "s", 4, 2, per_shard, n_shards)
+    assert other_seed[0] != orders[0] and other_seed[1] != orders[1], (other_seed, orders)
+
+
 def test_plan_buffer_is_a_bounded_local_permutation():
     rng = np.random.default_rng(0)
     order = buffer_shuffle_order(500, 16, rng)

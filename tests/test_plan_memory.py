@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from process_group import MULTI_PROCESS_TIMEOUT_S
 from trainer_helpers import REPO, run_in_group, torchrun_cmd
 
 from common.config import load_config
@@ -108,7 +109,7 @@ def _measured(world: int, strategies: list[str], ds_json: str, tmp_path) -> list
         args += ["--strategy", s]
     for p in POLICIES:
         args += ["--policy", p]
-    r = run_in_group(torchrun_cmd("-m trainer.memory_probe", world, *args), timeout=600)
+    r = run_in_group(torchrun_cmd("-m trainer.memory_probe", world, *args), timeout=MULTI_PROCESS_TIMEOUT_S)
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads(out.read_text())
 

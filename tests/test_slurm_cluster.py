@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -176,20 +175,30 @@ def test_train_sh_cancel_saves_but_is_not_requeued(tmp_path):
     assert "requeueing job" not in (tmp_path / f"vdm-train-{job}.out").read_text()
 
 
+# The preemption tests hold the probe in step PROBE_HOLD (PROBE_HOLD_AT_STEP, tests/slurm_probe.py) until
+# SLURM's signal lands, so the save is exactly PROBE_HOLD + 1 with steps left however long the preemption
+# takes to arrive (a fixed step budget, 1000 steps of 0.05 s, raced it); the restart does the rest at once.
+PROBE_HOLD, PROBE_STEPS = 3, 8
+
+
+def _held_probe() -> dict[str, str]:
+    return {"PROBE_STEPS": str(PROBE_STEPS), "PROBE_STEP_S": "0.05", "PROBE_HOLD_AT_STEP": str(PROBE_HOLD)}
+
+
 def _steps(run: Path, rank: int) -> list[tuple[int, int]]:
     """(step, restart) of every step the probe of this rank finished, in order."""
     return [tuple(map(int, line.split())) for line in (run / f"probe-rank{rank}-steps.txt").read_text().splitlines()]
 
 
 def _resumed_once_where_it_saved(run: Path, job: str, steps: int, log: str) -> list[str]:
-    """A preempted 2-rank probe job: both ranks were told to save by SIGTERM, saved past step 3 and
-    resumed there in the one restart of the same job id, every step done exactly once. Returns the
+    """A preempted 2-rank probe job: both ranks were told to save by SIGTERM, saved after their held
+    step and resumed there in the one restart of the same job id, every step done exactly once. Returns the
     states sacct gives the job's two attempts (the first one's says who requeued it)."""
     first, second = _records(run, 0), _records(run, 1)
     assert [set(r["signals"]) for r in first] == [{"TERM"}, {"TERM"}], log  # told to save, by SIGTERM
     for rank, (a, b) in enumerate(zip(first, second)):
         saved = a["step"]
-        assert 3 <= saved < steps and b["resumed_at"] == saved  # resumed where it saved
+        assert saved == PROBE_HOLD + 1 < steps and b["resumed_at"] == saved  # resumed where it saved
         # every step exactly once across the preemption: the first attempt's up to the save, then the rest
         assert _steps(run, rank) == [(s, 0) for s in range(saved)] + [(s, 1) for s in range(saved, steps)]
     assert [r["SLURM_RESTART_COUNT"] for r in second] == ["1", "1"] and {r["SLURM_JOB_ID"] for r in second} == {job}
@@ -211,15 +220,11 @@ def test_train_sh_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
     require_partition("urgent")
     before = grace_time("debug")
     set_grace_time("debug", grace_s)
-    run, steps = tmp_path / "run", 1000
+    run, steps = tmp_path / "run", PROBE_STEPS
     job = urgent = ""
     try:
         # --exclusive: the urgent job then preempts this job and no other one on the shared cluster
-        job = _probe_job(tmp_path, run, [*SMALL, "--exclusive"], PROBE_STEPS=str(steps), PROBE_STEP_S="0.05")
-        deadline = time.monotonic() + 30
-        while len(_steps(run, 0)) < 3:  # a few steps done: the save is past step 0
-            assert time.monotonic() < deadline, "the probe did not get through 3 steps in 30 s"
-            time.sleep(0.1)
+        job = _probe_job(tmp_path, run, [*SMALL, "--exclusive"], ready=".held", **_held_probe())
         urgent = sbatch(["-p", "urgent", "-w", "n1", "--exclusive", "--time=1", f"--output={tmp_path}/urgent-%j.out",
                          "--wrap", "sleep 3"])
         # not wait_file(..., job): sacct reports the preempted attempt PREEMPTED until it runs again
@@ -442,22 +447,18 @@ def test_launch_preempted_job_is_requeued_and_resumes(tmp_path, grace_s):
     require_partition("urgent")
     before = grace_time("debug")
     set_grace_time("debug", grace_s)
-    run, steps = tmp_path / "run", 1000
+    run, steps = tmp_path / "run", PROBE_STEPS
     cmd = [sys.executable, "-m", "slurm.launch", "--config", "configs/demo.yaml", "--set", f"run.out_dir={run}",
            "--nodes", "2", "--cpus-per-task", "1", "--time", "5", "--sbatch", "exclusive", "--wait",
            "--wait-timeout", "240"]
-    p = subprocess.Popen(cmd, cwd=REPO, env=probe_env(PROBE_STEPS=str(steps), PROBE_STEP_S="0.05"),
+    p = subprocess.Popen(cmd, cwd=REPO, env=probe_env(**_held_probe()),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job = urgent = first = ""
     try:
         first = p.stdout.readline()  # "submitted job <id> (...)", flushed before the wait
         assert first.startswith("submitted job "), first + p.stderr.read()
         job = first.split()[2]
-        _wait_ranks_ready(run, job)
-        deadline = time.monotonic() + 30
-        while len(_steps(run, 0)) < 3 or len(_steps(run, 1)) < 3:  # a few steps done: the save is past step 0
-            assert time.monotonic() < deadline, "the probe did not get through 3 steps in 30 s"
-            time.sleep(0.1)
+        _wait_ranks_ready(run, job, ".held")  # both ranks wait in step PROBE_HOLD for the preemption
         urgent = sbatch(["-p", "urgent", "-w", "n1", "--exclusive", "--time=1", f"--output={tmp_path}/urgent-%j.out",
                          "--wrap", "sleep 3"])
         out, err = p.communicate(timeout=270)

@@ -118,6 +118,40 @@ def test_train_sh_rejects_a_bad_override_before_starting_tasks(tmp_path):
     assert r.returncode == 1 and "optim.lrr" in r.stdout + r.stderr
 
 
+def test_probe_holds_its_step_until_signalled_then_saves_the_next_and_resumes_there(tmp_path):
+    """tests/slurm_probe.py's PROBE_HOLD_AT_STEP, which the preemption tests in test_slurm_cluster.py
+    rely on instead of racing a step budget: the held step waits for the signal however late it
+    comes (here 1 s after the marker, 20 steps' worth), the save is exactly that step + 1, and the
+    restart does every later step once without holding again."""
+    import os
+    import signal
+    import time
+
+    from slurm_helpers import wait_file
+
+    out, steps, hold = tmp_path / "run", 8, 3
+    cmd = [sys.executable, "tests/slurm_probe.py", "--config", "configs/demo.yaml", "--set", f"run.out_dir={out}"]
+    env = probe_env(RANK="0", PROBE_STEPS=str(steps), PROBE_STEP_S="0.05", PROBE_HOLD_AT_STEP=str(hold))
+    env.pop("SLURM_RESTART_COUNT", None)
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_file(out / "probe-rank0.held", 60)
+        time.sleep(1.0)
+        assert first.poll() is None, "the held step did not wait for the signal"
+        os.kill(first.pid, signal.SIGTERM)
+        output, _ = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 75, output
+    assert (out / "probe-rank0.ckpt").read_text() == str(hold + 1)
+    again = subprocess.run(cmd, cwd=REPO, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    done = [tuple(map(int, line.split())) for line in (out / "probe-rank0-steps.txt").read_text().splitlines()]
+    assert done == [(s, 0) for s in range(hold + 1)] + [(s, 1) for s in range(hold + 1, steps)]
+
+
 class _FakeWatcher:
     def __init__(self):
         self.modes: list[str] = []

@@ -33,7 +33,8 @@ def _train(out_dir: Path, shards: Path, extra: dict, module: str = "trainer.trai
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", module, "--config",
            "configs/demo.yaml", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = process_group.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = process_group.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=process_group.MULTI_PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout
 
@@ -70,7 +71,8 @@ def test_trainer_cli_resumes_exactly_and_exports(tmp_path, extra):
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "trainer.export",
            "--checkpoint", str(resumed), "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = process_group.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = process_group.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=process_group.MULTI_PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     from safetensors.torch import load_file
 

@@ -34,7 +34,7 @@ CASES = {
 }
 
 
-def torchrun(args: list[str], timeout: int = 240) -> None:
+def torchrun(args: list[str], timeout: float = process_group.MULTI_PROCESS_TIMEOUT_S) -> None:
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(DRIVER), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = process_group.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -143,7 +143,7 @@ def _one_process(args: list[str]) -> subprocess.CompletedProcess:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return process_group.run([sys.executable, str(DRIVER), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=process_group.MULTI_PROCESS_TIMEOUT_S)
 
 
 def test_one_process_fsdp_fp16_scales_and_skips(tmp_path):

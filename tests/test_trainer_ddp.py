@@ -13,7 +13,7 @@ def test_ddp_two_processes_exact_resume_after_kill9(tmp_path, trainer_shards):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     kw = dict(parallel={"strategy": "ddp"}, optim={"lr": 1e-3, "warmup_steps": 2, "grad_accum": 2},
               data={"batch_size": 1}, run={"steps": 4, "ckpt_every": 2})
-    r = run_train(tiny_config(tmp_path / "a.yaml", shards, straight, **kw), nproc=2, timeout=300)
+    r = run_train(tiny_config(tmp_path / "a.yaml", shards, straight, **kw), nproc=2)
     assert r.returncode == 0, r.stdout + r.stderr
     ckpt = find_latest(straight)
     names = {p.name for p in ckpt.iterdir()}
@@ -23,10 +23,10 @@ def test_ddp_two_processes_exact_resume_after_kill9(tmp_path, trainer_shards):
     assert state["loader"][0]["rank"] == 0 and state["loader"][1]["rank"] == 1
 
     cfg_b = tiny_config(tmp_path / "b.yaml", shards, resumed, **kw)
-    r = run_train(cfg_b, nproc=2, timeout=300, VDM_TEST_KILL_AT_STEP="3")
+    r = run_train(cfg_b, nproc=2, VDM_TEST_KILL_AT_STEP="3")
     assert r.returncode != 0
     assert find_latest(resumed).name == "step-000002"
-    r = run_train(cfg_b, nproc=2, timeout=300)
+    r = run_train(cfg_b, nproc=2)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "[resume]" in r.stdout
     a, b = step_log(straight), step_log(resumed)

@@ -80,7 +80,7 @@ def test_init_from_starts_a_new_run_on_another_world_size_from_the_exported_weig
     out = tmp_path / "warm"
     cfg = tiny_config(tmp_path / "c.yaml", src.data.shards, out, run={"steps": 1, "ckpt_every": 1},
                       parallel={"strategy": "ddp", "backend": "gloo"}, optim={"lr": 0.0, "warmup_steps": 0})
-    r = run_train(cfg, f"run.init_from={exported}", nproc=2, timeout=240)
+    r = run_train(cfg, f"run.init_from={exported}", nproc=2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"[init] model and EMA weights from {exported} (step 2 of its run)" in r.stdout
     tensors = load_file(str(exported))
@@ -93,7 +93,7 @@ def test_init_from_starts_a_new_run_on_another_world_size_from_the_exported_weig
     ema = saved_tensors(ckpt, "ema")
     assert sorted(ema) == sorted(names)
     assert all(torch.allclose(ema[n], tensors[n], rtol=1e-6, atol=1e-7) for n in names)
-    r = run_train(cfg, f"run.init_from={exported}", "run.steps=2", nproc=2, timeout=240)
+    r = run_train(cfg, f"run.init_from={exported}", "run.steps=2", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[init]" not in r.stdout and "[resume]" in r.stdout and "at step 1" in r.stdout
 

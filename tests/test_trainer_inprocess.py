@@ -49,10 +49,11 @@ class MemoryLoader:
                    "text_mask": torch.ones(b, TOKENS, dtype=torch.bool), "num_video_frames": self.cfg.num_frames}
 
     def state_dict(self) -> dict:
-        return {}
+        return {"served": self.served}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def load_state_dict(self, state) -> None:
+        """Recorded, not applied: the NaN-guard test counts every batch drawn, rollbacks included."""
+        self.loaded = state
 
 
 def _cfg(tmp_path, **sections) -> TrainConfig:
@@ -85,6 +86,20 @@ def test_nan_guard_gives_up_after_three_rollbacks_to_the_same_checkpoint(tmp_pat
     assert trainer.rollbacks == 3
     # 2 good steps, then 4 streaks of 2 NaN steps (3 rolled back, the 4th gives up)
     assert trainer.loader.served == 2 + 4 * 2
+
+
+def test_a_non_finite_step_updates_neither_the_weights_nor_the_ema(tmp_path):
+    """docs/trainer.md, one training step: a step whose loss is not finite is skipped, "no optimizer or
+    EMA update" (an EMA moved toward unchanged weights would drift on every skipped step)."""
+    trainer = _trainer(_cfg(tmp_path, run={"steps": 4, "ckpt_every": 0}), nan_from=1)
+    assert trainer.train_step().ok  # a finite step first: the EMA now trails the weights
+    weights = [p.detach().clone() for p in trainer.strategy.local_params()]
+    ema = [e.clone() for e in trainer.ema.shadow]
+    assert any(not torch.equal(w, e) for w, e in zip(weights, ema))
+    out = trainer.train_step()
+    assert not out.ok and trainer.state.skipped_steps == 1
+    assert all(torch.equal(w, p) for w, p in zip(weights, trainer.strategy.local_params()))
+    assert all(torch.equal(e, now) for e, now in zip(ema, trainer.ema.shadow))
 
 
 # ---------------------------------------------------------------------------------------- late signals
@@ -125,6 +140,30 @@ def _pretend_written_by(tmp_path, **fields) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
+def _assert_resumed_the_checkpoint(trainer: Trainer, ckpt: Path) -> None:
+    """`trainer` holds what `ckpt` saved, not just its step: the model, EMA and AdamW state (compared
+    with the checkpoint read directly by dcp_state.read_full, by parameter name), the RNG and every
+    rank's loader position."""
+    from resume_dump import optimizer_state
+
+    from trainer.checkpoint import read_state
+    from trainer.strategies.dcp_state import read_full
+
+    state = read_state(ckpt)
+    assert trainer.step == state["step"] == 2
+    s = trainer.strategy
+    for part, held in (("model", s.gather_full_state()), ("ema", s.gather_full_state(trainer.ema.shadow)),
+                       ("optim.state", optimizer_state(trainer))):
+        saved = read_full(ckpt, part)
+        assert len(saved) > 10 and set(saved) <= set(held), part
+        bad = [k for k in saved if not torch.equal(held[k], saved[k])]
+        assert not bad, f"{part} differs from the checkpoint in {bad[:5]}"
+    saved_model, saved_ema = read_full(ckpt, "model"), read_full(ckpt, "ema")
+    assert any(not torch.equal(saved_ema[k], saved_model[k]) for k in saved_ema)  # the EMA is not the weights
+    assert torch.equal(torch.get_rng_state(), torch.load(ckpt / "rng-rank0.pt", weights_only=True)["torch"])
+    assert trainer.loader.loaded == state["loader"] and state["loader"][0]["served"] >= 2
+
+
 def test_a_checkpoint_labelled_as_two_fsdp_ranks_resumes_under_ddp_on_one_process(tmp_path):
     """Checkpoints are topology-independent (trainer/strategies/dcp_state.py): what the saving run's
     strategy and process count were no longer decides whether a run can resume it (the real 2-rank
@@ -132,7 +171,7 @@ def test_a_checkpoint_labelled_as_two_fsdp_ranks_resumes_under_ddp_on_one_proces
     cfg = _checkpointed_run(tmp_path)
     _pretend_written_by(tmp_path, strategy="fsdp", world_size=2)
     cfg.parallel.strategy = "ddp"  # one process: DDP runs unwrapped, so this needs no process group
-    assert _trainer(cfg).step == 2
+    _assert_resumed_the_checkpoint(_trainer(cfg), tmp_path / "run" / "checkpoints" / "step-000002")
 
 
 def test_resume_with_another_strategy_is_refused_naming_both_unless_both_replicate(tmp_path):
@@ -140,7 +179,7 @@ def test_resume_with_another_strategy_is_refused_naming_both_unless_both_replica
     strategy's checkpoint is refused by them, naming both."""
     cfg = _checkpointed_run(tmp_path)
     cfg.parallel.strategy = "ddp"
-    assert _trainer(cfg).step == 2  # single → ddp resumes
+    _assert_resumed_the_checkpoint(_trainer(cfg), tmp_path / "run" / "checkpoints" / "step-000002")  # single → ddp
     _pretend_written_by(tmp_path, strategy="deepspeed")
     with pytest.raises(RuntimeError) as e:
         _trainer(cfg)

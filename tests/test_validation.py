@@ -100,12 +100,35 @@ def test_training_samples_need_prompts_and_a_text_encoder(tmp_path):
     assert not samples.due(4)
 
 
-def test_training_samples_write_a_video_per_prompt_from_the_ema_weights(tmp_path, tiny_bert_dir, capsys):
+def _move_live_weights_away_from_the_ema(strategy, ema) -> None:
+    """A fresh EMA is a copy of the weights: without this a check on the live weights would pass as one
+    on the EMA (docs/trainer.md: "Samples and exports always use the EMA weights")."""
+    with torch.no_grad():
+        for p in strategy.local_params():
+            p.add_(0.5)
+    assert not any(torch.equal(p, e) for p, e in zip(strategy.local_params(), ema.shadow))
+
+
+def _holds_the_ema(model, ema) -> bool:
+    params = dict(model.named_parameters())
+    names = [n for n, p in params.items() if p.requires_grad]
+    return len(names) == len(ema.shadow) and all(torch.equal(params[n].detach(), e) for n, e in zip(names, ema.shadow))
+
+
+def test_training_samples_write_a_video_per_prompt_from_the_ema_weights(tmp_path, tiny_bert_dir, capsys,
+                                                                         monkeypatch):
+    import trainer.generate
+
     cfg = _cfg(tmp_path, sample_every=2, sample_steps=2, sample_prompts=["a red square", "a blue circle"])
     strategy, ema, diffusion = _parts(cfg)
+    _move_live_weights_away_from_the_ema(strategy, ema)
+    sampled_with, generate = [], trainer.generate.generate
+    monkeypatch.setattr(trainer.generate, "generate", lambda model, *a, **k: sampled_with.append(model) or
+                        generate(model, *a, **k))
     samples = TrainingSamples(cfg, strategy, ema, diffusion, Metrics(tmp_path / "run", True), CPU.device, 0,
                               text_encoder=tiny_bert_dir)
     written = samples.run(2)
+    assert len(sampled_with) == 1 and _holds_the_ema(sampled_with[0], ema)
     assert sorted(p.name for p in written) == ["0_a_red_square.gif", "0_a_red_square.mp4",
                                                "1_a_blue_circle.gif", "1_a_blue_circle.mp4"]
     assert all(p.parent.name == "step-000002" and p.stat().st_size > 0 for p in written)
@@ -125,15 +148,14 @@ class StandInEvaluator:
 def test_in_loop_evaluation_logs_the_evaluators_metrics_on_the_ema_weights(tmp_path, capsys):
     cfg = _cfg(tmp_path, eval_every=4)
     strategy, ema, _ = _parts(cfg)
+    _move_live_weights_away_from_the_ema(strategy, ema)
     evaluator = StandInEvaluator()
     evaluation = InLoopEvaluation(cfg, strategy, ema, Metrics(tmp_path / "run", True), CPU.device, 0, evaluator)
     assert [s for s in range(1, 11) if evaluation.due(s)] == [4, 8]
     (tmp_path / "run").mkdir(parents=True, exist_ok=True)
     assert evaluation.run(4) == {"eval/colour_acc": 0.5, "eval/direction_acc": 1.0, "eval/shape_acc": 0.25,
                                  "eval/colour_direction_acc": 0.5}
-    model = evaluator.models[0]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all(torch.equal(dict(model.named_parameters())[n].detach(), e) for n, e in zip(names, ema.shadow))
+    assert _holds_the_ema(evaluator.models[0], ema)
     logged = json.loads((tmp_path / "run" / "eval_log.jsonl").read_text())
     assert logged == {"step": 4, "colour_acc": 0.5, "direction_acc": 1.0, "shape_acc": 0.25,
                       "colour_direction_acc": 0.5, "info": {"seed": "0"}}

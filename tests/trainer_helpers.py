@@ -13,6 +13,7 @@ from pathlib import Path
 
 import process_group
 import yaml
+from process_group import MULTI_PROCESS_TIMEOUT_S
 
 from testing.fault_injection import ENV_VARS as FAULT_ENV_VARS
 from testing.fault_injection import SPEC as FAULTS
@@ -79,7 +80,11 @@ def train_cmd(config: Path, *sets: str, nproc: int = 1) -> list[str]:
             "-m", "trainer.train", *args]
 
 
-def run_train(config: Path, *sets: str, nproc: int = 1, timeout: float = 180, **env: str):
+def run_train(config: Path, *sets: str, nproc: int = 1, timeout: float | None = None, **env: str):
+    """`trainer.train` on `config`; the timeout defaults to 180 s for one process and to
+    process_group.MULTI_PROCESS_TIMEOUT_S under torchrun."""
+    if timeout is None:
+        timeout = MULTI_PROCESS_TIMEOUT_S if nproc > 1 else 180
     return process_group.run(train_cmd(config, *sets, nproc=nproc), cwd=REPO, env=subprocess_env(**env),
                           capture_output=True, text=True, timeout=timeout)
 

@@ -124,6 +124,16 @@ class FSDPStrategy(Strategy):
         self._unscaled = False
 
     # ------------------------------------------------------------------ one step
+    def forward(self, *args, **kwargs) -> Tensor:
+        """A forward without autograd (validation) is resharded at once: FSDP2 keeps the root unit's
+        parameters gathered after its forward for the backward that would follow, and with none coming
+        they stayed full, plain tensors, and gather_full_state() took the EMA shards for full tensors
+        (a 2-rank run with val_every and sample_every crashed there: tests/test_elastic_checkpoint.py)."""
+        out = self.model(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            self.module.reshard()
+        return out
+
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # MixedPrecisionPolicy casts parameters and inputs
 
