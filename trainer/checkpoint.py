@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer import async_write, checkpoint_verify, storage
 
@@ -51,6 +52,8 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 WRITTEN, FAILED = ".written-rank", ".failed-rank"  # a rank's background writes finished / failed
+# what a failed read or write of checkpoint files raises: DCP's CheckpointException is a BaseException
+ERRORS = (Exception, CheckpointException)
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -225,7 +228,7 @@ def _failed(error: BaseException) -> Future:
 def _guarded(write: Callable[[], Future]) -> Future:
     try:
         return write()
-    except Exception as e:
+    except ERRORS as e:
         return _failed(e)
 
 
@@ -259,7 +262,8 @@ class PendingCheckpoint:
             self._marked.set()
 
     def _failures(self) -> list[str]:
-        found = [f"rank {p.name[len(FAILED):]}: {p.read_text()}" for p in sorted(self.tmp.glob(FAILED + "*"))]
+        found = [f"rank {p.name[len(FAILED):]}: {p.read_text() or '(no room left to record its error)'}"
+                 for p in sorted(self.tmp.glob(FAILED + "*"))]
         return found + ([f"rank 0 (commit): {type(self._commit_error).__name__}: {self._commit_error}"]
                         if self._commit_error is not None else [])
 
@@ -312,7 +316,7 @@ class PendingCheckpoint:
     def _try_commit(self) -> None:
         try:
             self._commit()
-        except Exception as e:  # reported by failed()/wait() on every rank, not raised here alone
+        except ERRORS as e:  # reported by failed()/wait() on every rank, not raised here alone
             self._commit_error = e
             log.error("checkpoint %s could not be committed: %s: %s", self.final.name, type(e).__name__, e)
 

@@ -218,7 +218,7 @@ class CheckpointManager:
         try:
             self._load(latest)
             error = None
-        except Exception as e:  # any rank; decided together below
+        except ckpt.ERRORS as e:  # any rank; decided together below
             error = f"{type(e).__name__}: {e}"
             log.error("[resume] loading %s failed: %s", latest, error)
         errors = self.strategy.all_gather_object(error)
