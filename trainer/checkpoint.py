@@ -271,6 +271,8 @@ class PendingCheckpoint:
         """Not collective: whether this save has failed as far as this rank can tell (rank 0: any rank's
         failure marker or its own commit; other ranks: their own writes). The loop then calls `wait` on
         every rank, which raises the same error everywhere."""
+        if self.committed:
+            return False
         if self.rank == 0:
             return bool(self._failures())
         return self.writes.done() and self.writes.exception() is not None
