@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.distributed as dist  # noqa: E402
+from test_storage_faults import flip_middle  # noqa: E402
 from trainer_helpers import tiny_config  # noqa: E402
 
 from common.config import load_config  # noqa: E402
@@ -62,14 +63,6 @@ def train(a, out_dir: Path, dist_env, **run) -> dict:
 
 def largest_file(ckpt_dir: Path) -> Path:
     return max((p for p in ckpt_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-
-
-def flip_middle(path: Path, n: int = 4096) -> None:
-    with open(path, "r+b") as f:
-        f.seek(path.stat().st_size // 2)
-        block = f.read(n)
-        f.seek(-len(block), 1)
-        f.write(bytes(b ^ 0xFF for b in block))
 
 
 def fill_to(small: Path, free: int) -> None:

@@ -9,6 +9,7 @@ equal, so a fallback loses nothing and loads nothing damaged."""
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -145,7 +146,7 @@ def test_a_checkpoint_that_fails_to_load_is_dropped_and_the_trainer_rebuilt(unin
     latest = out / "checkpoints" / STEP4
     state = ckpt.read_state(latest)
     del state["files"]
-    (latest / ckpt.STATE_FILE).write_text(__import__("json").dumps(state))
+    (latest / ckpt.STATE_FILE).write_text(json.dumps(state))
     truncate(latest / DATA_FILE)
     assert _train(_cfg(trainer_shards, out)) == 0
     printed = capsys.readouterr().out

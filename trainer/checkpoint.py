@@ -18,9 +18,10 @@ A checkpoint is written into `step-000100.tmp-<pid>` and renamed only when every
 so a kill at any moment leaves the previous checkpoint and `latest` intact; stale temp directories
 are removed when the run starts again and by every save. trainer_state.json lists every other file
 with its size and CRC-32 (trainer/checkpoint_verify.py), so a damaged checkpoint is found before it
-is loaded (`verify_checkpoint`, `pick_resume`); a save that fails for lack of space raises
-trainer.storage.DiskFull, which names the filesystem, the space needed and the intact previous one. Everything loads with `torch.load(weights_only=True)` / JSON: RNG states
-are stored as tensors and plain lists, never pickled objects.
+is loaded (`verify_checkpoint`; trainer.checkpoint_manager.choose_resume falls back past it); a save
+that fails for lack of space raises trainer.storage.DiskFull, which names the filesystem, the space
+needed and the intact previous checkpoint. Everything loads with `torch.load(weights_only=True)` /
+JSON: RNG states are stored as tensors and plain lists, never pickled objects.
 """
 
 from __future__ import annotations
@@ -213,23 +214,17 @@ def start_checkpoint(strategy, out_dir: str | Path, step: int, *, ema, loader_st
             loaders = [json.loads((tmp / f"loader-rank{r}.json").read_text()) for r in range(world)]
             trainer_state = dict(state, step=step, world_size=world, strategy=strategy.name, loader=loaders)
         except (OSError, ValueError) as e:  # a rank could not write its loader state: its future says why
-            writes.append(_failed(e))
+            writes.append(async_write.failed(e))
     pending = PendingCheckpoint(Path(out_dir), tmp, final, rank, world, keep_last, async_write.all_of(writes))
     pending.trainer_state = trainer_state
     return pending
-
-
-def _failed(error: BaseException) -> Future:
-    f: Future = Future()
-    f.set_exception(error)
-    return f
 
 
 def _guarded(write: Callable[[], Future]) -> Future:
     try:
         return write()
     except ERRORS as e:
-        return _failed(e)
+        return async_write.failed(e)
 
 
 class PendingCheckpoint:
@@ -257,7 +252,7 @@ class PendingCheckpoint:
             if error is None:
                 (self.tmp / f"{WRITTEN}{self.rank}").touch()
             else:
-                (self.tmp / f"{FAILED}{self.rank}").write_text(f"{type(error).__name__}: {error}")
+                (self.tmp / f"{FAILED}{self.rank}").write_text(storage.describe(error))
         finally:
             self._marked.set()
 
@@ -308,7 +303,7 @@ class PendingCheckpoint:
             strategy.barrier()
             if self.rank == 0:
                 shutil.rmtree(self.tmp, ignore_errors=True)
-            detail = "; ".join(failures) if failures else f"this rank: {error}" if error else "see rank 0's log"
+            detail = "; ".join(failures) if failures else f"this rank: {storage.describe(error)}" if error else "see rank 0's log"
             if worst >= 2:
                 raise storage.DiskFull(disk_full_message(self.out_dir, self.final.name, detail))
             raise RuntimeError(f"checkpoint {self.final.name} could not be written: {detail}")

@@ -219,7 +219,7 @@ class CheckpointManager:
             self._load(latest)
             error = None
         except ckpt.ERRORS as e:  # any rank; decided together below
-            error = f"{type(e).__name__}: {e}"
+            error = storage.describe(e)
             log.error("[resume] loading %s failed: %s", latest, error)
         errors = self.strategy.all_gather_object(error)
         failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]

@@ -47,12 +47,27 @@ def _chain(exc: BaseException):
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        failures = getattr(exc, "failures", None)  # DCP's CheckpointException: {rank: exception}
-        if isinstance(failures, dict):
-            for inner in failures.values():
-                if isinstance(inner, BaseException):
-                    yield from _chain(inner)
+        for inner in _wrapped(exc):
+            yield from _chain(inner)
         exc = exc.__cause__ or exc.__context__
+
+
+def _wrapped(exc: BaseException) -> list[BaseException]:
+    """The per-rank exceptions inside DCP's CheckpointException ({rank: (exception, stack)})."""
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, dict):
+        return []
+    inner = [v[0] if isinstance(v, tuple) and v else v for v in failures.values()]
+    return [e for e in inner if isinstance(e, BaseException)]
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an exception: DCP's CheckpointException (whose text is several tracebacks) by the
+    exceptions it wraps."""
+    inner = _wrapped(exc)
+    if inner:
+        return "; ".join(f"{type(e).__name__}: {e}".rstrip(": ") for e in inner) + " (torch.distributed.checkpoint)"
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
 def is_out_of_space(exc: BaseException) -> bool:
