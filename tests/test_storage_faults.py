@@ -215,3 +215,32 @@ def test_a_step_log_that_cannot_be_written_stops_the_run(trainer_shards, tmp_pat
             _train(cfg, FillDiskAtStep(small / "filler", step=1))
         logged = len((small / "run" / "train_log.jsonl").read_text().splitlines())
         assert 2 < logged < 60, logged
+
+
+def test_tensorboard_and_export_on_a_full_disk_say_so_in_one_line(uninterrupted, tmp_path, capfd):
+    """TensorBoard's writer thread fails on a full disk: Metrics keeps one DiskFull naming tb/ (the
+    thread's own traceback is not printed); trainer.export says the same of its output file, exit 74,
+    and refuses a damaged checkpoint naming the file."""
+    from trainer.export import main as export_main
+    from trainer.metrics import Metrics
+
+    with tmpfs(tmp_path / "small", "64k") as small:
+        metrics = Metrics(small / "run", enabled=True)
+        for step in range(5000):
+            metrics.scalars({"train/loss": 1.0}, step)
+            metrics.flush()
+            if metrics.fault is not None:
+                break
+        metrics.close()
+        assert isinstance(metrics.fault, DiskFull), metrics.fault
+        assert str(metrics.fault).startswith(f"could not write TensorBoard events to {small}/run/tb (filesystem tmpfs")
+        assert "Traceback" not in capfd.readouterr().err
+        code = export_main(["--checkpoint", str(uninterrupted[0]), "--out", str(small / "model.safetensors")])
+        err = capfd.readouterr().err
+        assert code == EXIT_DISK_FULL and f"export: could not write the exported weights to {small}/model.safetensors" \
+               in err and "No space left on device" in err, err
+        assert not (small / "model.safetensors").exists()
+    damaged = _copy_run(uninterrupted[0], tmp_path / "damaged")
+    truncate(damaged / "checkpoints" / STEP4 / DATA_FILE)
+    assert export_main(["--checkpoint", str(damaged), "--out", str(tmp_path / "m.safetensors")]) == 1
+    assert f"{STEP4} is damaged: {DATA_FILE}:" in capfd.readouterr().err

@@ -136,6 +136,10 @@ class BackgroundWriter:
         staged = stage(obj, self._host)
         self._futures.append(self._pool.submit(torch.save, staged, str(path)))
 
+    def fail(self, error: BaseException) -> None:
+        """Report a write that failed outside the thread (finished() fails with it)."""
+        self._futures.append(failed(error))
+
     def finished(self) -> Future:
         """One future for everything submitted so far; the thread exits once it is all written."""
         joined = all_of(self._futures)
@@ -159,7 +163,11 @@ class FailureCollector:
         try:
             torch.save(obj, str(path))
         except Exception as e:
-            self._error = e
+            self.fail(e)
+
+    def fail(self, error: BaseException) -> None:
+        """Keep `error` unless an earlier one is kept (finished() fails with it)."""
+        self._error = self._error or error
 
     def finished(self) -> Future:
         return done() if self._error is None else failed(self._error)

@@ -303,7 +303,7 @@ class DeepSpeedStrategy(Strategy):
         comes back in the future instead, and trainer.checkpoint decides on every rank together."""
         writer = (async_write.BackgroundWriter(self.background_host_copies()) if background
                   else async_write.FailureCollector())
-        with compat.checkpoint_writes_through(self.engine, writer.save):
+        with compat.checkpoint_writes_through(self.engine, writer.save, writer.fail):
             self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, client_state={}, save_latest=False)
         self.barrier()
         return writer.finished()
