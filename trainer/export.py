@@ -24,7 +24,7 @@ import torch
 from common.config import from_dict, to_dict
 from trainer.checkpoint import read_state, require_verified, resolve_checkpoint
 from trainer.config import TrainConfig
-from trainer.storage import StorageFault, write_failed
+from trainer.storage import StorageFault, is_out_of_space, write_failed
 
 FORMAT = "vdm-ema-v1"
 REPLICATED = ("single", "ddp")
@@ -102,7 +102,9 @@ def export(checkpoint: str | Path, out: str | Path) -> Path | None:
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     try:
         save_file(tensors, str(out), metadata=_metadata(cfg, state, ckpt_dir))
-    except OSError as e:
+    except Exception as e:  # safetensors reports a full disk as its own SafetensorError
+        if not isinstance(e, OSError) and not is_out_of_space(e):
+            raise
         out.unlink(missing_ok=True)
         raise write_failed("the exported weights to", out, e, f"nothing was exported; {ckpt_dir} is unchanged") from e
     return out
