@@ -35,6 +35,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 WRITTEN, FAILED = ".written-rank", ".failed-rank"  # a rank's background writes finished / failed
+MANIFEST_WAIT_S = 0.2  # how long poll() waits for a background save's checksums before the next step
 # what a failed read or write of checkpoint files raises: DCP's CheckpointException is a BaseException
 ERRORS = (Exception, CheckpointException)
 
@@ -220,6 +222,20 @@ def start_checkpoint(strategy, out_dir: str | Path, step: int, *, ema, loader_st
     return pending
 
 
+def _in_thread(fn, *args) -> Future:
+    """`fn(*args)` in a daemon thread of its own; its result or exception in the returned future."""
+    result: Future = Future()
+
+    def run() -> None:
+        try:
+            result.set_result(fn(*args))
+        except Exception as e:
+            result.set_exception(e)
+
+    threading.Thread(target=run, name="checkpoint-manifest", daemon=True).start()
+    return result
+
+
 def _guarded(write: Callable[[], Future]) -> Future:
     try:
         return write()
@@ -243,6 +259,7 @@ class PendingCheckpoint:
         self.started = time.perf_counter()  # for the log line that says how long the write took
         self._reported_failure = False
         self._commit_error: BaseException | None = None
+        self._manifest: Future | None = None  # rank 0, background saves: sizes and checksums being read
         self._marked = threading.Event()  # set after this rank's mark is on disk, not just the writes
         writes.add_done_callback(self._mark)
 
@@ -282,7 +299,12 @@ class PendingCheckpoint:
             log.error("checkpoint %s could not be written (%s); the previous checkpoint stays the latest",
                       self.final.name, "; ".join(failures))
         if not failures and all((self.tmp / f"{WRITTEN}{r}").exists() for r in range(self.world)):
-            self._try_commit()
+            # the checksums read every byte once: in a thread of their own, so the loop does not wait
+            if self._manifest is None:
+                self._manifest = _in_thread(checkpoint_verify.manifest, self.tmp, self._not_listed())
+                futures.wait([self._manifest], timeout=MANIFEST_WAIT_S)  # a small checkpoint commits now
+            if self._manifest.done():
+                self._try_commit()
         return self.committed
 
     def wait(self, strategy) -> Path:
@@ -317,11 +339,15 @@ class PendingCheckpoint:
             self._commit_error = e
             log.error("checkpoint %s could not be committed: %s: %s", self.final.name, type(e).__name__, e)
 
+    def _not_listed(self) -> set[str]:
+        return {STATE_FILE} | {f"{WRITTEN}{r}" for r in range(self.world)}
+
     def _commit(self) -> None:
         for marker in self.tmp.glob(WRITTEN + "*"):
             marker.unlink()
         # the state file lists every other file with its size and checksum, and is written last
-        self.trainer_state["files"] = checkpoint_verify.manifest(self.tmp, exclude={STATE_FILE})
+        self.trainer_state["files"] = (self._manifest.result() if self._manifest is not None
+                                       else checkpoint_verify.manifest(self.tmp, self._not_listed()))
         _write_atomic(self.tmp / STATE_FILE, json.dumps(self.trainer_state, indent=1))
         if self.final.exists():  # same step saved again (signal right after a periodic save)
             shutil.rmtree(self.final)
