@@ -179,7 +179,7 @@ def test_a_full_disk_during_a_save_is_named_and_loses_nothing(mode, uninterrupte
             _train(cfg)
         message = str(raised.value)
         assert raised.value.exit_code == EXIT_DISK_FULL
-        assert f"checkpoint {STEP4} " in message and f"filesystem tmpfs tmpfs mounted on {small}" in message
+        assert f"checkpoint {STEP4} " in message and f"filesystem tmpfs (tmpfs) mounted on {small}" in message
         assert f"needs about 4.9 MiB (the size of {STEP2})" in message
         assert f"The previous checkpoint {STEP2} is intact" in message and "rerun the same command" in message
         if on_low_disk == "stop":

@@ -42,7 +42,7 @@ def test_storage_faults_on_two_ranks(strategy, trainer_shards, tmp_path):
         assert result["latest"] == "step-000002" and result["temp_dirs"] == []
     message = report["full_sync"][0]["message"]
     assert f"checkpoint step-000004 could not be written: no space in {small}/full_sync/checkpoints (filesystem " \
-           f"tmpfs tmpfs mounted on {small}" in message
+           f"tmpfs (tmpfs) mounted on {small}" in message
     assert "The previous checkpoint step-000002 is intact and `latest` names it" in message
 
     # full disk, async, through the CLI: exit 74 on both ranks, the same message on stderr

@@ -92,7 +92,7 @@ class Filesystem:
     fstype: str
 
     def __str__(self) -> str:
-        return f"{self.fstype} {self.device} mounted on {self.mount}"
+        return f"{self.device} ({self.fstype}) mounted on {self.mount}"
 
 
 def filesystem_of(path: str | Path) -> Filesystem:
