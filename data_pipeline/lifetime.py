@@ -2,11 +2,12 @@
 
 A `kill -9` runs no cleanup, so a worker must notice by itself. Two cases need this:
 
-- sharding workers (spawned children of `data_pipeline.shard`): the kernel's parent-death signal.
-- training-loader workers under the `forkserver` start method: they are children of the forkserver,
-  not of the trainer, and each holds the forkserver's "clients alive" pipe, so after the trainer dies
-  the forkserver never exits, torch's parent watchdog (which watches the forkserver) never fires, and
-  the workers would run forever holding the dead trainer's stdout. They watch the trainer's pid.
+- workers under the `forkserver` start method (training-loader workers and `data_pipeline.shard`'s
+  workers): they are children of the forkserver, not of the process they work for, and each holds
+  the forkserver's "clients alive" pipe, so after that process dies the forkserver never exits, a
+  parent-death signal (whose parent is the forkserver) never fires, and the workers would run
+  forever (the shard CLI's two workers and forkserver held 1.25 GB after a kill -9 of the CLI).
+  They watch the pid of the process they work for; once they are gone the forkserver exits too.
 """
 
 from __future__ import annotations

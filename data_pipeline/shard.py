@@ -24,7 +24,7 @@ from pathlib import Path
 from common.config import ConfigError, load_config, to_dict
 from common.logs import setup_logging
 from data_pipeline.config import ShardConfig, config_hash, manifest_cache_dir
-from data_pipeline.lifetime import die_with_parent
+from data_pipeline.lifetime import die_with_parent, exit_when_process_exits
 from data_pipeline.manifest import Manifest, ManifestError
 from data_pipeline.stats import Summary, done_summary, merge_index
 from data_pipeline.writer import remove_temp_files, write_json_atomic
@@ -42,10 +42,14 @@ _PROCESSOR = None
 _QUEUE = None
 
 
-def _init_worker(cfg_dict: dict, queue, log_level: int) -> None:
-    """Runs once per spawned worker: manifest + text encoder are loaded here, not per shard."""
+def _init_worker(cfg_dict: dict, queue, log_level: int, cli_pid: int) -> None:
+    """Runs once per worker: manifest + text encoder are loaded here, not per shard. A worker is the
+    forkserver's child, not the CLI's: it dies with the forkserver (parent-death signal) and watches the
+    CLI's pid itself, so a CLI killed by any signal leaves no worker behind, and the forkserver, whose
+    "clients alive" pipe the workers hold, exits once they are gone (data_pipeline.lifetime)."""
     global _PROCESSOR, _QUEUE
     die_with_parent()
+    exit_when_process_exits(cli_pid)
     setup_logging(log_level)
     from common.config import from_dict
     from data_pipeline.worker import ShardProcessor
@@ -161,7 +165,7 @@ def run_local(cfg: ShardConfig, todo: list[int], manifest: Manifest, progress: b
         t = threading.Thread(target=drain, daemon=True)
         t.start()
         with cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(to_dict(cfg), queue, logging.getLogger().level)) as pool:
+                                    initargs=(to_dict(cfg), queue, logging.getLogger().level, os.getpid())) as pool:
             futures = {pool.submit(_run_in_worker, s): s for s in todo}
             for fut in cf.as_completed(futures):
                 try:

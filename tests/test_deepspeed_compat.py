@@ -339,12 +339,21 @@ def test_a_skipped_step_is_verified_and_an_applied_one_raises(deepspeed):
 def test_background_writes_go_through_the_checkpoint_engine_only_inside_the_context(deepspeed):
     from types import SimpleNamespace
 
-    written, direct = [], []
-    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(save=lambda state_dict, path: direct.append(path)))
-    with compat.checkpoint_writes_through(engine, lambda obj, path: written.append((obj, path))):
+    written, direct, failed = [], [], []
+
+    def copy_scripts(save_path):
+        raise OSError(28, "No space left on device")
+
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(save=lambda state_dict, path: direct.append(path)),
+                             _copy_recovery_script=copy_scripts)
+    with compat.checkpoint_writes_through(engine, lambda obj, path: written.append((obj, path)), failed.append):
         engine.checkpoint_engine.save(state_dict={"w": 1}, path="a.pt")  # DeepSpeed passes keywords
+        engine._copy_recovery_script("ckpt")  # a full disk on rank 0: reported, not raised inside the engine
     engine.checkpoint_engine.save({"w": 2}, "b.pt")
     assert written == [({"w": 1}, "a.pt")] and direct == ["b.pt"]
+    assert [e.errno for e in failed] == [28]
+    with pytest.raises(OSError):
+        engine._copy_recovery_script("ckpt")  # outside the context: DeepSpeed's own again
     with pytest.raises(compat.DeepSpeedInternalMissing, match=r"has no DeepSpeedEngine\.checkpoint_engine"):
-        with compat.checkpoint_writes_through(SimpleNamespace(), print):
+        with compat.checkpoint_writes_through(SimpleNamespace(), print, print):
             pass

@@ -55,7 +55,36 @@ def test_spawned_workers_and_array_path_match_single_process(synthetic_videos, t
     assert (arr / "index.json").read_text() == (one / "index.json").read_text()
 
 
+def _children(pid: int) -> list[int]:
+    """Every live descendant of `pid` (forkserver, its workers, the resource tracker), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (it waits for its reaper)
+
+
 def test_sigkill_mid_run_then_rerun_has_every_video_exactly_once(synthetic_videos, tiny_bert_dir, tmp_path):
+    """Only the CLI's pid is killed (as the OOM killer does): its forkserver and workers exit within a
+    few seconds by themselves, and the rerun finishes the work exactly."""
     rows = list(csv.DictReader(open(synthetic_videos, encoding="utf-8")))
     files = {f"/{r['key']}.mp4": Path(r["path"]).read_bytes() for r in rows}
     with VideoServer(files) as srv:
@@ -77,11 +106,19 @@ def test_sigkill_mid_run_then_rerun_has_every_video_exactly_once(synthetic_video
         while len(list(out.glob("shard-*.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         time.sleep(0.4)  # land somewhere inside a later shard
+        run_pids = _children(proc.pid)
+        assert len(run_pids) >= 3, run_pids  # forkserver + 2 workers (+ resource tracker)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         done_before = len(list(out.glob("shard-*.json")))
         assert 2 <= done_before < 12, done_before  # really interrupted mid-run
-        time.sleep(0.5)  # workers die with their parent (PR_SET_PDEATHSIG)
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in run_pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [p for p in run_pids if _alive(p)]
+        for p in left:  # leave nothing behind even when the assertion fails
+            os.kill(p, signal.SIGKILL)
+        assert not left, f"processes of the killed run still alive 5 s later: {left}"
         assert main(["--config", str(cfg), "--no-progress"]) == 0
     keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in out.glob("shard-*.tar")),
                                                  shardshuffle=False)]

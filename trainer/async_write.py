@@ -80,6 +80,13 @@ def done() -> Future:
     return f
 
 
+def failed(error: BaseException) -> Future:
+    """A future that has already failed with `error`."""
+    f: Future = Future()
+    f.set_exception(error)
+    return f
+
+
 def all_of(futures: Sequence[Future]) -> Future:
     """One future that succeeds when all of `futures` have, or fails with the first failure."""
     joined: Future = Future()
@@ -129,9 +136,38 @@ class BackgroundWriter:
         staged = stage(obj, self._host)
         self._futures.append(self._pool.submit(torch.save, staged, str(path)))
 
+    def fail(self, error: BaseException) -> None:
+        """Report a write that failed outside the thread (finished() fails with it)."""
+        self._futures.append(failed(error))
+
     def finished(self) -> Future:
         """One future for everything submitted so far; the thread exits once it is all written."""
         joined = all_of(self._futures)
         self._futures = []
         self._pool.shutdown(wait=False)
         return joined
+
+
+class FailureCollector:
+    """`torch.save` now, in the caller's thread, with the first failure kept instead of raised: for a
+    writer called from inside a collective (DeepSpeed's save_checkpoint), where an exception on one
+    rank would leave the others at its next barrier. After a failure the remaining files are skipped
+    (the checkpoint is lost anyway); `finished()` reports it."""
+
+    def __init__(self) -> None:
+        self._error: BaseException | None = None
+
+    def save(self, obj: Any, path: str | Path) -> None:
+        if self._error is not None:
+            return
+        try:
+            torch.save(obj, str(path))
+        except Exception as e:
+            self.fail(e)
+
+    def fail(self, error: BaseException) -> None:
+        """Keep `error` unless an earlier one is kept (finished() fails with it)."""
+        self._error = self._error or error
+
+    def finished(self) -> Future:
+        return done() if self._error is None else failed(self._error)

@@ -6,7 +6,10 @@
 - the EMA is built from the wrapped (maybe sharded) parameters;
 - each rank's own RNG streams are seeded before the resume, which restores them where the checkpoint
   has this rank's (ranks the saved run did not have keep the fresh seeds);
-- the evaluator and the sampler need the text encoder, which a resumed checkpoint may name.
+- the evaluator and the sampler need the text encoder, which a resumed checkpoint may name;
+- the checkpoint to resume is chosen before anything is built (the newest that verifies, the same on
+  every rank), and a checkpoint that still fails to load sends the whole build round again without
+  it: a half-loaded model, optimizer or EMA is thrown away, never trained on.
 trainer/loop.py's `Trainer` takes the parts and only steps.
 """
 
@@ -18,10 +21,9 @@ from pathlib import Path
 import torch
 
 from model.conditioning import clip_conditions
-from trainer import checkpoint as ckpt
 from trainer.batches import Batches, BatchHook, Conditioning, StaticTextLength
 from trainer.callbacks import Callbacks, load_callbacks
-from trainer.checkpoint_manager import CheckpointManager, warm_start
+from trainer.checkpoint_manager import CheckpointManager, ResumeLoadFailed, choose_resume, warm_start
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv, init_distributed
 from trainer.ema import EMA
@@ -137,13 +139,27 @@ def batch_hooks(cfg: TrainConfig, compiled, throughput: Throughput) -> list[Batc
 
 def build_parts(cfg: TrainConfig, dist_env: DistEnv | None = None, loader_factory=None) -> TrainerParts:
     """Every start-up step of a run, in order (see the module docstring for why this order)."""
-    from model.diffusion import GaussianDiffusion
-
     dist = dist_env or init_distributed(cfg.parallel.backend)
     metrics = Metrics(Path(cfg.run.out_dir), enabled=dist.rank == 0)
     check_settings(cfg)
     gpu_settings(cfg, dist.device)
-    latest = ckpt.find_latest(cfg.run.out_dir)  # a rerun resumes from it, after the strategy is set up
+    tried: list[tuple[str, str]] = []  # (checkpoint name, why it failed to load)
+    while True:
+        # a rerun resumes from it, after the strategy is set up
+        latest = choose_resume(cfg, dist.world_size, dist.rank, metrics, tried)
+        try:
+            return _build_from(cfg, dist, metrics, latest, loader_factory)
+        except ResumeLoadFailed as e:
+            if cfg.run.resume_strict:
+                raise
+            tried.append((e.ckpt_dir.name, e.why))
+            metrics.print(f"[resume] WARNING: {e}; building the trainer again without it")
+
+
+def _build_from(cfg: TrainConfig, dist: DistEnv, metrics: Metrics, latest: Path | None, loader_factory) -> TrainerParts:
+    """The parts from the model on, resumed from `latest` (None: a new run)."""
+    from model.diffusion import GaussianDiffusion
+
     model, compiled = build_model(cfg, metrics, warm=latest is None)
     strategy = build_strategy(cfg, dist)
     strategy.setup(model)

@@ -16,8 +16,12 @@ fresh RNG seeds and take rank 0's loader entry (the loader itself reads every ra
 
 A checkpoint is written into `step-000100.tmp-<pid>` and renamed only when every rank has finished,
 so a kill at any moment leaves the previous checkpoint and `latest` intact; stale temp directories
-are removed by the next save. Everything loads with `torch.load(weights_only=True)` / JSON: RNG states
-are stored as tensors and plain lists, never pickled objects.
+are removed when the run starts again and by every save. trainer_state.json lists every other file
+with its size and CRC-32 (trainer/checkpoint_verify.py), so a damaged checkpoint is found before it
+is loaded (`verify_checkpoint`; trainer.checkpoint_manager.choose_resume falls back past it); a save
+that fails for lack of space raises trainer.storage.DiskFull, which names the filesystem, the space
+needed and the intact previous checkpoint. Everything loads with `torch.load(weights_only=True)` /
+JSON: RNG states are stored as tensors and plain lists, never pickled objects.
 """
 
 from __future__ import annotations
@@ -31,14 +35,16 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
-from trainer import async_write
+from trainer import async_write, checkpoint_verify, storage
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,9 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 WRITTEN, FAILED = ".written-rank", ".failed-rank"  # a rank's background writes finished / failed
+MANIFEST_WAIT_S = 0.2  # how long poll() waits for a background save's checksums before the next step
+# what a failed read or write of checkpoint files raises: DCP's CheckpointException is a BaseException
+ERRORS = (Exception, CheckpointException)
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -96,6 +105,26 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and is_complete(p)]
     return [p for _, p in sorted(found)]
+
+
+def remove_stale_temp_dirs(out_dir: str | Path, keep: Path | None = None) -> list[str]:
+    """Delete the temporary directories of saves that never finished (a kill, a full disk); not
+    collective: rank 0 calls it before a save and when a run starts. Returns their names."""
+    root = checkpoint_root(out_dir)
+    removed = []
+    for stale in sorted(root.glob("step-*.tmp-*")) if root.is_dir() else []:
+        if stale != keep:
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale.name)
+    return removed
+
+
+def newest_first(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints to resume from, in order of preference: the one `latest` names, then the
+    others newest first."""
+    ckpts = list_checkpoints(out_dir)[::-1]
+    latest = find_latest(out_dir)
+    return ([latest] if latest is not None else []) + [c for c in ckpts if c != latest]
 
 
 def find_latest(out_dir: str | Path) -> Path | None:
@@ -154,34 +183,64 @@ def start_checkpoint(strategy, out_dir: str | Path, step: int, *, ema, loader_st
     tmp = root / f"{final.name}.tmp-{pid}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("step-*.tmp-*"):
-            if stale != tmp:
-                shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_temp_dirs(out_dir, keep=tmp)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     strategy.barrier()
 
-    if strategy.saves_ema:  # by parameter name in the strategy's DCP state: reshardable
-        writes = [strategy.save(tmp, ema=ema.shadow if ema is not None else None, background=background)]
-    else:
-        writes = [strategy.save(tmp, background=background),
-                  async_write.save(ema.state_dict() if ema is not None else [], tmp / f"ema-rank{rank}.pt",
-                                   background=background,
-                                   host=strategy.background_host_copies() if background else None)]
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    (tmp / f"loader-rank{rank}.json").write_text(json.dumps(loader_state))
-    if rank == 0:
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
-    pending = PendingCheckpoint(Path(out_dir), tmp, final, rank, world, keep_last, async_write.all_of(writes))
+    # a rank's own writes fail into its future instead of raising, so that every rank reaches the
+    # barrier below and `wait` (or `poll`) decides together: a full disk often fails one rank only
+    writes = [_guarded(lambda: strategy.save(tmp, ema=ema.shadow if ema is not None else None,
+                                             background=background))]
+    if not strategy.saves_ema:  # deepspeed: the EMA per rank beside the engine files
+        writes.append(_guarded(lambda: async_write.save(
+            ema.state_dict() if ema is not None else [], tmp / f"ema-rank{rank}.pt", background=background,
+            host=strategy.background_host_copies() if background else None)))
+
+    def small_files() -> Future:
+        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+        (tmp / f"loader-rank{rank}.json").write_text(json.dumps(loader_state))
+        if rank == 0:
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
+        return async_write.done()
+
+    writes.append(_guarded(small_files))
     if during_write is not None:
         during_write()
     strategy.barrier()
+    trainer_state = None
     if rank == 0:
-        loaders = [json.loads((tmp / f"loader-rank{r}.json").read_text()) for r in range(world)]
-        pending.trainer_state = dict(state, step=step, world_size=world, strategy=strategy.name, loader=loaders)
+        try:
+            loaders = [json.loads((tmp / f"loader-rank{r}.json").read_text()) for r in range(world)]
+            trainer_state = dict(state, step=step, world_size=world, strategy=strategy.name, loader=loaders)
+        except (OSError, ValueError) as e:  # a rank could not write its loader state: its future says why
+            writes.append(async_write.failed(e))
+    pending = PendingCheckpoint(Path(out_dir), tmp, final, rank, world, keep_last, async_write.all_of(writes))
+    pending.trainer_state = trainer_state
     return pending
+
+
+def _in_thread(fn, *args) -> Future:
+    """`fn(*args)` in a daemon thread of its own; its result or exception in the returned future."""
+    result: Future = Future()
+
+    def run() -> None:
+        try:
+            result.set_result(fn(*args))
+        except Exception as e:
+            result.set_exception(e)
+
+    threading.Thread(target=run, name="checkpoint-manifest", daemon=True).start()
+    return result
+
+
+def _guarded(write: Callable[[], Future]) -> Future:
+    try:
+        return write()
+    except ERRORS as e:
+        return async_write.failed(e)
 
 
 class PendingCheckpoint:
@@ -199,6 +258,8 @@ class PendingCheckpoint:
         self.committed = False
         self.started = time.perf_counter()  # for the log line that says how long the write took
         self._reported_failure = False
+        self._commit_error: BaseException | None = None
+        self._manifest: Future | None = None  # rank 0, background saves: sizes and checksums being read
         self._marked = threading.Event()  # set after this rank's mark is on disk, not just the writes
         writes.add_done_callback(self._mark)
 
@@ -208,12 +269,25 @@ class PendingCheckpoint:
             if error is None:
                 (self.tmp / f"{WRITTEN}{self.rank}").touch()
             else:
-                (self.tmp / f"{FAILED}{self.rank}").write_text(f"{type(error).__name__}: {error}")
+                (self.tmp / f"{FAILED}{self.rank}").write_text(storage.describe(error))
         finally:
             self._marked.set()
 
     def _failures(self) -> list[str]:
-        return [f"rank {p.name[len(FAILED):]}: {p.read_text()}" for p in sorted(self.tmp.glob(FAILED + "*"))]
+        found = [f"rank {p.name[len(FAILED):]}: {p.read_text() or '(no room left to record its error)'}"
+                 for p in sorted(self.tmp.glob(FAILED + "*"))]
+        return found + ([f"rank 0 (commit): {type(self._commit_error).__name__}: {self._commit_error}"]
+                        if self._commit_error is not None else [])
+
+    def failed(self) -> bool:
+        """Not collective: whether this save has failed as far as this rank can tell (rank 0: any rank's
+        failure marker or its own commit; other ranks: their own writes). The loop then calls `wait` on
+        every rank, which raises the same error everywhere."""
+        if self.committed:
+            return False
+        if self.rank == 0:
+            return bool(self._failures())
+        return self.writes.done() and self.writes.exception() is not None
 
     def poll(self) -> bool:
         """Rank 0, between steps: commit if every rank's files are written. True once committed."""
@@ -225,29 +299,55 @@ class PendingCheckpoint:
             log.error("checkpoint %s could not be written (%s); the previous checkpoint stays the latest",
                       self.final.name, "; ".join(failures))
         if not failures and all((self.tmp / f"{WRITTEN}{r}").exists() for r in range(self.world)):
-            self._commit()
+            # the checksums read every byte once: in a thread of their own, so the loop does not wait
+            if self._manifest is None:
+                self._manifest = _in_thread(checkpoint_verify.manifest, self.tmp, self._not_listed())
+                futures.wait([self._manifest], timeout=MANIFEST_WAIT_S)  # a small checkpoint commits now
+            if self._manifest.done():
+                self._try_commit()
         return self.committed
 
     def wait(self, strategy) -> Path:
         """Collective: wait for this rank's writes, commit, and return the final directory; raises on
-        every rank when any rank's writes failed (the temporary directory is removed)."""
+        every rank when any rank's writes failed (the temporary directory is removed): DiskFull
+        (trainer.storage) when space, quota or a read-only filesystem was the cause."""
         self._marked.wait()  # this rank's writes are done and marked
-        error = self.writes.exception()
-        if strategy.all_reduce_max(1.0 if error is not None else 0.0) > 0:
+        error = self.writes.exception() or (self._commit_error if self.rank == 0 else None)
+        if self.rank == 0 and error is None and self._failures():
+            error = RuntimeError("another rank's writes failed")
+        worst = strategy.all_reduce_max(_severity(error, self._failures() if self.rank == 0 else []))
+        if worst == 0 and self.rank == 0 and not self.committed:
+            self._try_commit()
+        if worst == 0:
+            worst = strategy.all_reduce_max(_severity(self._commit_error) if self.rank == 0 else 0)
+        if worst > 0:
             failures = self._failures() if self.rank == 0 else []
             strategy.barrier()
             if self.rank == 0:
                 shutil.rmtree(self.tmp, ignore_errors=True)
-            raise RuntimeError(f"checkpoint {self.final.name} could not be written"
-                               + (f": {'; '.join(failures)}" if failures else f" (this rank: {error})"))
-        if self.rank == 0 and not self.committed:
-            self._commit()
+            detail = "; ".join(failures) if failures else f"this rank: {storage.describe(error)}" if error else "see rank 0's log"
+            if worst >= 2:
+                raise storage.DiskFull(disk_full_message(self.out_dir, self.final.name, detail))
+            raise RuntimeError(f"checkpoint {self.final.name} could not be written: {detail}")
         strategy.barrier()
         return self.final
+
+    def _try_commit(self) -> None:
+        try:
+            self._commit()
+        except ERRORS as e:  # reported by failed()/wait() on every rank, not raised here alone
+            self._commit_error = e
+            log.error("checkpoint %s could not be committed: %s: %s", self.final.name, type(e).__name__, e)
+
+    def _not_listed(self) -> set[str]:
+        return {STATE_FILE} | {f"{WRITTEN}{r}" for r in range(self.world)}
 
     def _commit(self) -> None:
         for marker in self.tmp.glob(WRITTEN + "*"):
             marker.unlink()
+        # the state file lists every other file with its size and checksum, and is written last
+        self.trainer_state["files"] = (self._manifest.result() if self._manifest is not None
+                                       else checkpoint_verify.manifest(self.tmp, self._not_listed()))
         _write_atomic(self.tmp / STATE_FILE, json.dumps(self.trainer_state, indent=1))
         if self.final.exists():  # same step saved again (signal right after a periodic save)
             shutil.rmtree(self.final)
@@ -257,6 +357,73 @@ class PendingCheckpoint:
         for old in list_checkpoints(self.out_dir)[:-self.keep_last] if self.keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         self.committed = True
+
+
+def _severity(error: BaseException | None, failures: list[str] = ()) -> float:
+    """0 = written, 1 = failed, 2 = failed for lack of space (max-reduced over the ranks)."""
+    if error is None and not failures:
+        return 0.0
+    out_of_space = (error is not None and storage.is_out_of_space(error)) or any(
+        storage.text_is_out_of_space(f) for f in failures)
+    return 2.0 if out_of_space else 1.0
+
+
+def recorded_bytes(ckpt_dir: Path) -> int:
+    """A checkpoint's size as written (its manifest, else its files now)."""
+    try:
+        files = read_state(ckpt_dir).get("files") or {}
+    except (OSError, ValueError):
+        files = {}
+    if files:
+        return sum(int(f["size"]) for f in files.get("files", {}).values()) + (ckpt_dir / STATE_FILE).stat().st_size
+    return storage.tree_bytes(ckpt_dir)
+
+
+def disk_full_message(out_dir: Path, name: str, detail: str) -> str:
+    """The one message of a checkpoint that did not fit: where, how much, what is intact, what to do."""
+    root = checkpoint_root(out_dir)
+    prev = find_latest(out_dir)
+    if prev is None:
+        need, intact = "", "No earlier checkpoint of this run exists: free space and rerun the same command (it starts over)"
+    else:
+        need = f"; a checkpoint of this run needs about {storage.human(recorded_bytes(prev))} (the size of {prev.name})"
+        intact = (f"The previous checkpoint {prev.name} is intact and `latest` names it: free space (or lower "
+                  f"run.keep_last) and rerun the same command to resume from it")
+    return f"checkpoint {name} could not be written: no space in {storage.where(root)}{need}. {intact} ({detail})"
+
+
+def space_shortfall(out_dir: str | Path) -> tuple[int, int, Path] | None:
+    """(bytes needed, bytes free, last checkpoint) when the next checkpoint would not fit beside the
+    last one (it needs as much as the last one took), else None. Not collective."""
+    prev = find_latest(out_dir)
+    if prev is None:
+        return None
+    needed, free = recorded_bytes(prev), storage.free_bytes(checkpoint_root(out_dir))
+    return (needed, free, prev) if free < needed else None
+
+
+def verify_checkpoint(ckpt_dir: Path, checksums: bool = True) -> list[str]:
+    """What is wrong with a complete checkpoint's files (sizes always, CRC-32 with `checksums`);
+    [] = verified. Checkpoints written before the manifest existed have nothing to compare."""
+    try:
+        state = read_state(ckpt_dir)
+    except (OSError, ValueError) as e:
+        return [f"{STATE_FILE}: unreadable ({type(e).__name__}: {e})"]
+    return checkpoint_verify.verify(ckpt_dir, state.get("files"), checksums=checksums)
+
+
+def require_verified(ckpt_dir: Path, checksums: bool = True) -> None:
+    """Raise storage.CheckpointDamaged naming each bad file (and the run's other checkpoints to use
+    instead) unless `ckpt_dir` verifies; for commands that read one checkpoint (export, evaluate)."""
+    problems = verify_checkpoint(ckpt_dir, checksums)
+    if problems:
+        others = [c.name for c in list_checkpoints(Path(ckpt_dir).parent.parent) if c != Path(ckpt_dir)]
+        hint = f"; other checkpoints of the run: {', '.join(others)}" if others else ""
+        raise storage.CheckpointDamaged(f"checkpoint {ckpt_dir} is damaged: {'; '.join(problems)}{hint}")
+
+
+def damage_report(tried: list[tuple[str, str]]) -> str:
+    return "; ".join(f"{name}: {why}" for name, why in tried)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -51,6 +51,16 @@ class RunConfig:
     # checkpoint becomes the latest once every rank's files are written (a kill before that leaves
     # the previous one); costs one extra copy of this rank's model/optimizer/EMA state in host memory
     async_save: bool = False
+    # before each save the free space under out_dir/checkpoints is compared with the last checkpoint's
+    # size: "stop" ends the run (exit 74, EXIT_DISK_FULL) before half a checkpoint is written, "warn"
+    # logs it and tries anyway (a failed write stops the run with the same message)
+    on_low_disk: Literal["stop", "warn"] = "stop"
+    # resume, trainer.export and trainer.evaluate check every checkpoint file's size (always) and its
+    # CRC-32 (when true) against trainer_state.json before loading (trainer/checkpoint_verify.py)
+    verify_checkpoints: bool = True
+    # a damaged latest checkpoint: false = resume from the newest one that verifies (with a warning),
+    # true = refuse to start, naming the damaged file
+    resume_strict: bool = False
     val_every: int = 0  # 0 = never
     val_batches: int = 4
     sample_every: int = 0  # 0 = never

@@ -290,11 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     from common.config import ConfigError, apply_overrides, from_dict, to_dict
     from trainer.config import TrainConfig
     from trainer.export import load_ema_model
+    from trainer.storage import StorageFault
 
     try:
         model, cfg, meta = load_ema_model(a.checkpoint, a.device)
         cfg = from_dict(TrainConfig, apply_overrides(to_dict(cfg), _overrides(a), TrainConfig))
-    except (FileNotFoundError, ValueError, ConfigError) as e:
+    except (FileNotFoundError, ValueError, ConfigError, StorageFault) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
     evaluator = Evaluator(cfg, a.text_encoder or meta.get("text_encoder") or cfg.run.text_encoder, a.device)

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from common.config import from_dict, to_dict
-from trainer.checkpoint import read_state, resolve_checkpoint
+from trainer.checkpoint import read_state, require_verified, resolve_checkpoint
 from trainer.config import TrainConfig
+from trainer.storage import StorageFault, is_out_of_space, write_failed
 
 FORMAT = "vdm-ema-v1"
 REPLICATED = ("single", "ddp")
@@ -86,6 +87,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path | None:
     ckpt_dir = resolve_checkpoint(checkpoint)
     state = read_state(ckpt_dir)
     cfg = from_dict(TrainConfig, state["config"])
+    require_verified(ckpt_dir, checksums=cfg.run.verify_checkpoints)
     if _one_process(ckpt_dir, state, cfg):
         # launched under torchrun anyway (the command for sharded checkpoints): rank 0 writes
         is_main = int(os.environ.get("RANK", "0")) == 0
@@ -98,7 +100,13 @@ def export(checkpoint: str | Path, out: str | Path) -> Path | None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(out), metadata=_metadata(cfg, state, ckpt_dir))
+    try:
+        save_file(tensors, str(out), metadata=_metadata(cfg, state, ckpt_dir))
+    except Exception as e:  # safetensors reports a full disk as its own SafetensorError
+        if not isinstance(e, OSError) and not is_out_of_space(e):
+            raise
+        out.unlink(missing_ok=True)
+        raise write_failed("the exported weights to", out, e, f"nothing was exported; {ckpt_dir} is unchanged") from e
     return out
 
 
@@ -122,6 +130,7 @@ def load_ema_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainCo
     ckpt_dir = resolve_checkpoint(path)
     state = read_state(ckpt_dir)
     cfg = from_dict(TrainConfig, state["config"])
+    require_verified(ckpt_dir, checksums=cfg.run.verify_checkpoints)
     if not _one_process(ckpt_dir, state, cfg):
         raise ValueError(f"{ckpt_dir} is a sharded {state.get('strategy')} checkpoint: export it first "
                          f"(python -m trainer.export --checkpoint {ckpt_dir} --out model.safetensors, with "
@@ -165,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with leave_process_group_on_exit():
             out = export(a.checkpoint, a.out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, StorageFault) as e:
         print(f"export: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)
     if out is not None:
         print(f"wrote {out}")
     return 0

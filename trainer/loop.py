@@ -29,7 +29,6 @@ tests inject their faults (NaN batches, kills, held steps) that way, not through
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -45,15 +44,18 @@ from trainer.checkpoint_manager import MAX_ROLLBACKS_PER_CHECKPOINT
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
 from trainer.lr import lr_from_config
-from trainer.metrics import BandAccumulator, band_edges, peak_memory_gb, progress_line
+from trainer.metrics import BandAccumulator, StepLog, band_edges, peak_memory_gb, progress_line
 from trainer.plan import start_background_plan
 from trainer.step_control import Interval, NonFiniteGuard, SaveSchedule, StepResult
+from trainer.storage import DiskFull, StorageFault
 
 __all__ = ["EXIT_OK", "EXIT_REQUEUE", "MAX_ROLLBACKS_PER_CHECKPOINT", "Trainer", "batch_digest", "batch_keys",
            "run_training"]
 
 log = logging.getLogger(__name__)
 EXIT_OK = 0
+# the per-step max-reduce: 1 = a stop signal, these = a write of the run failed (trainer.storage)
+HALT_STORAGE, HALT_DISK_FULL = 2.0, 3.0
 
 
 def _signal_after_the_run(signum, frame) -> None:
@@ -214,7 +216,7 @@ class Trainer:
         run = self.cfg.run
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        logf = open(self.out_dir / "train_log.jsonl", "a", buffering=1) if self.rank == 0 else None
+        logf = StepLog(self.out_dir / "train_log.jsonl", self.metrics) if self.rank == 0 else None
         guard = NonFiniteGuard(run.max_nonfinite_in_row)
         saves = SaveSchedule(run.ckpt_every, run.steps, self.step if self.resumed_from is not None else -1)
         interval = Interval()
@@ -227,7 +229,7 @@ class Trainer:
                 out, seconds = self._timed_step(step_start)
                 self.step += 1
                 if logf is not None:
-                    logf.write(json.dumps(out.log_record(self.step - 1)) + "\n")
+                    logf.write(out.log_record(self.step - 1))
                 interval.add(out, seconds)
                 if self._guard(out, guard):  # rolled back to the last checkpoint
                     saves.cancel()
@@ -237,7 +239,10 @@ class Trainer:
                     interval = Interval()
                 self.checks.after_step(self.step)
                 self.poll_save()
-                stop = self.strategy.all_reduce_max(1.0 if self._stop_requested else 0.0) > 0
+                halt = self.strategy.all_reduce_max(self._halt_code())
+                if halt >= HALT_STORAGE:
+                    self._stop_for_storage(halt)
+                stop = halt > 0
                 if saves.due(self.step, in_streak=guard.in_streak, stop=stop):
                     self.save()
                     saves.saved(self.step)
@@ -250,7 +255,30 @@ class Trainer:
             if logf is not None:
                 logf.close()
             self.metrics.flush()
+            halt = self.strategy.all_reduce_max(self._halt_code() if self.metrics.fault is not None else 0.0)
+            if halt >= HALT_STORAGE:  # the last lines of the log did not reach the disk
+                self._stop_for_storage(halt)
         return exit_code
+
+    def _halt_code(self) -> float:
+        """This rank's reason to leave the loop now, max-reduced over the ranks after each step."""
+        if self.checkpoints.failed():
+            return HALT_DISK_FULL
+        fault = self.metrics.fault
+        if fault is not None:
+            return HALT_DISK_FULL if isinstance(fault, DiskFull) else HALT_STORAGE
+        return 1.0 if self._stop_requested else 0.0
+
+    def _stop_for_storage(self, halt: float) -> None:
+        """Collective, after some rank found a write of the run failed: a background checkpoint's failure
+        is raised by `finish_save` on every rank; a failed log write by rank 0 with its message, and by
+        the others with the same exit code."""
+        self.finish_save()
+        fault = self.metrics.fault
+        if fault is None:
+            cls = DiskFull if halt >= HALT_DISK_FULL else StorageFault
+            fault = cls("rank 0 could not write the run's log (its message says where and why); this rank stops too")
+        raise fault
 
     def _timed_step(self, step_start: int) -> tuple[StepResult, float]:
         """One step and its seconds (start-up overhead excluded)."""

@@ -12,6 +12,7 @@ which the mean loss hides (high-SNR bands dominate nothing, low-SNR bands everyt
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import sys
@@ -114,28 +115,53 @@ def progress_line(step: int, total: int, loss: float, lr: float, it_per_s: float
             f"data {100 * data_frac:.0f}% | ETA {format_eta(eta)}{extra}")
 
 
+STOPS = "the run stops rather than train on without a record (free space and rerun to resume from the latest checkpoint)"
+
+
 class Metrics:
-    """TensorBoard writer + console output; a no-op on ranks other than 0."""
+    """TensorBoard writer + console output; a no-op on ranks other than 0.
+
+    A write that fails (a full disk) is not raised where it happens, in the middle of a collective step
+    on rank 0 only: the first one is kept in `fault` (a trainer.storage.StorageFault naming the path and
+    the cause), further writes are dropped, and the loop stops every rank at its next check."""
 
     def __init__(self, out_dir: str | Path, enabled: bool):
         self.enabled = enabled
         self.log_dir = Path(out_dir) / "tb"
         self._writer = None
         self._t0 = time.time()
+        self.fault = None  # trainer.storage.StorageFault of the first write that failed
+
+    def record_fault(self, what: str, path: str | Path, error: BaseException) -> None:
+        from trainer.storage import write_failed
+
+        if self.fault is None:
+            self.fault = write_failed(what, path, error, STOPS)
 
     @property
     def writer(self):
-        if self._writer is None and self.enabled:
+        if self._writer is None and self.enabled and self.fault is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_tensorboard_thread()
             self._writer = SummaryWriter(str(self.log_dir))
         return self._writer
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if not self.enabled:
+    def _tb(self, write) -> None:
+        """One TensorBoard write; its writer thread's failure surfaces at the next call as that OSError."""
+        if not self.enabled or self.fault is not None:
             return
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, float(value), step)
+        try:
+            write(self.writer)
+        except OSError as e:
+            self.record_fault("TensorBoard events to", self.log_dir, e)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        def write(w) -> None:
+            for tag, value in values.items():
+                w.add_scalar(tag, float(value), step)
+
+        self._tb(write)
 
     def video(self, tag: str, frames, step: int, fps: float | None = None, upscale: int = 1) -> None:
         """An animated sample; fps None: trainer.video_io.OUTPUT_FPS (imported here: PIL and PyAV load
@@ -144,12 +170,11 @@ class Metrics:
             return
         from trainer.video_io import OUTPUT_FPS, video_summary
 
-        self.writer.file_writer.add_summary(video_summary(tag, frames, OUTPUT_FPS if fps is None else fps, upscale),
-                                            step)
+        summary = video_summary(tag, frames, OUTPUT_FPS if fps is None else fps, upscale)
+        self._tb(lambda w: w.file_writer.add_summary(summary, step))
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self.enabled:
-            self.writer.add_text(tag, text, step)
+        self._tb(lambda w: w.add_text(tag, text, step))
 
     def print(self, line: str) -> None:
         if self.enabled:
@@ -157,9 +182,67 @@ class Metrics:
 
     def flush(self) -> None:
         if self._writer is not None:
-            self._writer.flush()
+            self._tb(lambda w: w.flush())
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError as e:
+                self.record_fault("TensorBoard events to", self.log_dir, e)
             self._writer = None
+
+
+class StepLog:
+    """out_dir/train_log.jsonl, one JSON line per step (rank 0), line-buffered; a failed write is kept in
+    `metrics.fault` like TensorBoard's."""
+
+    def __init__(self, path: Path, metrics: Metrics):
+        self.path, self.metrics = path, metrics
+        self._file = None
+        try:
+            self._file = open(path, "a", buffering=1)
+        except OSError as e:
+            metrics.record_fault("the step log", path, e)
+
+    def write(self, record: dict) -> None:
+        if self._file is None or self.metrics.fault is not None:
+            return
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as e:
+            self.metrics.record_fault("the step log", self.path, e)
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as e:
+                self.metrics.record_fault("the step log", self.path, e)
+            self._file = None
+
+
+_hook_installed = False
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard writes from a thread of its own; on a full disk that thread dies printing a library
+    traceback, and the same OSError reaches our next write call, which reports it in one line. Only
+    that thread's out-of-space death is silenced; every other thread's exception prints as before."""
+    import threading
+
+    global _hook_installed
+    if _hook_installed:
+        return
+    _hook_installed = True
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        from trainer.storage import is_out_of_space
+
+        thread = type(args.thread).__name__ if args.thread is not None else ""
+        if "AsyncWriter" in thread and args.exc_value is not None and is_out_of_space(args.exc_value):
+            return
+        previous(args)
+
+    threading.excepthook = hook

@@ -5,7 +5,8 @@
 
 A run whose run.out_dir already holds a checkpoint resumes from it. Exit codes: 0 = finished,
 75 = stopped by SIGUSR1/SIGTERM after writing a checkpoint (EXIT_REQUEUE: requeue the job to continue),
-2 = bad config, 1 = any other error.
+74 = a write of the run failed for lack of space (EXIT_DISK_FULL: free space, then rerun to resume),
+2 = bad config, 1 = any other error (a damaged checkpoint that cannot be used: one line, no traceback).
 """
 
 from __future__ import annotations
@@ -39,9 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from trainer.distributed import leave_process_group_on_exit
+    from trainer.storage import StorageFault
 
     with leave_process_group_on_exit():
-        code = run_training(cfg)
+        try:
+            code = run_training(cfg)
+        except StorageFault as e:  # raised on every rank together: the message is the whole report
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            code = e.exit_code
         ignore_stop_signals()
         return code
 

@@ -159,7 +159,12 @@ class TrainingSamples:
                 frames = to_uint8_frames(video)
                 self.metrics.video(f"samples/{i}", frames, step, upscale=max(1, 64 // frames.shape[1]))
                 slug = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:40]
-                written += [write_mp4(out / f"{i}_{slug}.mp4", frames), write_gif(out / f"{i}_{slug}.gif", frames)]
+                try:
+                    written += [write_mp4(out / f"{i}_{slug}.mp4", frames),
+                                write_gif(out / f"{i}_{slug}.gif", frames)]
+                except OSError as e:  # the loop stops every rank at its next check (Metrics.fault)
+                    self.metrics.record_fault("sample videos to", out, e)
+                    break
             self.metrics.text("samples/prompts", "\n".join(f"{i}: {p}" for i, p in
                                                           enumerate(cfg.run.sample_prompts)), step)
             self.metrics.print(f"[samples] step {step}: {len(written) // 2} videos in {out}")
@@ -212,8 +217,11 @@ class InLoopEvaluation:
             for line in result.lines:
                 self.metrics.print(line)
             self.metrics.print(f"[eval] step {step}: {result.summary()}")
-            with open(self.out_dir / "eval_log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, **result.metrics, "info": result.info}) + "\n")
+            try:
+                with open(self.out_dir / "eval_log.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": step, **result.metrics, "info": result.info}) + "\n")
+            except OSError as e:
+                self.metrics.record_fault("the evaluation log", self.out_dir / "eval_log.jsonl", e)
             self.metrics.flush()
         self.strategy.barrier()
         return scalars

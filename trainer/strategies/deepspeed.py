@@ -297,12 +297,16 @@ class DeepSpeedStrategy(Strategy):
     def save(self, ckpt_dir: Path, ema: list[Tensor] | None = None, background: bool = False) -> Future:
         """Engine files only; the EMA fragments go to ema-rank{r}.pt (saves_ema is False). `background`:
         every file the engine writes is staged and written by a thread instead (DeepSpeed has no async
-        save of its own that runs without its NVMe I/O op)."""
-        writer = async_write.BackgroundWriter(self.background_host_copies()) if background else None
-        with compat.checkpoint_writes_through(self.engine, writer.save) if writer else contextlib.nullcontext():
+        save of its own that runs without its NVMe I/O op). Synchronously, every file goes through
+        `async_write.FailureCollector`: a write that fails (a full disk, often on one rank only) must not
+        raise inside the engine, whose barriers the other ranks would then wait at forever; the failure
+        comes back in the future instead, and trainer.checkpoint decides on every rank together."""
+        writer = (async_write.BackgroundWriter(self.background_host_copies()) if background
+                  else async_write.FailureCollector())
+        with compat.checkpoint_writes_through(self.engine, writer.save, writer.fail):
             self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, client_state={}, save_latest=False)
         self.barrier()
-        return writer.finished() if writer else async_write.done()
+        return writer.finished()
 
     def load(self, ckpt_dir: Path, ema: list[Tensor] | None = None) -> bool:
         """The engine state; on another world size or ZeRO stage through DeepSpeed's universal checkpoint

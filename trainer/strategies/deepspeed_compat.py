@@ -209,12 +209,24 @@ def verify_weights_only(folder: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def checkpoint_writes_through(engine, save) -> Iterator[None]:
+def checkpoint_writes_through(engine, save, failed) -> Iterator[None]:
     """For the duration: the engine's checkpoint engine hands each file to `save(obj, path)` instead
     of calling torch.save (`checkpoint_engine.save(state_dict, path)` is DeepSpeed's pluggable write,
-    the one its Nebula and NVMe engines replace; run.async_save hands it to a writer thread)."""
+    the one its Nebula and NVMe engines replace; run.async_save hands it to a writer thread), and the
+    one other file it writes, rank 0's copy of the recovery scripts (`_copy_recovery_script`), hands
+    its exception to `failed(error)` instead of raising it between the engine's barriers (a full disk
+    fails it on rank 0 only: the other ranks would wait at the engine's last barrier forever)."""
     ckpt_engine = attribute(engine, "checkpoint_engine", "DeepSpeedEngine")
-    with _overridden(ckpt_engine, "save", lambda state_dict, path: save(state_dict, path)):
+    copy_scripts = attribute(engine, "_copy_recovery_script", "DeepSpeedEngine")
+
+    def copy_scripts_or_report(save_path) -> None:
+        try:
+            copy_scripts(save_path)
+        except Exception as e:
+            failed(e)
+
+    with (_overridden(ckpt_engine, "save", lambda state_dict, path: save(state_dict, path)),
+          _overridden(engine, "_copy_recovery_script", copy_scripts_or_report)):
         yield
 
 
