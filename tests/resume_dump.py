@@ -1,17 +1,20 @@
 """Resume a run the way `trainer.train` does and write the state it resumed into, gathered in full.
 
-    torchrun --standalone --nproc_per_node M tests/resume_dump.py --config run.yaml --out dump.pt
+    torchrun --standalone --nproc_per_node M tests/resume_dump.py --config run.yaml --out dump.pt [--then-train]
 
 Builds the real Trainer (which loads the latest checkpoint of run.out_dir on M ranks, whatever wrote
 it) and, without training, gathers on rank 0: the full parameters and buffers, the full EMA and the
 AdamW moments and step of every parameter, keyed by parameter name. tests/test_elastic_checkpoint.py
 compares them with the checkpoint read directly (trainer.strategies.dcp_state.read_full), so a
-reshard that loses, moves or reorders any piece fails there.
+reshard that loses, moves or reorders any piece fails there. With --then-train the same Trainer then
+trains on as `trainer.train` would (the gathers only read), so a test checks the loaded state and the
+finished run with one launch instead of two.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import load_config  # noqa: E402
+from common.logs import rank_from_env, setup_logging  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.distributed import exit_process, leave_process_group_on_exit  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
@@ -79,7 +83,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--then-train", action="store_true", help="after the dump, train as trainer.train does")
     args = ap.parse_args()
+    setup_logging(rank=rank_from_env() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
+    code = 0
     with leave_process_group_on_exit():
         trainer = Trainer(load_config(TrainConfig, args.config))
         try:
@@ -89,9 +96,11 @@ def main() -> int:
                     "lr": torch.tensor([g["lr"] for g in trainer.strategy.optimizer.param_groups])}
             if trainer.rank == 0:
                 torch.save(dump, args.out)
+            if args.then_train:
+                code = trainer.train()
         finally:
             trainer.close()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ The killed runs are module fixtures; each test resumes a copy of one, so a run i
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ import torch
 from process_group import MULTI_PROCESS_TIMEOUT_S
 from trainer_helpers import run_in_group, step_log, tiny_config, torchrun_cmd, train_cmd
 
-from trainer.checkpoint import find_latest, read_state
+from trainer.checkpoint import checkpoint_root, find_latest, read_state
 from trainer.strategies.dcp_state import read_full
 
 TIMEOUT = MULTI_PROCESS_TIMEOUT_S
@@ -130,18 +131,17 @@ def _assert_resumed_bitwise(dump_file: Path, ckpt: Path) -> None:
 
 def _resume_elsewhere(tmp: Path, killed: Path, shards: str, strategy: str, nproc: int,
                       reference: list[str]) -> None:
-    """Copy the killed run, check the state the new topology loads, then finish it through the CLI."""
+    """Copy the killed run, check the state the new topology loads, and the run it then finishes (one
+    launch: tests/resume_dump.py --then-train trains on as trainer.train does)."""
     out = tmp / "resumed"
     shutil.copytree(killed, out)
     ckpt = find_latest(out)
     config = _config(tmp / "resume.yaml", shards, out, strategy, nproc)
     dump = tmp / "dump.pt"
-    r = run_in_group(torchrun_cmd("tests/resume_dump.py", nproc, "--config", str(config), "--out", str(dump)),
-                     TIMEOUT)
+    r = run_in_group(torchrun_cmd("tests/resume_dump.py", nproc, "--config", str(config), "--out", str(dump),
+                                  "--then-train"), TIMEOUT)
     assert r.returncode == 0, r.stdout + r.stderr
     _assert_resumed_bitwise(dump, ckpt)
-    r = _train(config, nproc)
-    assert r.returncode == 0, r.stdout + r.stderr
     assert "[resume]" in r.stdout and "step-000002" in r.stdout
     assert _digests(out) == reference
     assert read_state(find_latest(out))["step"] == 4
@@ -343,17 +343,18 @@ def deepspeed_killed(tmp_path_factory, trainer_shards, standin_i3d_file):
     return get
 
 
-def _dump(tmp: Path, killed: Path, shards: str, nproc: int, stage: int, name: str) -> tuple[dict, Path, Path]:
+def _dump(tmp: Path, killed: Path, shards: str, nproc: int, stage: int, name: str,
+          then_train: bool = False) -> tuple[dict, Path, subprocess.CompletedProcess]:
     """(state gathered by tests/resume_dump.py after resuming a copy of `killed` on nproc ranks of
-    ZeRO-<stage>, the copy's out_dir, its config)."""
+    ZeRO-<stage>, the copy's out_dir, the launch; with then_train the run then finishes there)."""
     out = tmp / name
     shutil.copytree(killed, out)
     config = _config(tmp / f"{name}.yaml", shards, out, "deepspeed", nproc, stage)
     dump = tmp / f"{name}.pt"
-    r = run_in_group(torchrun_cmd("tests/resume_dump.py", nproc, "--config", str(config), "--out", str(dump)),
-                     TIMEOUT)
+    r = run_in_group(torchrun_cmd("tests/resume_dump.py", nproc, "--config", str(config), "--out", str(dump),
+                                  *(["--then-train"] if then_train else [])), TIMEOUT)
     assert r.returncode == 0, r.stdout + r.stderr
-    return torch.load(dump, weights_only=True), out, config
+    return torch.load(dump, weights_only=True), out, r
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
@@ -374,11 +375,9 @@ def _resume_deepspeed_elsewhere(tmp: Path, killed: Path, shards: str, saved: tup
     finishes with the uninterrupted run's batch_digest at every step. Returns what the saved topology
     loads (tests/resume_dump.py)."""
     same, _, _ = _dump(tmp, killed, shards, *saved, "same")
-    moved, out, config = _dump(tmp, killed, shards, *new, "moved")
-    assert (find_latest(out) / "deepspeed_universal" / "zero").is_dir()
+    moved, out, r = _dump(tmp, killed, shards, *new, "moved", then_train=True)
+    assert (checkpoint_root(out) / "step-000002" / "deepspeed_universal" / "zero").is_dir()
     _assert_same_state(same, moved)
-    r = _train(config, new[0])
-    assert r.returncode == 0, r.stdout + r.stderr
     assert "[resume]" in r.stdout and "step-000002" in r.stdout
     assert _digests(out) == reference
     assert read_state(find_latest(out))["step"] == 4
