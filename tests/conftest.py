@@ -39,6 +39,30 @@ def pytest_make_collect_report(collector):
     _fail_skip_in_ci(outcome.get_result())
 
 
+# Modules that take longest (measured with --durations=0; docs in README "Tests"), first in the queue:
+# with two xdist workers a long module started last would leave one core idle at the end.
+SLOWEST_FIRST = (
+    "test_slurm_training.py", "test_slurm_cluster.py", "test_shard_slurm.py",  # one group, mostly waiting
+    "test_elastic_checkpoint.py", "test_plan_memory.py", "test_strategies_dist.py", "test_trainer_demo.py",
+    "test_strategies_cli.py", "test_storage_faults_dist.py", "test_elastic_data.py", "test_compile.py",
+    "test_trainer_export_sample.py", "test_trainer_single.py", "test_evaluate.py", "test_storage_faults.py",
+    "test_shard_parallel.py", "test_perf.py", "test_trainer_ddp.py", "test_sampling.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Parallel runs (pytest-xdist, `--dist loadgroup`): each module is one unit of work, so a module's
+    expensive fixtures (reference runs, shard sets) are built once, and every SLURM test goes to one
+    worker, one at a time, since they share the cluster's two nodes, its partitions' GraceTime and
+    drained-node state. The slowest modules are queued first. Harmless without xdist."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> str:
     """Directory of a tiny random BERT (hidden 32) with a WordPiece vocab; loadable by TextEncoder."""
