@@ -50,17 +50,35 @@ SLOWEST_FIRST = (
 )
 
 
-@pytest.hookimpl(tryfirst=True)
+# Modules that need the SLURM cluster: one unit of work in parallel runs (see below).
+SLURM_MODULES = ("test_slurm_cluster.py", "test_slurm_training.py", "test_shard_slurm.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Parallel runs (pytest-xdist, `-n N --dist loadscope`): each module is one unit of work, so a
+    module's expensive fixtures (reference runs, shard sets) are built once, and the SLURM modules are
+    one unit, run one test at a time, since they share the cluster's two nodes, its partitions'
+    GraceTime and drained-node state. Units are handed out in collection order (slowest first, see
+    pytest_collection_modifyitems; run with --no-loadscope-reorder). A scheduler of our own because
+    xdist's `loadgroup` marks do not reach the scheduler under pytest 9 (it renames a private field)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "slurm" if module.rsplit("/", 1)[-1] in SLURM_MODULES else module
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Parallel runs (pytest-xdist, `--dist loadgroup`): each module is one unit of work, so a module's
-    expensive fixtures (reference runs, shard sets) are built once, and every SLURM test goes to one
-    worker, one at a time, since they share the cluster's two nodes, its partitions' GraceTime and
-    drained-node state. The slowest modules are queued first. Harmless without xdist."""
+    """The slowest modules first (SLOWEST_FIRST); the order within a module is kept. A test marked
+    `slurm` outside SLURM_MODULES would run beside the others on the cluster: refused."""
+    stray = {item.path.name for item in items if item.get_closest_marker("slurm")} - set(SLURM_MODULES)
+    if stray:
+        raise pytest.UsageError(f"tests marked slurm outside SLURM_MODULES (tests/conftest.py): {sorted(stray)}")
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
-    for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,9 @@ if [ -x slurm/local_cluster.sh ] && [ "${VDM_SKIP_SLURM:-0}" != 1 ] && [ "$(id -
 fi
 cleanup() { if [ "$started_slurm" = 1 ]; then slurm/local_cluster.sh down || true; fi; }
 trap cleanup EXIT
-# Three xdist workers on two cores: the SLURM tests (one group, tests/conftest.py) mostly wait on the
+# Three xdist workers on two cores: the SLURM tests (one unit of work, tests/conftest.py) mostly wait on the
 # cluster, so a third worker keeps both cores busy meanwhile. VDM_TEST_WORKERS=0 runs in one process.
 WORKERS=${VDM_TEST_WORKERS:-3}
 PARALLEL=()
-if [ "$WORKERS" != 0 ]; then PARALLEL=(-n "$WORKERS" --dist loadgroup --no-loadscope-reorder); fi
+if [ "$WORKERS" != 0 ]; then PARALLEL=(-n "$WORKERS" --dist loadscope --no-loadscope-reorder); fi
 "$PY" -m pytest -q "${PARALLEL[@]}" --durations=15 "$@"  # the slowest tests listed: CI time stays visible
