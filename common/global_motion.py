@@ -61,9 +61,10 @@ def global_motion(video: Tensor, work_size: int | None = None) -> Tensor:
     gy = (g[..., 2:, 1:-1] - g[..., :-2, 1:-1]) / 2
     gx, gy = (gx[:, 1:] + gx[:, :-1]) / 2, (gy[:, 1:] + gy[:, :-1]) / 2  # at the middle of each pair
     gt = g[:, 1:, 1:-1, 1:-1] - g[:, :-1, 1:-1, 1:-1]
-    basis = similarity_basis(gx, gy, float(min(h, w))).double()  # [B, F-1, 4, H-2, W-2]
-    normal = torch.einsum("bfihw,bfjhw->bij", basis, basis)
-    rhs = -torch.einsum("bfihw,bfhw->bi", basis, gt.double())
+    basis = similarity_basis(gx, gy, float(min(h, w)))  # [B, F-1, 4, H-2, W-2]
+    basis = basis.transpose(1, 2).reshape(b, MOTION_DIMS, -1).double()  # every pixel of every pair
+    normal = basis @ basis.transpose(1, 2)
+    rhs = -(basis @ gt.reshape(b, -1, 1).double())[..., 0]
     trace = normal.diagonal(dim1=1, dim2=2).sum(-1)
     eye = torch.eye(MOTION_DIMS, dtype=normal.dtype, device=normal.device)
     # a ridge of 1e-6 of the mean curvature keeps a clip with texture along one axis only (a bar) solvable
