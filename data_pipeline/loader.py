@@ -223,7 +223,7 @@ def to_unit_range(video: np.ndarray) -> torch.Tensor:
 
 def stored_motion(metas: list[dict]) -> torch.Tensor:
     """[B, 4] float32: each clip's global motion as data_pipeline.shard stored it in its {key}.json
-    (model.motion.global_motion on the full decoded frame), NaN rows for clips of shards made before
+    (common.global_motion on the full decoded frame), NaN rows for clips of shards made before
     it was stored (model.conditioning measures those on the fly)."""
     out = np.full((len(metas), MOTION_DIMS), np.nan, dtype=np.float32)
     for i, meta in enumerate(metas):

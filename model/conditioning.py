@@ -32,7 +32,7 @@ _warned_on_the_fly = False
 
 
 def measured_motion(batch: dict, x: Tensor, cond: dict) -> dict:
-    """model.motion_conditioning: the clip's global motion (model.motion.global_motion) over its video
+    """model.motion_conditioning: the clip's global motion (common.global_motion) over its video
     frames, which the U-Net conditions on and teaches its motion head to predict.
 
     Read from the batch, where data_pipeline.shard stored it (measured on the full decoded frame); rows
