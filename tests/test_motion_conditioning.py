@@ -177,3 +177,8 @@ def test_fp16_with_motion_conditioning_trains_the_head_through_the_scaled_loss(t
     before = [p.detach().clone() for p in head.parameters()]
     assert trainer.train() == 0
     assert any(not torch.equal(b, p) for b, p in zip(before, head.parameters()))
+
+
+def test_a_negative_motion_loss_weight_is_refused():
+    with pytest.raises(ValueError, match="model.motion_loss_weight must be >= 0"):
+        UNetConfig(motion_conditioning=True, motion_loss_weight=-1.0)
