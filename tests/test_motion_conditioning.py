@@ -165,8 +165,15 @@ def test_trainer_measures_motion_and_teaches_the_head_logging_its_loss(tmp_path)
     before = [p.detach().clone() for p in head.parameters()]
     assert trainer.train() == 0
     assert any(not torch.equal(b, p) for b, p in zip(before, head.parameters()))
+    trainer.close()
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert all(rec["motion_loss"] > 0 for rec in log), log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    logged = [e.value for e in acc.Scalars("train/motion_loss")]  # run.log_every 1: one step per line
+    assert logged == pytest.approx([rec["motion_loss"] for rec in log], rel=1e-5)
 
 
 def test_fp16_with_motion_conditioning_trains_the_head_through_the_scaled_loss(tmp_path):
