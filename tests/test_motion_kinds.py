@@ -170,3 +170,57 @@ def test_loader_hands_the_stored_motion_and_old_shards_still_train(kind_shards, 
     assert "measuring it on the fly" in caplog.text
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(np.isfinite(rec["motion_loss"]) for rec in log)
+
+
+class _KindOracle(torch.nn.Module):
+    """A v-prediction denoiser whose samples are the rendered clip of each prompt's kind (or, with
+    `reverse`, that clip played backwards: every kind read as its reverse)."""
+
+    def __init__(self, prompts: list[str], reverse: bool = False):
+        from data_pipeline.synthetic import render_transform_clip
+
+        super().__init__()
+        clips = []
+        for p in prompts:
+            t = parse_motion_caption(p)
+            kind = t["motion"]
+            if kind in DIRECTIONS:
+                clip = render_clip(t["shape"], t["colour"], kind, 8, 32, 32, inside_start(
+                    np.random.default_rng(0), kind, 32, 32, 0.3), travel=0.3)
+            else:
+                clip = render_transform_clip(t["shape"], t["colour"], kind, 8, 32, 32, (16.0, 16.0))
+            clip = _downscaled(clip)
+            clips.append(torch.from_numpy(clip[::-1].copy() if reverse else clip))
+        self.register_buffer("clips", torch.stack(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
+
+    def forward(self, z, logsnr, text_emb=None, text_mask=None, num_video_frames=None):
+        from model.diffusion import alpha_sigma, broadcast_to
+
+        x = self.clips[text_emb[:, 0, 0].long()][:, :, : z.shape[2]]
+        alpha, sigma = (broadcast_to(c.to(z.dtype), z) for c in alpha_sigma(logsnr))
+        return alpha * (z - alpha * x) / sigma - sigma * x
+
+
+class _IndexEncoder:
+    def __init__(self, prompts: list[str]):
+        self.prompts = list(prompts)
+
+    def encode_padded(self, captions):
+        emb = torch.tensor([[float(self.prompts.index(c))] for c in captions])[:, :, None]
+        return emb, torch.ones(len(captions), 1, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_evaluate_motion_kinds_scores_an_oracle_right_and_its_reversal_wrong(reverse):
+    from model.config import SamplingConfig
+    from model.diffusion import GaussianDiffusion
+    from trainer.synthetic_eval import evaluate_motion_kinds, motion_kind_grid
+
+    prompts = motion_kind_grid(1)
+    assert len(prompts) == 32 and {parse_motion_caption(p)["motion"] for p in prompts} == set(MOTION_KINDS)
+    metrics, table = evaluate_motion_kinds(_KindOracle(prompts, reverse), GaussianDiffusion(prediction="v"),
+                                           _IndexEncoder(prompts), frames=8, size=16, seeds=1,
+                                           sampling=SamplingConfig(steps=8, guidance_weight=0.0), batch=11)
+    assert metrics["colour"] == 1.0
+    assert metrics["motion"] == (0.0 if reverse else 1.0), table
+    assert "turning clockwise" in table
