@@ -305,7 +305,8 @@ class SpaceTimeUNet(nn.Module):
 
         pooled, context, context_mask = self.encode_text(text_emb, text_mask, b)
         cond = self.logsnr_embed(logsnr) + pooled
-        extra, aux_losses = self.motion_term(text_emb, text_mask, motion, f if num_video_frames is None else num_video_frames)
+        video_frames = f if num_video_frames is None else num_video_frames
+        extra, aux_losses = self.motion_term(text_emb, text_mask, motion, video_frames)
         if self.frame_embed is not None or extra is not None:
             cond = self.per_frame_cond(cond, f, num_video_frames, extra)
         frame_mask = temporal_attention_mask(f, num_video_frames, device=z.device)

@@ -159,7 +159,8 @@ def test_rows_without_a_caption_get_no_motion_term():
 
 
 def test_trainer_measures_motion_and_teaches_the_head_logging_its_loss(tmp_path):
-    cfg = _cfg(tmp_path, model={"motion_conditioning": True}, run={"steps": 3, "ckpt_every": 100, "caption_dropout": 0.0})
+    cfg = _cfg(tmp_path, model={"motion_conditioning": True},
+               run={"steps": 3, "ckpt_every": 100, "caption_dropout": 0.0})
     trainer = _trainer(cfg)
     head = trainer.strategy.module.motion_cond.head
     before = [p.detach().clone() for p in head.parameters()]

@@ -307,7 +307,8 @@ class Trainer:
         bands = self.bands.reduced(s)
         self.bands.reset()
         loss = interval.mean_loss
-        scalars = {"train/loss": loss, **{f"train/{name}": v for name, v in interval.mean_aux.items()}, "train/lr": out.lr, "train/grad_norm": out.grad_norm,
+        scalars = {"train/loss": loss, "train/lr": out.lr, "train/grad_norm": out.grad_norm,
+                   **{f"train/{name}": v for name, v in interval.mean_aux.items()},  # train/motion_loss
                    "train/skipped_steps": self.skipped_steps, "train/rollbacks": self.rollbacks,
                    "perf/step_time_s": step_time, "perf/data_wait_s": wait, "perf/peak_mem_gb": mem,
                    "perf/videos_per_s": videos_per_s,
