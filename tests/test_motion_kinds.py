@@ -201,17 +201,10 @@ class _KindOracle(torch.nn.Module):
         return alpha * (z - alpha * x) / sigma - sigma * x
 
 
-class _IndexEncoder:
-    def __init__(self, prompts: list[str]):
-        self.prompts = list(prompts)
-
-    def encode_padded(self, captions):
-        emb = torch.tensor([[float(self.prompts.index(c))] for c in captions])[:, :, None]
-        return emb, torch.ones(len(captions), 1, dtype=torch.bool)
-
-
 @pytest.mark.parametrize("reverse", [False, True])
 def test_evaluate_motion_kinds_scores_an_oracle_right_and_its_reversal_wrong(reverse):
+    from test_synthetic_eval import _PromptEncoder
+
     from model.config import SamplingConfig
     from model.diffusion import GaussianDiffusion
     from trainer.synthetic_eval import evaluate_motion_kinds, motion_kind_grid
@@ -219,7 +212,7 @@ def test_evaluate_motion_kinds_scores_an_oracle_right_and_its_reversal_wrong(rev
     prompts = motion_kind_grid(1)
     assert len(prompts) == 32 and {parse_motion_caption(p)["motion"] for p in prompts} == set(MOTION_KINDS)
     metrics, table = evaluate_motion_kinds(_KindOracle(prompts, reverse), GaussianDiffusion(prediction="v"),
-                                           _IndexEncoder(prompts), frames=8, size=16, seeds=1,
+                                           _PromptEncoder(prompts), frames=8, size=16, seeds=1,
                                            sampling=SamplingConfig(steps=8, guidance_weight=0.0), batch=11)
     assert metrics["colour"] == 1.0
     assert metrics["motion"] == (0.0 if reverse else 1.0), table
