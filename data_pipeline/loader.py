@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from common.global_motion import MOTION_DIMS, MOTION_FIELD
 from data_pipeline.decode import BadSample, Sample, decode_sample
 from data_pipeline.index import ShardEntry, ShardIndex, check_matches, read_index
 from data_pipeline.lifetime import exit_when_process_exits
@@ -220,6 +221,18 @@ def to_unit_range(video: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def stored_motion(metas: list[dict]) -> torch.Tensor:
+    """[B, 4] float32: each clip's global motion as data_pipeline.shard stored it in its {key}.json
+    (common.global_motion on the full decoded frame), NaN rows for clips of shards made before
+    it was stored (model.conditioning measures those on the fly)."""
+    out = np.full((len(metas), MOTION_DIMS), np.nan, dtype=np.float32)
+    for i, meta in enumerate(metas):
+        value = meta.get(MOTION_FIELD)
+        if value is not None and len(value) == MOTION_DIMS:
+            out[i] = value
+    return torch.from_numpy(out)
+
+
 def collate(samples: list[Sample], image_frames: np.ndarray | None, num_frames: int) -> dict:
     video = np.stack([s.frames for s in samples])  # [B, T, H, W, 3] uint8
     if image_frames is not None and image_frames.shape[1] > 0:
@@ -239,6 +252,7 @@ def collate(samples: list[Sample], image_frames: np.ndarray | None, num_frames: 
         "num_video_frames": num_frames,
         "keys": [s.key for s in samples],
         "captions": [s.caption for s in samples],
+        MOTION_FIELD: stored_motion([s.meta for s in samples]),
     }
 
 
@@ -501,7 +515,7 @@ class TrainStream(IterableDataset):
         delivered = {c: self.positions[c].delivered for c in mine}
         step, micro = self.start_step, self.start_micro
         while True:
-            rows, frames, embs, keys, captions, image_keys, pos = [], [], [], [], [], [], {}
+            rows, frames, embs, keys, captions, image_keys, metas, pos = [], [], [], [], [], [], [], {}
             for row, c in enumerate(lay.micro_streams(step, micro)):
                 if c not in items:
                     continue
@@ -521,10 +535,11 @@ class TrainStream(IterableDataset):
                 embs.append(item.sample.text_emb)
                 keys.append(item.sample.key)
                 captions.append(item.sample.caption)
+                metas.append({MOTION_FIELD: item.sample.meta.get(MOTION_FIELD)})
                 image_keys.append([src.key for src in sources])
                 pos[c] = [item.epoch, item.offset, delivered[c], item.skipped, item.filtered, item.lost_shards]
             yield {"rows": rows, "video": to_unit_range(np.stack(frames)) if frames else None, "text_emb": embs,
-                   "keys": keys, "captions": captions, "image_keys": image_keys, "pos": pos}
+                   "keys": keys, "captions": captions, "image_keys": image_keys, "metas": metas, "pos": pos}
             micro += 1
             if micro == lay.grad_accum:
                 step, micro = step + 1, 0
@@ -553,6 +568,7 @@ def assemble(parts: list[dict], num_frames: int) -> dict:
         "keys": [parts[p]["keys"][i] for _, p, i in order],
         "captions": [parts[p]["captions"][i] for _, p, i in order],
         "image_keys": [parts[p]["image_keys"][i] for _, p, i in order],
+        MOTION_FIELD: stored_motion([parts[p]["metas"][i] for _, p, i in order]),
     }
 
 

@@ -9,7 +9,9 @@ identical for the same seed.
 
 `--directions` restricts the directions drawn: the motion ablations in docs/motion.md use clips that
 all move right (can the model learn an arrow of time at all?) and clips that move left or right
-(can it take the sign of motion from the caption?).
+(can it take the sign of motion from the caption?). `--transforms` also draws shapes that stay in
+place and grow, shrink or turn ("a red square growing", "a blue triangle turning clockwise"): the
+motion kinds a single translation cannot describe (`make_motion_kind_videos`, docs/motion.md).
 """
 
 from __future__ import annotations
@@ -159,6 +161,83 @@ def make_synthetic_videos(out_dir: str | Path, n: int, frames: int = 24, size: i
     return write_manifest(out_dir / "manifest.csv", rows)
 
 
+# ------------------------------------------------------------------------ zooming and turning shapes
+# kind -> (log of the radius's growth over the clip, turn over the clip in radians, clockwise on screen)
+TRANSFORMS = {"growing": (0.8, 0.0), "shrinking": (-0.8, 0.0), "turning clockwise": (0.0, 1.0),
+              "turning counterclockwise": (0.0, -1.0)}
+TURNING_SHAPES = ("square", "triangle")  # a turning circle looks still
+MOTION_KINDS = (*DIRECTIONS, *TRANSFORMS)  # every motion word a caption of the two generators names
+
+
+def motion_caption(colour: str, shape: str, kind: str) -> str:
+    """"a red square moving left" for a direction, "a red square growing" for a transform."""
+    return f"a {colour} {shape} moving {kind}" if kind in DIRECTIONS else f"a {colour} {shape} {kind}"
+
+
+def _turned_mask(shape: str, h: int, w: int, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
+    """`_shape_mask` turned by `angle` radians about its centre (clockwise on screen, y down), drawn
+    at 4x4 subpixels and kept where at least half are inside (edges that turn smoothly)."""
+    sub = 4
+    yy, xx = np.mgrid[0:h * sub, 0:w * sub].astype(np.float32)
+    dy, dx = (yy + 0.5) / sub - 0.5 - cy, (xx + 0.5) / sub - 0.5 - cx
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = c * dx + s * dy, -s * dx + c * dy  # the point in the shape's own (unturned) frame
+    if shape == "square":
+        inside = (np.abs(u) <= r) & (np.abs(v) <= r)
+    elif shape == "circle":
+        inside = u * u + v * v <= r * r
+    else:
+        inside = (v <= r) & (v >= -r) & (np.abs(u) <= (v + r) / 2)
+    return inside.reshape(h, sub, w, sub).mean(axis=(1, 3)) >= 0.5
+
+
+def render_transform_clip(shape: str, colour: str, kind: str, frames: int, height: int, width: int,
+                          centre: tuple[float, float], background: int = 24) -> np.ndarray:
+    """[T, H, W, 3] uint8: the shape stays at `centre` and grows, shrinks or turns as `kind` says
+    (TRANSFORMS: the radius changes by exp(+-0.8) over the clip about the usual size; a turn of one
+    radian, under the square's quarter-turn and the triangle's third-turn symmetry)."""
+    log_growth, turn = TRANSFORMS[kind]
+    r0 = shape_radius(height, width)
+    out = np.full((frames, height, width, 3), background, dtype=np.uint8)
+    for t in range(frames):
+        a = t / max(frames - 1, 1)
+        r = r0 * np.exp(log_growth * (a - 0.5))
+        out[t][_turned_mask(shape, height, width, centre[0], centre[1], r, turn * a)] = COLOURS[colour]
+    return out
+
+
+def transform_centre(rng: np.random.Generator, height: int, width: int) -> tuple[float, float]:
+    """A centre from which the largest drawn shape (a grown or turned one) stays inside the frame."""
+    reach = shape_radius(height, width) * float(np.exp(0.4)) * 1.5 + 0.5  # grown radius x the diagonal
+    return float(rng.uniform(reach, height - 1 - reach)), float(rng.uniform(reach, width - 1 - reach))
+
+
+def make_motion_kind_videos(out_dir: str | Path, n: int, frames: int = 24, size: int = 32, fps: float = 8,
+                            seed: int = 0, *, travel: float = 0.3, room: float = 1.0,
+                            codec: str = "libx264") -> str:
+    """Like `make_synthetic_videos`, with every motion kind drawn equally often: the four directions
+    (shapes placed as `make_synthetic_videos` places them) and the four TRANSFORMS (shapes in place;
+    turning ones are squares or triangles). Captions by `motion_caption`; returns the manifest path."""
+    out_dir = Path(out_dir)
+    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        kind = MOTION_KINDS[int(rng.integers(len(MOTION_KINDS)))]
+        shapes = TURNING_SHAPES if kind.startswith("turning") else SHAPES
+        shape, colour = shapes[int(rng.integers(len(shapes)))], list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        if kind in DIRECTIONS:
+            start = inside_start(rng, kind, size, size, travel, room=room)
+            video = render_clip(shape, colour, kind, frames, size, size, start, travel=travel)
+        else:
+            video = render_transform_clip(shape, colour, kind, frames, size, size, transform_centre(rng, size, size))
+        key = f"vid{i:06d}"
+        path = out_dir / "videos" / f"{key}.mp4"
+        write_video(path, video, fps, codec=codec, **(x264_options() if codec == "libx264" else {}))
+        rows.append((key, str(path.resolve()), motion_caption(colour, shape, kind)))
+    return write_manifest(out_dir / "manifest.csv", rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     default = {k: v.default for k, v in inspect.signature(make_synthetic_videos).parameters.items()}  # one source
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,7 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wrap", action="store_true", help="old behaviour: shapes may leave the frame and wrap around")
     p.add_argument("--directions", default=",".join(DIRECTIONS),
                    help="comma-separated directions to draw from (default: all four)")
+    p.add_argument("--transforms", action="store_true",
+                   help="also shapes growing, shrinking and turning (make_motion_kind_videos; square frames)")
     a = p.parse_args(argv)
+    if a.transforms:
+        print(make_motion_kind_videos(a.out_dir, a.n, a.frames, a.size, a.fps, a.seed, travel=a.travel, room=a.room))
+        return
     path = make_synthetic_videos(a.out_dir, a.n, a.frames, a.size, a.fps, a.seed, height=a.height, width=a.width,
                                  travel=a.travel, wrap=a.wrap, directions=a.directions.split(","), room=a.room)
     print(path)

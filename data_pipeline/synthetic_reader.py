@@ -7,6 +7,11 @@ much of its bounding extent it fills, and measures motion as the sum of frame-to
 shifts. Centroids are circular means, because the renderer wraps shapes around the frame edges: a
 plain mean would jump by a whole frame width at the wrap and read the wrong direction.
 
+Shapes that stay in place and grow, shrink or turn (data_pipeline.synthetic.make_motion_kind_videos)
+are read by `read_motion_kind`: growth from the shape's area over the clip, the turn from a
+similarity fit (common/global_motion.py) to the shape's mask; `score_motion_kinds` scores them with
+the directions.
+
 Checked against the training clips themselves (tests/test_synthetic_reader.py): a reader that
 misreads real clips would make every accuracy it reports meaningless.
 """
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline.synthetic import COLOURS, DIRECTIONS, SHAPES
+from data_pipeline.synthetic import COLOURS, DIRECTIONS, MOTION_KINDS, SHAPES
 
 BACKGROUND = 24
 # a pixel counts as shape when its RGB distance from the background exceeds this; the palette's
@@ -157,3 +162,62 @@ def score(readings: list[Reading], captions: list[str]) -> dict[str, float]:
         horizontal = truth["direction"] in ("left", "right")
         hits["axis"] += reading.direction is not None and (reading.direction in ("left", "right")) == horizontal
     return {k: v / max(n, 1) for k, v in hits.items()}
+
+
+# ------------------------------------------------------------------------ every motion kind
+MOTION_CAPTION = re.compile(r"^a (\w+) (\w+) (?:moving (\w+)|(growing|shrinking|turning (?:counter)?clockwise))$")
+# a kind is read when the shape's radius changes by more than exp(+-0.25) over the clip (growing,
+# shrinking; the generator's 0.8), moves more than MOVE_SHARE of the frame (a direction; 0.3), or
+# turns more than TURN_RADIANS with neither (turning; 1.0, which the fit reads biased low)
+GROWTH_LOG, MOVE_SHARE, TURN_RADIANS = 0.25, 0.1, 0.15
+
+
+def parse_motion_caption(caption: str) -> dict[str, str] | None:
+    """"a red square moving right" / "a red square growing" -> {colour, shape, motion}; None otherwise."""
+    m = MOTION_CAPTION.match(caption.strip().lower())
+    if m is None or m[1] not in COLOURS or m[2] not in SHAPES:
+        return None
+    kind = m[3] or m[4]
+    return {"colour": m[1], "shape": m[2], "motion": kind} if kind in MOTION_KINDS else None
+
+
+def read_motion_kind(frames: np.ndarray) -> str | None:
+    """uint8 [T, H, W, 3] -> the motion kind the clip shows (a direction, "growing", "shrinking",
+    "turning clockwise" or "turning counterclockwise"), or None when the shape does nothing readable."""
+    import torch
+
+    from common.global_motion import global_motion
+
+    mask = _foreground(frames)
+    t, h, w = mask.shape
+    areas = mask.reshape(t, -1).sum(1).astype(np.float64)
+    k = max(1, t // 4)
+    if areas[:k].mean() > 0 and areas[-k:].mean() > 0:
+        growth = 0.5 * np.log(areas[-k:].mean() / areas[:k].mean())  # of the radius
+        if abs(growth) > GROWTH_LOG:
+            return "growing" if growth > 0 else "shrinking"
+    dx, dy = read_displacement(mask)
+    if max(abs(dx) / w, abs(dy) / h) > MOVE_SHARE:
+        return direction_of(dx, dy)
+    video = torch.from_numpy(mask.astype(np.float32))[None, None]
+    turn = float(global_motion(video)[0, 3])
+    if abs(turn) > TURN_RADIANS:
+        return "turning clockwise" if turn > 0 else "turning counterclockwise"
+    return None
+
+
+def score_motion_kinds(clips: list[np.ndarray], captions: list[str]) -> dict[str, float]:
+    """Accuracy of the motion kind, of colour and of both, over clips whose captions name any kind
+    ("motion", "colour", "colour_and_motion"), and per kind ("motion/<kind>")."""
+    hits: dict[str, list[bool]] = {"motion": [], "colour": [], "colour_and_motion": []}
+    for frames, caption in zip(clips, captions, strict=True):
+        truth = parse_motion_caption(caption)
+        if truth is None:
+            raise ValueError(f"caption {caption!r} names no colour, shape and motion kind of data_pipeline.synthetic")
+        motion_ok = read_motion_kind(frames) == truth["motion"]
+        colour_ok = _nearest_colour(frames, _foreground(frames)) == truth["colour"]
+        hits["motion"].append(motion_ok)
+        hits["colour"].append(colour_ok)
+        hits["colour_and_motion"].append(motion_ok and colour_ok)
+        hits.setdefault(f"motion/{truth['motion']}", []).append(motion_ok)
+    return {k: sum(v) / max(len(v), 1) for k, v in hits.items()}

@@ -23,6 +23,7 @@ import av
 import av.video.reformatter
 import numpy as np
 
+from data_pipeline.clip_motion import FullFrameMotion
 from data_pipeline.config import ClipConfig
 from data_pipeline.motion import motion_score
 
@@ -63,6 +64,8 @@ class Clip:
     fps: float  # frame rate of the clip as stored
     padded: int = 0  # trailing frames repeated to reach T (too_short: pad)
     times: list[float] = field(default_factory=list)  # source timestamps of the kept frames
+    # [pan_x, pan_y, zoom, rotation] on the full source frame (data_pipeline.clip_motion); None = not measured
+    global_motion: list[float] | None = None
 
     @functools.cached_property
     def motion(self) -> float:
@@ -259,6 +262,7 @@ def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: b
     targets = [t for start in starts for t in _targets(start, cfg, hi)] if discard else None
     reader = _FrameReader(container, stream, probed.t0, info.fps, targets)
     converter: _FrameConverter | None = None
+    full_frame_motion: FullFrameMotion | None = None
     clips: list[Clip] = []
     for ci, start in enumerate(starts):
         # far ahead: seeking beats decoding the gap; a span is always reached by seeking
@@ -276,6 +280,7 @@ def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: b
             rotation = _frame_rotation(picked[0][1]) if probed.tag_rotation is None else probed.tag_rotation
             info.rotation = rotation
             converter = _FrameConverter(cfg.height, cfg.width, rotation, info.sar)
+            full_frame_motion = FullFrameMotion(rotation, info.sar)
         frames = _converted(picked, converter)
         padded = cfg.frames - len(frames)
         if padded:
@@ -287,7 +292,8 @@ def _decode(container, cfg: ClipConfig, decode_threads: int, discard_unneeded: b
                 raise reader.failure("too_short", f"{len(frames)} of {cfg.frames} frames ({where})")
             frames += [frames[-1]] * padded
         clips.append(Clip(frames=np.stack(frames), index=ci, start_s=round(start, 6), fps=out_fps,
-                          padded=padded, times=[round(t, 6) for t, _ in picked]))
+                          padded=padded, times=[round(t, 6) for t, _ in picked],
+                          global_motion=full_frame_motion(picked)))
     info.frames_decoded = reader.frames_decoded
     return info, clips
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.global_motion import MOTION_FIELD
 from common.mp4 import encode_mp4
 from data_pipeline.config import ShardConfig, config_hash, manifest_cache_dir
 from data_pipeline.fetch import FetchError, fetch
@@ -130,6 +131,8 @@ class ShardProcessor:
             "container": info.container, "rotation": info.rotation, "encoder": self.encoder.name,
             "motion": round(clip.motion, 6),  # data_pipeline.motion; the loader's data.min_motion reads it
         }
+        if clip.global_motion is not None:  # data_pipeline.clip_motion; the loader hands it to the model
+            meta[MOTION_FIELD] = clip.global_motion
         if span is not None:
             meta.update(span=span.index, span_start_s=span.start_s, span_end_s=span.end_s)
             if span.clip_id:

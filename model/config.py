@@ -45,9 +45,12 @@ class UNetConfig:
     temporal_conv_kernel: int = 0
     # condition every video frame on the clip's global motion (measured in training, predicted from the
     # caption at sampling; model/motion.py, docs/motion.md): how a small model learns the captioned
-    # direction of motion. motion_scale maps the measured share of the frame crossed per clip to O(1).
+    # direction of motion. motion_scale maps the measured motion (share of the frame crossed per clip,
+    # relative zoom, radians turned) to O(1). motion_loss_weight: the weight of the caption->motion
+    # head's regression loss (train/motion_loss) added to the diffusion loss
     motion_conditioning: bool = False
     motion_scale: float = 7.0
+    motion_loss_weight: float = 1.0
     # activation checkpointing (docs/model.md, "Activation checkpointing"): which blocks keep only their
     # inputs in forward and recompute the rest in backward. none | all (every block) | attention (the
     # SpaceTimeAttention blocks) | resblocks (the ResBlocks) | every_k (1 block in checkpoint_every_k, in
@@ -68,6 +71,8 @@ class UNetConfig:
                          "more policies than on/off", stacklevel=4)
         if self.checkpoint_every_k < 1:
             raise ValueError(f"model.checkpoint_every_k must be >= 1, got {self.checkpoint_every_k}")
+        if self.motion_loss_weight < 0:
+            raise ValueError(f"model.motion_loss_weight must be >= 0, got {self.motion_loss_weight}")
 
     @property
     def activation_checkpointing(self) -> str:

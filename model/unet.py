@@ -268,20 +268,26 @@ class SpaceTimeUNet(nn.Module):
         return (cond[:, None, :] + pos).flatten(0, 1)
 
     def motion_term(self, text_emb: torch.Tensor | None, text_mask: torch.Tensor | None,
-                    motion: torch.Tensor | None, video_frames: int) -> torch.Tensor | None:
-        """[B, nv, cond_dim] motion x frame-position term, or None without motion conditioning, a time
-        axis or a caption. `motion` [B, 2] (global_motion of the clean clip) in training; None at
-        sampling, where the caption's predicted motion is used."""
+                    motion: torch.Tensor | None, video_frames: int) -> tuple[torch.Tensor | None, dict]:
+        """([B, nv, cond_dim] motion x frame-position term, auxiliary losses): (None, {}) without motion
+        conditioning, a time axis or a caption. `motion` [B, 4] (the clip's measured global motion) in
+        training, where the head's regression on it is returned as "motion_loss"; None at sampling,
+        where the caption's predicted motion is used."""
         if self.motion_cond is None or video_frames < 2 or text_emb is None:
-            return None
+            return None, {}
         mask = (text_mask.bool() if text_mask is not None
                 else torch.ones(text_emb.shape[:2], dtype=torch.bool, device=text_emb.device))
+        captioned = mask.any(dim=1)
         predicted = self.motion_cond.predict(text_emb, mask)
-        return self.motion_cond(self.motion_cond.motion(predicted, motion, mask.any(dim=1)), video_frames)
+        aux = {} if motion is None else {"motion_loss": self.motion_cond.regression_loss(predicted, motion, captioned)}
+        return self.motion_cond(self.motion_cond.motion(predicted, motion, captioned), video_frames), aux
 
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, text_emb: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, num_video_frames: int | None = None,
-                motion: torch.Tensor | None = None) -> torch.Tensor:
+                motion: torch.Tensor | None = None, return_aux_losses: bool = False):
+        """-> the prediction [B, C, F, H, W]; with `return_aux_losses`, (prediction, {name: scalar loss})
+        for the trainer to add with its weights (model.conditioning.aux_loss_weights): the losses of
+        the model's own heads, which the strategies carry through forward and backward like the output."""
         cfg = self.cfg
         if z.ndim != 5 or z.shape[1] != cfg.in_channels:
             raise ValueError(f"z must be [B, C={cfg.in_channels}, F, H, W], got {list(z.shape)}")
@@ -299,7 +305,8 @@ class SpaceTimeUNet(nn.Module):
 
         pooled, context, context_mask = self.encode_text(text_emb, text_mask, b)
         cond = self.logsnr_embed(logsnr) + pooled
-        extra = self.motion_term(text_emb, text_mask, motion, f if num_video_frames is None else num_video_frames)
+        video_frames = f if num_video_frames is None else num_video_frames
+        extra, aux_losses = self.motion_term(text_emb, text_mask, motion, video_frames)
         if self.frame_embed is not None or extra is not None:
             cond = self.per_frame_cond(cond, f, num_video_frames, extra)
         frame_mask = temporal_attention_mask(f, num_video_frames, device=z.device)
@@ -321,7 +328,8 @@ class SpaceTimeUNet(nn.Module):
         out = self.conv_out(F.silu(self.norm_out(hid)))
         # a fresh tensor, not a view: FSDP2 hooks the root's output for backward, and an in-place op
         # by the caller on a view would silently bypass that hook
-        return rearrange(out, "(b f) c h w -> b c f h w", b=b).clone(memory_format=torch.contiguous_format)
+        out = rearrange(out, "(b f) c h w -> b c f h w", b=b).clone(memory_format=torch.contiguous_format)
+        return (out, aux_losses) if return_aux_losses else out
 
 
 def count_parameters(model: nn.Module) -> int:

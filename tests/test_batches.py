@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from model.conditioning import clip_conditions, measured_motion
+from model.conditioning import aux_loss_weights, clip_conditions, measured_motion
 from model.config import UNetConfig
 from model.motion import global_motion
 from trainer.batches import Batches, BatchHook, Conditioning, StaticTextLength, batch_digest, prepare_batch
@@ -74,7 +74,7 @@ def test_static_text_length_pads_captions_masked_and_leaves_long_ones():
 def test_conditioning_drops_captions_only_in_training_and_adds_the_clip_conditions():
     seen = []
 
-    def recorder(x, cond):
+    def recorder(batch, x, cond):
         seen.append((x, cond["num_video_frames"]))
         return {"extra": x.mean()}
 
@@ -87,12 +87,31 @@ def test_conditioning_drops_captions_only_in_training_and_adds_the_clip_conditio
     assert seen == [(x, 4)] and cond["extra"] == x.mean() and cond["num_video_frames"] == 4
 
 
-def test_the_model_measures_motion_on_the_video_frames_only_when_configured():
+def test_the_model_measures_motion_on_the_video_frames_only_when_configured(caplog):
+    """Shards made before the motion was stored (no field, or NaN rows): measured on the fly on the
+    video frames (not the joint image frames), with one warning."""
+    import model.conditioning as conditioning
+
     assert clip_conditions(UNetConfig()) == ()
     assert clip_conditions(UNetConfig(motion_conditioning=True)) == (measured_motion,)
+    assert aux_loss_weights(UNetConfig()) == {}
+    assert aux_loss_weights(UNetConfig(motion_conditioning=True, motion_loss_weight=0.5)) == {"motion_loss": 0.5}
     x = torch.rand(2, 3, 5, 8, 8)
     x[:, :, 4] = 0  # the joint image frame after the 4 video frames must not count
-    motion = measured_motion(x, {"num_video_frames": 4})["motion"]
+    conditioning._warned_on_the_fly = False
+    motion = measured_motion({}, x, {"num_video_frames": 4})["motion"]
     torch.testing.assert_close(motion, global_motion(x[:, :, :4]))
     with pytest.raises(AssertionError):
         torch.testing.assert_close(motion, global_motion(x))
+    measured_motion({}, x, {"num_video_frames": 4})
+    assert caplog.text.count("measuring it on the fly") == 1
+
+
+def test_the_model_reads_the_stored_motion_and_measures_only_the_rows_without_it():
+    x = torch.rand(2, 3, 5, 8, 8)
+    stored = torch.tensor([[0.1, -0.2, 0.3, -0.4], [float("nan")] * 4])
+    motion = measured_motion({"global_motion": stored}, x, {"num_video_frames": 4})["motion"]
+    torch.testing.assert_close(motion[0], stored[0])
+    torch.testing.assert_close(motion[1], global_motion(x[:, :, :4])[1])
+    with pytest.raises(ValueError, match="global_motion.*must be"):
+        measured_motion({"global_motion": torch.zeros(2, 2)}, x, {"num_video_frames": 4})

@@ -107,7 +107,9 @@ def test_mp4_batch_shapes_dtypes_ranges_and_content(tmp_path):
     loader = build_loader(cfg(tmp_path / "s", batch_size=3), train=True)
     batches = take(loader, 3)
     for b in batches:
-        assert set(b) == {"video", "text_emb", "text_mask", "num_video_frames", "keys", "captions", "image_keys"}
+        assert set(b) == {"video", "text_emb", "text_mask", "num_video_frames", "keys", "captions", "image_keys",
+                          "global_motion"}
+        assert b["global_motion"].shape == (3, 4) and torch.isnan(b["global_motion"]).all()  # not stored here
         assert b["video"].shape == (3, 3, 4, 16, 16) and b["video"].dtype == torch.float32
         assert b["video"].min() >= -1.0 and b["video"].max() <= 1.0 and b["video"].std() > 0.1
         assert b["num_video_frames"] == 4

@@ -193,3 +193,27 @@ def test_periodic_checks_run_the_due_ones_in_order():
     for step in range(1, 7):
         checks.after_step(step)
     assert log == [("val", 2), ("samples", 3), ("val", 4), ("val", 6), ("samples", 6), ("eval", 6), ("extra", 6)]
+
+
+def test_validation_calls_the_model_as_training_does_with_the_measured_motion(tmp_path):
+    """With motion conditioning the model is called with the clip's measured motion (the training path,
+    not the sampling path that predicts it) and its regression loss is logged as val/motion_loss."""
+    from trainer.builder import model_conditioning
+
+    cfg = _cfg(tmp_path, val_every=1, val_batches=1, caption_dropout=0.5)
+    cfg.model.motion_conditioning = True
+    strategy, _, diffusion = _parts(cfg)
+    calls: list[dict] = []
+    forward = strategy.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return forward(*args, **kwargs)
+
+    strategy.forward = spy
+    v = Validator(cfg, strategy, diffusion, Metrics(tmp_path, True), CPU.device,
+                  loader_factory=_val_loader_factory(1, []), conditioning=model_conditioning(cfg, CPU.device, 0.0))
+    result = v.run(1)
+    assert calls and all(c["motion"].shape == (2, 4) and c["return_aux_losses"] for c in calls)
+    assert all(c["text_mask"].all() for c in calls)  # no caption dropout in validation
+    assert result["val/motion_loss"] > 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -105,13 +105,16 @@ class StaticTextLength(BatchHook):
 
 class Conditioning:
     """The denoiser's keyword arguments for a batch: the caption (dropped at `caption_dropout` in
-    training, for classifier-free guidance) and the conditions the model measures on the clean clip."""
+    training, for classifier-free guidance) and the conditions the model measures on the clean clip;
+    and the weights of the auxiliary losses the model returns in training (`aux_weights`, from
+    model.conditioning.aux_loss_weights), which `denoiser` collects."""
 
     def __init__(self, device: torch.device, caption_dropout: float = 0.0,
-                 from_clip: Sequence[ClipCondition] = ()):
+                 from_clip: Sequence[ClipCondition] = (), aux_weights: Mapping[str, float] | None = None):
         self.device = device
         self.caption_dropout = caption_dropout
         self.from_clip = tuple(from_clip)
+        self.aux_weights = dict(aux_weights or {})
 
     def text(self, batch: dict, drop_captions: bool = False) -> dict:
         """Caption embeddings and mask on the device; `drop_captions` draws from the training RNG."""
@@ -123,9 +126,43 @@ class Conditioning:
             mask = mask & ~drop.to(dev)[:, None]  # an all-False row = the model's null embedding
         return {"text_emb": emb, "text_mask": mask, "num_video_frames": int(batch["num_video_frames"])}
 
-    def for_training(self, batch: dict, x: torch.Tensor) -> dict:
-        """Captions with dropout, then each clip condition measured on `x` (the clean batch trained on)."""
-        cond = self.text(batch, drop_captions=True)
+    def for_training(self, batch: dict, x: torch.Tensor, drop_captions: bool = True) -> dict:
+        """Captions (with dropout unless `drop_captions` is False: validation), then each clip condition
+        measured on `x` (the clean batch trained on) or read from the batch."""
+        cond = self.text(batch, drop_captions=drop_captions)
         for measure in self.from_clip:
-            cond.update(measure(x, cond))
+            cond.update(measure(batch, x, cond))
         return cond
+
+    def denoiser(self, forward: Callable) -> AuxLosses:
+        """`forward` as a denoiser for the diffusion loss that keeps the model's auxiliary losses."""
+        return AuxLosses(forward, self.aux_weights)
+
+
+class AuxLosses:
+    """A denoiser around the model's forward that keeps the auxiliary losses the model returns next to
+    its output (`return_aux_losses=True`; asked only when there are weights, so a model without such
+    losses is called as before). `weighted()` is what the step adds to the diffusion loss, inside the
+    same division by grad_accum and the same loss scaling; `values` are logged unweighted."""
+
+    def __init__(self, forward: Callable, weights: Mapping[str, float]):
+        self.forward, self.weights = forward, dict(weights)
+        self.losses: dict[str, torch.Tensor] = {}
+
+    def __call__(self, z: torch.Tensor, logsnr: torch.Tensor, **cond) -> torch.Tensor:
+        if not self.weights:
+            return self.forward(z, logsnr, **cond)
+        out, self.losses = self.forward(z, logsnr, return_aux_losses=True, **cond)
+        unknown = sorted(set(self.losses) - set(self.weights))
+        if unknown:
+            raise KeyError(f"the model returned auxiliary losses {unknown} with no weight "
+                           f"(model.conditioning.aux_loss_weights names {sorted(self.weights)})")
+        return out
+
+    def weighted(self) -> torch.Tensor | float:
+        """sum of weight x loss over the losses of the last forward (0.0 when none)."""
+        return sum((self.weights[name] * loss.float() for name, loss in self.losses.items()), 0.0)
+
+    def values(self) -> dict[str, float]:
+        """The last forward's auxiliary losses, unweighted (one device sync each; the step logs them)."""
+        return {name: float(loss.detach()) for name, loss in self.losses.items()}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from model.conditioning import clip_conditions
+from model.conditioning import aux_loss_weights, clip_conditions
 from trainer.batches import Batches, BatchHook, Conditioning, StaticTextLength
 from trainer.callbacks import Callbacks, load_callbacks
 from trainer.checkpoint_manager import CheckpointManager, ResumeLoadFailed, choose_resume, warm_start
@@ -63,10 +63,6 @@ def check_settings(cfg: TrainConfig) -> None:
     """Combinations of settings the loop cannot honour, refused before anything is built."""
     if cfg.optim.grad_accum < 1:
         raise ValueError(f"optim.grad_accum must be >= 1, got {cfg.optim.grad_accum}")
-    if cfg.model.motion_conditioning and cfg.run.precision == "fp16":
-        raise ValueError("model.motion_conditioning trains its caption->motion head by a gradient injected "
-                         "in the backward pass, which fp16 loss scaling would shrink: use run.precision=bf16 "
-                         "or fp32")
 
 
 def gpu_settings(cfg: TrainConfig, device: torch.device) -> None:
@@ -77,6 +73,13 @@ def gpu_settings(cfg: TrainConfig, device: torch.device) -> None:
     if device.type == "cuda" and cfg.run.precision == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def model_conditioning(cfg: TrainConfig, device: torch.device, caption_dropout: float | None = None) -> Conditioning:
+    """What the step conditions on and adds to its loss for this model configuration: the caption (with
+    run.caption_dropout unless given), the conditions measured on the clip, the auxiliary losses' weights."""
+    dropout = cfg.run.caption_dropout if caption_dropout is None else caption_dropout
+    return Conditioning(device, dropout, clip_conditions(cfg.model), aux_loss_weights(cfg.model))
 
 
 def build_model(cfg: TrainConfig, metrics: Metrics, *, warm: bool):
@@ -174,7 +177,8 @@ def _build_from(cfg: TrainConfig, dist: DistEnv, metrics: Metrics, latest: Path 
     resumed_from = checkpoints.resume(latest)
     device, rank = dist.device, dist.rank
     checks = PeriodicChecks(
-        Validator(cfg, strategy, diffusion, metrics, device, loader_factory=loader_factory),
+        Validator(cfg, strategy, diffusion, metrics, device, loader_factory=loader_factory,
+                  conditioning=model_conditioning(cfg, device, caption_dropout=0.0)),
         TrainingSamples(cfg, strategy, ema, diffusion, metrics, device, rank, text_encoder=state.text_encoder),
         InLoopEvaluation.for_run(cfg, strategy, ema, metrics, device, rank, text_encoder=state.text_encoder,
                                  loader_factory=loader_factory))
@@ -183,6 +187,6 @@ def _build_from(cfg: TrainConfig, dist: DistEnv, metrics: Metrics, latest: Path 
     return TrainerParts(
         cfg=cfg, dist=dist, metrics=metrics, strategy=strategy, compiled=compiled, diffusion=diffusion, ema=ema,
         loader=loader, batches=Batches(loader), batch_hooks=batch_hooks(cfg, compiled, throughput),
-        conditioning=Conditioning(device, cfg.run.caption_dropout, clip_conditions(cfg.model)),
+        conditioning=model_conditioning(cfg, device),
         state=state, callbacks=callbacks, checkpoints=checkpoints, resumed_from=resumed_from, checks=checks,
         throughput=throughput)

@@ -117,6 +117,9 @@ class EvalConfig:
     # also extend each synthetic prompt to 2x the clip length (reconstruction guidance) and score the
     # direction of motion after the window boundary
     extension: bool = False
+    # also sample every colour x motion kind (directions, growing, shrinking, turning either way:
+    # data_pipeline.synthetic.make_motion_kind_videos) and read the kind back (eval/kinds_motion_acc, ...)
+    motion_kinds: bool = False
     # FVD: a TorchScript I3D feature extractor (local path or http(s) URL, downloaded once into
     # $VDM_CACHE or ~/.cache/vdm/fvd); "" = no FVD. Real clips and their captions come from data.val_shards.
     fvd_detector: str = ""

@@ -2,6 +2,7 @@
 conditional generation from held-out clips (prediction, interpolation, super-resolution).
 
     python -m trainer.demo [--out demo_out] [--videos 64] [--steps 600] [--set key=value ...]
+    python -m trainer.demo --motion-kinds --out demo_kinds_out [--videos 128]   (directions, zoom, rotation)
 
 Every stage is a real command of this repository (data_pipeline.synthetic, data_pipeline.shard with
 the offline MiniLM encoder, trainer.train on configs/demo.yaml, trainer.export, trainer.sample).
@@ -39,11 +40,18 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
         raise SystemExit(f"demo: stage failed with exit code {code}: {' '.join(cmd)}")
 
 
-def make_shards(videos_dir: Path, shards_dir: Path, n: int, seed: int, geometry: dict, env: dict) -> None:
+def make_shards(videos_dir: Path, shards_dir: Path, n: int, seed: int, geometry: dict, env: dict,
+                motion_kinds: bool = False) -> None:
     if (shards_dir / "index.json").is_file():
         print(f"[demo] reusing shards in {shards_dir}", flush=True)
         return
     manifest = videos_dir / "manifest.csv"
+    if not manifest.is_file() and motion_kinds:
+        from data_pipeline.synthetic import make_motion_kind_videos
+
+        make_motion_kind_videos(videos_dir, n=n, frames=geometry["frames"], size=2 * geometry["size"], fps=8,
+                                seed=seed, travel=0.3, room=DEMO_ROOM)
+        print(f"[demo] wrote {n} synthetic captioned videos of every motion kind to {videos_dir}", flush=True)
     if not manifest.is_file():
         from data_pipeline.synthetic import make_synthetic_videos
 
@@ -73,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-seeds", type=int, default=2, help="copies of the 16-prompt grid in the final evaluation")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra trainer config overrides")
+    p.add_argument("--motion-kinds", action="store_true",
+                   help="the same model and budget on videos of every motion kind (directions, growing, shrinking, "
+                        "turning: docs/motion.md); the evaluation also reads the kinds")
     a = p.parse_args(argv)
 
     from common.config import load_config
@@ -81,13 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out).resolve()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
     sets = [f"data.shards={out / 'shards'}", f"data.val_shards={out / 'val_shards'}",
-            f"run.out_dir={out / 'run'}"] + ([f"run.steps={a.steps}"] if a.steps else []) + a.overrides
+            f"run.out_dir={out / 'run'}"] + ([f"run.steps={a.steps}"] if a.steps else []) \
+        + (["eval.motion_kinds=true"] if a.motion_kinds else []) + a.overrides
     cfg = load_config(TrainConfig, DEMO_CONFIG, sets)
     geometry = {"frames": cfg.data.num_frames, "size": cfg.data.image_size}
     t0 = time.time()
 
-    make_shards(out / "videos", out / "shards", a.videos, TRAIN_VIDEOS_SEED, geometry, env)
-    make_shards(out / "val_videos", out / "val_shards", max(8, a.videos // 4), VAL_VIDEOS_SEED, geometry, env)
+    make_shards(out / "videos", out / "shards", a.videos, TRAIN_VIDEOS_SEED, geometry, env, a.motion_kinds)
+    make_shards(out / "val_videos", out / "val_shards", max(8, a.videos // 4), VAL_VIDEOS_SEED, geometry, env,
+                a.motion_kinds)
 
     train_sets = [x for s in sets for x in ("--set", s)]
     _run([sys.executable, "-m", "trainer.train", "--config", str(DEMO_CONFIG), *train_sets], env)
@@ -103,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     # read back from the pixels; extension checks the motion across the window boundary
     eval_json = out / "eval.json"
     _run([sys.executable, "-m", "trainer.evaluate", "--checkpoint", str(model), "--synthetic", "--extension",
-          "--seeds", str(a.eval_seeds), "--json", str(eval_json)], env)
+          "--seeds", str(a.eval_seeds), "--json", str(eval_json)]
+         + (["--set", "eval.motion_kinds=true"] if a.motion_kinds else []), env)
     metrics = json.loads(eval_json.read_text())["metrics"]
     # conditional generation from the held-out clips: each task's observed part in, scored against the
     # clip and the task's baseline; one clip per task drawn as observed | generated | truth
@@ -165,6 +179,9 @@ def report(out: Path, seconds: float, losses: list[float], metrics: dict, eval_j
     print(f"[demo] colour and direction right in {metrics['colour_direction_acc']:.0%} of samples "
           f"(colour {metrics['colour_acc']:.0%}, direction {metrics['direction_acc']:.0%}); extension keeps the "
           f"direction in {metrics['extension_direction_acc']:.0%} (table above; {eval_json})")
+    if "kinds_motion_acc" in metrics:
+        print(f"[demo] motion kinds (directions, growing, shrinking, turning): colour and motion right in "
+              f"{metrics['kinds_colour_and_motion_acc']:.0%} (motion {metrics['kinds_motion_acc']:.0%})")
     print(f"[demo] samples during training: {out / 'run' / 'samples'}")
     print(f"[demo] EMA weights: {model}; sample from the CLI: {video} (+ .gif)")
     print(f"[demo] checkpoints: {out / 'run' / 'checkpoints'}")

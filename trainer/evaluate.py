@@ -190,6 +190,15 @@ class Evaluator:
             result.metrics["extension_direction_acc"] = report.extension["direction_after_boundary"]
             result.metrics["extension_whole_direction_acc"] = report.extension["direction"]
         result.info["synthetic_prompts"] = str(len(report.prompts))
+        if ev.motion_kinds:
+            from trainer.synthetic_eval import evaluate_motion_kinds
+
+            kinds, line = evaluate_motion_kinds(model, diffusion, self._text_encoder(), frames=cfg.data.num_frames,
+                                                size=cfg.data.image_size, seeds=ev.seeds, sampling=self.sampling(),
+                                                batch=ev.batch_size, seed=ev.seed, device=self.device)
+            result.metrics.update({f"kinds_{name.replace('/', '_').replace(' ', '_')}_acc": v
+                                   for name, v in kinds.items()})
+            result.lines.append(line)
         result.lines += [report.table(),
                          f"synthetic: {report.clips} clips in {report.seconds:.1f} s "
                          f"({report.clips / max(report.seconds, 1e-9):.2f} clips/s)"]

@@ -174,6 +174,7 @@ class Trainer:
         data_wait = 0.0
         overhead = 0.0  # one-off start-up work inside the step (the batch hooks' FLOP count), not step time
         loss_sum = torch.zeros((), dtype=torch.float64)
+        aux_sums: dict[str, float] = {}  # the model's auxiliary losses, mean over micro-batches
         n_videos = 0
         keys: list[str] = []
         for micro in range(accum):
@@ -187,17 +188,21 @@ class Trainer:
             x = self.callbacks.on_batch(self, x)
             n_videos += x.shape[0]
             cond = self.conditioning.for_training(batch, x)
+            model = self.conditioning.denoiser(s.forward)  # keeps the model's auxiliary losses
             sync = s.no_sync() if micro < accum - 1 else contextlib.nullcontext()
             with sync:
                 with s.autocast():
-                    per_sample, logsnr = self.diffusion.loss_terms(s.forward, x, **cond)
+                    per_sample, logsnr = self.diffusion.loss_terms(model, x, **cond)
                 loss = per_sample.mean()
-                s.backward(loss / accum)
+                s.backward((loss + model.weighted()) / accum)
             self.bands.add(per_sample, logsnr)
             loss_sum += loss.detach().double().cpu()
+            for name, value in model.values().items():
+                aux_sums[name] = aux_sums.get(name, 0.0) + value / accum
         self.callbacks.before_optimizer_step(self, self.step if first_step is None else first_step)
         grad_norm = s.clip_grad_norm(cfg.optim.grad_clip)
         loss_mean = s.all_reduce_mean(float(loss_sum) / accum)
+        aux = {name: s.all_reduce_mean(value) for name, value in sorted(aux_sums.items())}
         digest = batch_digest([k for rank_keys in s.all_gather_object(keys) for k in rank_keys])
         ok = math.isfinite(loss_mean) and math.isfinite(grad_norm)
         if ok:
@@ -208,7 +213,7 @@ class Trainer:
             self.state.skipped_steps += 1
         s.zero_grad()
         return StepResult(loss=loss_mean, grad_norm=grad_norm, lr=lr, ok=ok, data_wait=data_wait, videos=n_videos,
-                          batch_digest=digest, overhead=overhead)
+                          batch_digest=digest, overhead=overhead, aux=aux)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -331,6 +336,7 @@ class Trainer:
         self.bands.reset()
         loss = interval.mean_loss
         scalars = {"train/loss": loss, "train/lr": out.lr, "train/grad_norm": out.grad_norm,
+                   **{f"train/{name}": v for name, v in interval.mean_aux.items()},  # train/motion_loss
                    "train/skipped_steps": self.skipped_steps, "train/rollbacks": self.rollbacks,
                    "perf/step_time_s": step_time, "perf/data_wait_s": wait, "perf/peak_mem_gb": mem,
                    "perf/videos_per_s": videos_per_s,

@@ -220,19 +220,19 @@ def run_step(strategy, diffusion, ema, batch: dict, cfg, clip: bool = True, opti
     caption dropout and what the model measures on the clip, EMA update); shared by the simulation and the
     measurement so both run the same ops. `clip=False` under fake tensors (the norm is data);
     `optimizer=False`: forward and backward only; `after_backward()` is called once every gradient exists."""
-    from model.conditioning import clip_conditions
-    from trainer.batches import Conditioning
+    from trainer.builder import model_conditioning
 
-    conditioning = Conditioning(strategy.device, cfg.run.caption_dropout, clip_conditions(cfg.model))
+    conditioning = model_conditioning(cfg, strategy.device)
     accum = cfg.optim.grad_accum
     for micro in range(accum):
         x = batch["video"].to(strategy.device).float()
         cond = conditioning.for_training(batch, x)
+        model = conditioning.denoiser(strategy.forward)
         sync = strategy.no_sync() if micro < accum - 1 else contextlib.nullcontext()
         with sync:
             with strategy.autocast():
-                per_sample, _ = diffusion.loss_terms(strategy.forward, x, **cond)
-            strategy.backward(per_sample.mean() / accum)
+                per_sample, _ = diffusion.loss_terms(model, x, **cond)
+            strategy.backward((per_sample.mean() + model.weighted()) / accum)
     if after_backward is not None:
         after_backward()
     if optimizer:

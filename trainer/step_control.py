@@ -10,7 +10,7 @@ checkpointer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -40,6 +40,7 @@ class StepResult:
     videos: int  # clips this rank trained on
     batch_digest: str  # the global batch's sorted sample keys, hashed (trainer.batches.batch_digest)
     overhead: float  # seconds of one-off start-up work inside the step (the FLOP count): not step time
+    aux: dict[str, float] = field(default_factory=dict)  # the model's auxiliary losses (unweighted), as `loss`
 
     @property
     def loss_finite(self) -> bool:
@@ -47,7 +48,7 @@ class StepResult:
 
     def log_record(self, step: int) -> dict:
         """The step's line in train_log.jsonl."""
-        return {"step": step, "loss": self.loss, "grad_norm": self.grad_norm, "lr": self.lr,
+        return {"step": step, "loss": self.loss, **self.aux, "grad_norm": self.grad_norm, "lr": self.lr,
                 "skipped": not self.ok, "batch_digest": self.batch_digest}
 
 
@@ -61,6 +62,7 @@ class Interval:
     videos: int = 0
     loss_sum: float = 0.0
     finite_losses: int = 0
+    aux_sums: dict[str, float] = field(default_factory=dict)  # over the steps with a finite loss
 
     def add(self, out: StepResult, seconds: float) -> None:
         self.seconds += seconds
@@ -70,10 +72,17 @@ class Interval:
         if out.loss_finite:
             self.loss_sum += out.loss
             self.finite_losses += 1
+            for name, value in out.aux.items():
+                self.aux_sums[name] = self.aux_sums.get(name, 0.0) + value
 
     @property
     def mean_loss(self) -> float:
         return self.loss_sum / self.finite_losses if self.finite_losses else float("nan")
+
+    @property
+    def mean_aux(self) -> dict[str, float]:
+        """Each auxiliary loss's mean over the interval's steps with a finite loss."""
+        return {name: total / self.finite_losses for name, total in self.aux_sums.items()}
 
     @property
     def step_time(self) -> float:

@@ -7,6 +7,9 @@ with several seeds and `data_pipeline.synthetic_reader` reads colour, shape and 
 whether the frames after the window boundary still move as captioned. `caption_word_effect` asks,
 without sampling, whether the prediction depends on the direction word at all.
 
+`evaluate_motion_kinds` does the same for every motion kind of `make_motion_kind_videos` (directions,
+growing, shrinking, turning either way: eval.motion_kinds).
+
 Used by `trainer.evaluate` and by the training loop's `run.eval_every`.
 """
 
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data_pipeline.synthetic import COLOURS, DIRECTIONS, SHAPES
+from data_pipeline.synthetic import COLOURS, DIRECTIONS, MOTION_KINDS, SHAPES, TURNING_SHAPES, motion_caption
 from data_pipeline.synthetic_reader import Reading, parse_caption, read_clip, score
 from model.config import SamplingConfig
 
@@ -158,3 +161,37 @@ def evaluate_synthetic(model, diffusion, encoder, *, frames: int, size: int, see
     effect = caption_word_effect(model, encoder, frames=frames, size=size, seed=seed, device=device)
     return SyntheticReport(score(readings, prompts), prompts, readings, seconds,
                            len(prompts) * (2 if extension else 1), ext, effect)
+
+
+def motion_kind_grid(seeds: int) -> list[str]:
+    """Every colour x motion kind prompt once per seed (shapes in turn; turning ones square or triangle)."""
+    prompts = []
+    for s in range(seeds):
+        for i, colour in enumerate(COLOURS):
+            for j, kind in enumerate(MOTION_KINDS):
+                shapes = TURNING_SHAPES if kind.startswith("turning") else SHAPES
+                prompts.append(motion_caption(colour, shapes[(i + j + s) % len(shapes)], kind))
+    return prompts
+
+
+def evaluate_motion_kinds(model, diffusion, encoder, *, frames: int, size: int, seeds: int,
+                          sampling: SamplingConfig, batch: int = 32, seed: int = 0, device="cpu"
+                          ) -> tuple[dict[str, float], str]:
+    """Sample the colour x motion-kind grid and read each clip's kind and colour back
+    (data_pipeline.synthetic_reader.score_motion_kinds): (metrics, a table line per kind)."""
+    from data_pipeline.synthetic_reader import score_motion_kinds
+    from trainer.generate import encode_prompts, generate
+    from trainer.video_io import to_uint8_frames
+
+    prompts = motion_kind_grid(seeds)
+    emb, mask = encode_prompts(encoder, prompts)
+    videos = []
+    for chunk, start in enumerate(range(0, len(prompts), batch)):
+        sl = slice(start, start + batch)
+        videos.append(generate(model, diffusion, emb[sl], mask[sl], frames=frames, height=size, width=size,
+                               seed=seed + chunk, device=device, sampling=sampling).cpu())
+    metrics = score_motion_kinds([to_uint8_frames(v) for v in torch.cat(videos)], prompts)
+    kinds = "  ".join(f"{k} {metrics[f'motion/{k}']:.0%}" for k in MOTION_KINDS if f"motion/{k}" in metrics)
+    table = (f"motion kinds ({len(prompts)} clips): motion {metrics['motion']:.0%}, colour {metrics['colour']:.0%}, "
+             f"colour+motion {metrics['colour_and_motion']:.0%}; {kinds}")
+    return metrics, table

@@ -52,12 +52,17 @@ def ema_model_on_rank0(strategy, ema, model_cfg, rank: int, device):
 class Validator:
     """Loss on the held-out shards (data.val_shards) at fixed log-SNR band centres with fixed noise:
     comparable across steps and runs. Every rank evaluates the same batches (sharded models need all
-    ranks in each forward), so no rank can run out of batches before the others."""
+    ranks in each forward), so no rank can run out of batches before the others.
 
-    def __init__(self, cfg, strategy, diffusion, metrics, device, loader_factory=None):
+    The model is called as in training (`conditioning`: the trainer's, without caption dropout), with
+    the conditions measured on the clip (the measured motion), so the loss is comparable with the
+    training loss; the model's auxiliary losses are logged as val/<name> (val/motion_loss)."""
+
+    def __init__(self, cfg, strategy, diffusion, metrics, device, loader_factory=None,
+                 conditioning: Conditioning | None = None):
         self.cfg, self.strategy, self.diffusion, self.metrics = cfg, strategy, diffusion, metrics
         self.device = torch.device(device)
-        self.conditioning = Conditioning(self.device)
+        self.conditioning = conditioning or Conditioning(self.device)
         self._loader_factory = loader_factory
         self.edges = band_edges(cfg.diffusion.logsnr_min, cfg.diffusion.logsnr_max)
         self.weights = band_training_weights(self.edges, diffusion.t_of_logsnr)
@@ -91,23 +96,28 @@ class Validator:
         centers = band_centers(self.edges)
         labels = band_labels(self.edges)
         totals = [0.0] * len(centers)
+        aux: dict[str, float] = {}  # the model's auxiliary losses, summed over batches and bands
         s.model.eval()
         try:
             with preserved_rng():
                 gen = torch.Generator().manual_seed(cfg.run.seed + SALT_VAL_NOISE)
                 for batch in batches:
-                    x = batch["video"].float()
-                    cond = self.conditioning.text(batch, drop_captions=False)
+                    x = batch["video"].float().to(dev)
+                    cond = self.conditioning.for_training(batch, x, drop_captions=False)
+                    model = self.conditioning.denoiser(s.forward)
                     for i, c in enumerate(centers):
                         noise = torch.randn(x.shape, generator=gen).to(dev)
                         t = self.diffusion.t_of_logsnr(torch.full((x.shape[0],), c)).to(dev)
                         with s.autocast():
-                            per_sample, _ = self.diffusion.loss_terms(s.forward, x.to(dev), t=t, noise=noise, **cond)
+                            per_sample, _ = self.diffusion.loss_terms(model, x, t=t, noise=noise, **cond)
                         totals[i] += float(per_sample.mean())
+                        for name, value in model.values().items():
+                            aux[name] = aux.get(name, 0.0) + value
         finally:
             s.model.train()
         n = len(batches)
         result = {f"val/loss_band/{label}": tot / n for label, tot in zip(labels, totals)}
+        result.update({f"val/{name}": total / (n * len(centers)) for name, total in aux.items()})
         result["val/loss"] = sum(w * tot / n for w, tot in zip(self.weights, totals))
         result["val/loss_band_mean"] = sum(totals) / (n * len(totals))
         self.metrics.scalars(result, step)
