@@ -44,7 +44,7 @@ def pytest_make_collect_report(collector):
 SLOWEST_FIRST = (
     "test_slurm_training.py", "test_slurm_cluster.py", "test_shard_slurm.py",  # one group, mostly waiting
     "test_elastic_checkpoint.py", "test_plan_memory.py", "test_strategies_dist.py", "test_trainer_demo.py",
-    "test_strategies_cli.py", "test_storage_faults_dist.py", "test_elastic_data.py", "test_compile.py",
+    "test_strategies_cli.py", "test_storage_faults_dist.py", "test_motion_loss_dist.py", "test_elastic_data.py", "test_compile.py",
     "test_trainer_export_sample.py", "test_trainer_single.py", "test_evaluate.py", "test_storage_faults.py",
     "test_shard_parallel.py", "test_perf.py", "test_trainer_ddp.py", "test_sampling.py",
 )

@@ -55,12 +55,17 @@ def _cfg(trainer_shards, out_dir: Path, **run) -> TrainConfig:
 
 
 def _train(cfg: TrainConfig, *callbacks: Callback) -> int:
+    """One thread in every run, the module-scoped reference run included (it is set up before the
+    function-scoped one_thread fixture): bitwise comparisons need the same reduction order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     trainer = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu"), None))
     trainer.callbacks.callbacks += list(callbacks)
     try:
         return trainer.train()
     finally:
         trainer.close()
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
