@@ -9,6 +9,7 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 
 from data_pipeline.config import ClipConfig
 from data_pipeline.synthetic import COLOURS, DIRECTIONS
@@ -23,7 +24,9 @@ from data_pipeline.two_objects import (
     two_object_caption,
 )
 from data_pipeline.video import decode_clips
-from trainer.two_object_eval import two_object_prompts
+from model.config import SamplingConfig
+from model.diffusion import GaussianDiffusion, alpha_sigma, broadcast_to
+from trainer.two_object_eval import evaluate_two_objects, two_object_prompts
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +116,46 @@ def test_prompt_grid_pairs_every_colour_and_gives_each_pair_two_directions():
     assert {(a["colour"], b["colour"]) for a, b in parsed[:12]} == {(a, b) for a in COLOURS for b in COLOURS if a != b}
     assert {(o["colour"], o["direction"]) for pair in parsed for o in pair} == {(c, d) for c in COLOURS
                                                                                  for d in DIRECTIONS}
+
+
+class _PromptEncoder:
+    """Encodes a prompt as its index in a fixed list (a one-token 'embedding')."""
+
+    def __init__(self, prompts: list[str]):
+        self.prompts = list(prompts)
+
+    def encode_padded(self, captions):
+        emb = torch.tensor([[float(self.prompts.index(c))] for c in captions])[:, :, None]
+        return emb, torch.ones(len(captions), 1, dtype=torch.bool)
+
+
+class _Oracle(torch.nn.Module):
+    """A v-prediction denoiser whose samples are the clip of the prompt (rendered at twice the size and
+    averaged down, as the demo's videos are; optionally reversed)."""
+
+    def __init__(self, prompts: list[str], frames: int, size: int, reverse: bool):
+        super().__init__()
+        clips = []
+        for i, p in enumerate(prompts):
+            objects = [(o["colour"], o["shape"], o["direction"]) for o in parse_two_object_caption(p)]
+            starts = place_two_objects(np.random.default_rng(i), (objects[0][2], objects[1][2]), frames, 2 * size,
+                                       2 * size, 0.3)
+            clip = render_two_object_clip(objects, starts, frames, 2 * size, 2 * size)
+            clips.append(torch.from_numpy(clip[::-1].copy() if reverse else clip))
+        video = torch.stack(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        self.register_buffer("clips", torch.nn.functional.avg_pool3d(video, (1, 2, 2)))
+
+    def forward(self, z, logsnr, text_emb=None, text_mask=None, num_video_frames=None):
+        x = self.clips[text_emb[:, 0, 0].long()]
+        alpha, sigma = (broadcast_to(c.to(z.dtype), z) for c in alpha_sigma(logsnr))
+        return alpha * (z - alpha * x) / sigma - sigma * x
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_evaluation_scores_an_oracle_right_and_its_reversal_wrong(reverse):
+    prompts = two_object_prompts(1)
+    oracle = _Oracle(prompts, frames=8, size=16, reverse=reverse)
+    metrics = evaluate_two_objects(oracle, GaussianDiffusion(prediction="v"), _PromptEncoder(prompts), frames=8,
+                                   size=16, seeds=1, sampling=SamplingConfig(steps=8, guidance_weight=0.0), batch=5)
+    assert metrics["clips"] == 12 and metrics["object_present"] == 1.0
+    assert metrics["object_direction"] == (0.0 if reverse else 1.0)
