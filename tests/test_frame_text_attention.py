@@ -1,8 +1,8 @@
 """model.frame_text_attention="cross": the text cross-attention's queries carry the frame index, so
 each frame can read the caption in its own way (docs/motion.md, "A general network"). Off, the model is
 bit for bit the plain one; on, a fresh model starts as the plain one, image frames of joint training
-stay independent, padded caption tokens stay unread, and activation checkpointing gives the same
-gradients."""
+stay independent (tests/test_temporal_options.py, which runs its option tests on this one too), padded
+caption tokens stay unread, and activation checkpointing gives the same gradients."""
 
 from __future__ import annotations
 
@@ -54,19 +54,6 @@ def test_frames_read_the_caption_by_their_position():
         assert out.shape == z.shape
         spread = (out - out[:, :, :1]).abs().max().item()
         assert (spread > 1e-3) == differs, (option, spread)
-
-
-def test_image_frames_stay_independent_and_equal_a_lone_image():
-    model = _model(**CROSS)
-    z, logsnr, text, mask = inputs(f=6)
-    base = model(z, logsnr, text, mask, num_video_frames=4)
-    changed = z.clone()
-    changed[:, :, 1] += 1.0
-    out = model(changed, logsnr, text, mask, num_video_frames=4)
-    torch.testing.assert_close(out[:, :, 4:], base[:, :, 4:], atol=1e-5, rtol=1e-5)
-    assert (out[:, :, 0] - base[:, :, 0]).abs().max() > 1e-3
-    alone = model(z[:, :, 5:6], logsnr, text, mask)
-    torch.testing.assert_close(base[:, :, 5:6], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_padded_tokens_are_not_read_and_a_dropped_caption_is_the_null_branch():

@@ -10,6 +10,7 @@ import csv
 import numpy as np
 import pytest
 import torch
+from test_synthetic_eval import _PromptEncoder
 
 from data_pipeline.config import ClipConfig
 from data_pipeline.synthetic import COLOURS, DIRECTIONS
@@ -116,17 +117,6 @@ def test_prompt_grid_pairs_every_colour_and_gives_each_pair_two_directions():
     assert {(a["colour"], b["colour"]) for a, b in parsed[:12]} == {(a, b) for a in COLOURS for b in COLOURS if a != b}
     assert {(o["colour"], o["direction"]) for pair in parsed for o in pair} == {(c, d) for c in COLOURS
                                                                                  for d in DIRECTIONS}
-
-
-class _PromptEncoder:
-    """Encodes a prompt as its index in a fixed list (a one-token 'embedding')."""
-
-    def __init__(self, prompts: list[str]):
-        self.prompts = list(prompts)
-
-    def encode_padded(self, captions):
-        emb = torch.tensor([[float(self.prompts.index(c))] for c in captions])[:, :, None]
-        return emb, torch.ones(len(captions), 1, dtype=torch.bool)
 
 
 class _Oracle(torch.nn.Module):
