@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from model.blocks import FrameGroupNorm, zero_module
+from model.blocks import FrameGroupNorm, FramePositionEmbedding, zero_module
 
 
 def num_heads(channels: int, head_dim: int) -> int:
@@ -109,6 +109,9 @@ def temporal_attention_mask(frames: int, num_video_frames: int | None, device=No
     return (is_video[:, None] & is_video[None, :]) | (idx[:, None] == idx[None, :])
 
 
+QUERY_POSITION_FEATURES = 32  # sinusoidal features of the frame index behind the cross-attention's query position
+
+
 # CUDA's fused SDPA kernels put the batch on a grid axis limited to 65535 blocks
 # (pytorch/pytorch#146704, #142228). Temporal attention's batch is B*H*W: 16 clips with attention
 # at 64x64 px would already be 65536, so big batches are split rather than crash.
@@ -159,10 +162,16 @@ class SpaceTimeAttention(nn.Module):
 
     Factorising space and time keeps the cost at F*(HW)^2 + HW*F^2 instead of (F*HW)^2, and lets the
     same block run on single images (F=1), where the temporal step reduces to a per-frame map.
+
+    With `frame_position_queries` the cross-attention's queries carry an embedding of the frame index
+    (model.frame_text_attention="cross"): every other part of the block is per frame or relative in
+    time, so without it frame 0 and frame 7 read the caption alike and "moving left" cannot put the
+    shape at a different place in each frame (docs/motion.md, "A general network").
     """
 
     def __init__(self, ch: int, head_dim: int, groups: int, context_dim: int | None,
-                 rel_pos_buckets: int = 32, rel_pos_max_distance: int = 64, rel_pos_values: bool = False):
+                 rel_pos_buckets: int = 32, rel_pos_max_distance: int = 64, rel_pos_values: bool = False,
+                 frame_position_queries: bool = False):
         super().__init__()
         heads = num_heads(ch, head_dim)
         self.norm_space = FrameGroupNorm(ch, groups)
@@ -176,12 +185,26 @@ class SpaceTimeAttention(nn.Module):
             self.attn_cross = MultiHeadAttention(ch, heads, context_dim=context_dim)
         else:
             self.norm_cross = self.attn_cross = None
+        self.query_position = (FramePositionEmbedding(QUERY_POSITION_FEATURES, ch)
+                               if frame_position_queries and context_dim is not None else None)
+
+    def _query_position(self, x: torch.Tensor, frames: int, num_video_frames: int | None) -> torch.Tensor | None:
+        """[(B F), 1, C] frame-index embedding for the cross-attention queries (zero on image frames), or
+        None when the option is off or there is no time axis."""
+        nv = frames if num_video_frames is None else num_video_frames
+        if self.query_position is None or nv < 2:
+            return None
+        pos = self.query_position(nv, device=x.device).to(x.dtype)
+        if nv < frames:
+            pos = torch.cat([pos, pos.new_zeros(frames - nv, pos.shape[1])])
+        return pos.repeat(x.shape[0] // frames, 1)[:, None, :]
 
     def forward(self, x: torch.Tensor, frames: int, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None,
+                num_video_frames: int | None = None) -> torch.Tensor:
         """x [(B F), C, H, W] (frames folded into the batch, F = `frames`); context [B, L, Dc] with
         context_mask [B, L] (True = real token); frame_mask [F, F] bool from
-        `temporal_attention_mask` (None = all frames are one video)."""
+        `temporal_attention_mask` (None = all frames are one video); num_video_frames as in the U-Net."""
         f = frames
         h, w = x.shape[2:]
 
@@ -200,6 +223,9 @@ class SpaceTimeAttention(nn.Module):
             ctx = context.repeat_interleave(f, dim=0)  # [(b f), L, Dc]
             mask = None if context_mask is None else context_mask.repeat_interleave(f, dim=0)[:, None, None, :]
             y = rearrange(self.norm_cross(x), "n c h w -> n (h w) c")
+            pos = self._query_position(x, f, num_video_frames)
+            if pos is not None:
+                y = y + pos  # only the queries: keys and values come from the caption
             y = self.attn_cross(y, context=ctx, attn_mask=mask)
             x = x + rearrange(y, "n (h w) c -> n c h w", h=h)
         return x

@@ -51,6 +51,10 @@ class UNetConfig:
     motion_conditioning: bool = False
     motion_scale: float = 7.0
     motion_loss_weight: float = 1.0
+    # caption x frame position without a measured motion (docs/motion.md, "A general network"): "cross" adds a
+    # learned embedding of the frame index to the queries of the text cross-attention, so each frame reads the
+    # caption tokens in its own way (the product the plain network lacks); "none" = the plain network
+    frame_text_attention: Literal["none", "cross"] = "none"
     # activation checkpointing (docs/model.md, "Activation checkpointing"): which blocks keep only their
     # inputs in forward and recompute the rest in backward. none | all (every block) | attention (the
     # SpaceTimeAttention blocks) | resblocks (the ResBlocks) | every_k (1 block in checkpoint_every_k, in

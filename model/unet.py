@@ -77,6 +77,9 @@ def validate_config(cfg: UNetConfig) -> None:
         raise ValueError(f"model.rel_pos_buckets must be >= 2, got {cfg.rel_pos_buckets}")
     if cfg.temporal_conv_kernel < 0 or (cfg.temporal_conv_kernel and cfg.temporal_conv_kernel % 2 == 0):
         raise ValueError(f"model.temporal_conv_kernel must be 0 (none) or odd, got {cfg.temporal_conv_kernel}")
+    if cfg.frame_text_attention != "none" and not cfg.cross_attention:
+        raise ValueError(f"model.frame_text_attention={cfg.frame_text_attention!r} puts the frame position into the "
+                         f"text cross-attention: it needs model.cross_attention=true")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
 
@@ -98,7 +101,8 @@ def _stage(cfg: UNetConfig, cin: int, cout: int, attend: bool) -> _Stage:
     attn = None
     if attend:
         attn = SpaceTimeAttention(cout, cfg.head_dim, cfg.groups, cfg.cond_dim if cfg.cross_attention else None,
-                                  cfg.rel_pos_buckets, cfg.rel_pos_max_distance, cfg.rel_pos_values)
+                                  cfg.rel_pos_buckets, cfg.rel_pos_max_distance, cfg.rel_pos_values,
+                                  frame_position_queries=cfg.frame_text_attention == "cross")
     tconv = TemporalConv(cout, cfg.groups, cfg.temporal_conv_kernel) if cfg.temporal_conv_kernel else None
     return _Stage(ResBlock(cin, cout, cfg.cond_dim, cfg.groups, cfg.dropout), attn, tconv)
 
@@ -219,7 +223,7 @@ class SpaceTimeUNet(nn.Module):
         if stage.tconv is not None:
             h = self._run(stage.tconv, h, frames, num_video_frames)
         if stage.attn is not None:
-            h = self._run(stage.attn, h, frames, context, context_mask, frame_mask)
+            h = self._run(stage.attn, h, frames, context, context_mask, frame_mask, num_video_frames)
         return h
 
     def encode_text(self, text_emb: torch.Tensor | None, text_mask: torch.Tensor | None, batch: int):

@@ -15,7 +15,8 @@ from model.blocks import TemporalConv
 from model.diffusion import GaussianDiffusion, cosine_logsnr, cosine_logsnr_inverse
 from model.unet import SpaceTimeUNet
 
-OPTIONS = [{"rel_pos_values": True}, {"temporal_conv_kernel": 3}, {"frame_position_embedding": True}]
+OPTIONS = [{"rel_pos_values": True}, {"temporal_conv_kernel": 3}, {"frame_position_embedding": True},
+           {"frame_text_attention": "cross"}]
 
 
 def _model(seed: int = 0, **kw) -> SpaceTimeUNet:
