@@ -39,19 +39,17 @@ def pytest_make_collect_report(collector):
     _fail_skip_in_ci(outcome.get_result())
 
 
-# Modules that take longest (measured with --durations=0; docs in README "Tests"), first in the queue:
-# with two xdist workers a long module started last would leave one core idle at the end.
-SLOWEST_FIRST = (
-    "test_slurm_training.py", "test_slurm_cluster.py", "test_shard_slurm.py",  # one group, mostly waiting
-    "test_elastic_checkpoint.py", "test_plan_memory.py", "test_strategies_dist.py", "test_trainer_demo.py",
-    "test_strategies_cli.py", "test_storage_faults_dist.py", "test_motion_loss_dist.py", "test_elastic_data.py", "test_compile.py",
-    "test_trainer_export_sample.py", "test_trainer_single.py", "test_evaluate.py", "test_storage_faults.py",
-    "test_shard_parallel.py", "test_perf.py", "test_trainer_ddp.py", "test_sampling.py",
-)
-
-
 # Modules that need the SLURM cluster: one unit of work in parallel runs (see below).
-SLURM_MODULES = ("test_slurm_cluster.py", "test_slurm_training.py", "test_shard_slurm.py")
+SLURM_MODULES = ("test_slurm_training.py", "test_slurm_cluster.py", "test_shard_slurm.py")
+# Modules that take longest (measured with --durations=0, README "Two commands"), first in the queue:
+# a long module started last would leave a core idle at the end. The SLURM unit goes first: it mostly waits.
+SLOWEST_FIRST = (
+    *SLURM_MODULES,
+    "test_elastic_checkpoint.py", "test_plan_memory.py", "test_strategies_dist.py", "test_trainer_demo.py",
+    "test_strategies_cli.py", "test_storage_faults_dist.py", "test_motion_loss_dist.py", "test_elastic_data.py",
+    "test_compile.py", "test_trainer_export_sample.py", "test_trainer_single.py", "test_evaluate.py",
+    "test_storage_faults.py", "test_shard_parallel.py", "test_perf.py", "test_trainer_ddp.py", "test_sampling.py",
+)
 
 
 def pytest_xdist_make_scheduler(config, log):
